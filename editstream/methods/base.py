@@ -1,0 +1,172 @@
+"""The editing-method contract every method implements, and the bookkeeping they share.
+
+`compute(edits) -> artifacts` never touches a model's weights or edit state. `apply(artifact)`
+attaches one edit; `remove(edit_id)` detaches it. A newer edit for the same prompt supersedes the
+older one (only the newest is attached); removing the newest re-attaches the one it superseded,
+so a retract makes the model answer as it did before that edit. Save/load and the state digest
+work on the applied artifacts, so they are the same for every method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from editstream.artifacts import Artifact
+from editstream.edits import EditRequest, normalize_prompt
+from editstream.errors import ArtifactError
+from editstream.models import LoadedLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QueryPlan:
+    """How a batch of prompts is served: the context texts the LM reads, and which edit fired per row."""
+
+    texts: list[str]
+    fired: list[str | None]
+
+
+class EditMethod(ABC):
+    """Base class of editing methods; subclasses implement compute, _attach, _detach, maybe query_context."""
+
+    name: ClassVar[str]
+
+    def __init__(self, lm: LoadedLM) -> None:
+        self.lm = lm
+        self._applied: dict[str, Artifact] = {}  # every applied, not-removed edit, in apply order
+        self._stacks: dict[str, list[str]] = {}  # normalized prompt -> edit ids, newest last (attached)
+
+    @classmethod
+    def build(cls, lm: LoadedLM, **options: Any) -> EditMethod:
+        """Construct from a loaded LM and method options (checkpoint paths and the like)."""
+        if options:
+            raise ArtifactError(f"method {cls.name!r} takes no options, got {sorted(options)}")
+        return cls(lm)
+
+    # --- the contract -------------------------------------------------------------------------
+    @abstractmethod
+    def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
+        """Artifacts for `edits`, one each, in order. Must not change the model or the edit state."""
+
+    @abstractmethod
+    def _attach(self, artifact: Artifact) -> None:
+        """Make `artifact` take effect; leave everything unchanged if it raises."""
+
+    @abstractmethod
+    def _detach(self, edit_id: str) -> None:
+        """Undo `_attach` for `edit_id`."""
+
+    @contextmanager
+    def query_context(self, prompts: Sequence[str]) -> Iterator[QueryPlan]:
+        """Serve `prompts` with the edits in effect; the default changes nothing at query time."""
+        yield QueryPlan(list(prompts), [None] * len(prompts))
+
+    # --- shared bookkeeping -------------------------------------------------------------------
+    def new_artifact(self, edit: EditRequest, tensors: dict, **meta: Any) -> Artifact:
+        """An artifact of this method for `edit`, carrying the prompt and target."""
+        return Artifact(
+            method=self.name,
+            edit_id=edit.edit_id,
+            base_fingerprint=self.lm.fingerprint,
+            tensors=tensors,
+            meta={"prompt": edit.prompt, "target": edit.target, **meta},
+        )
+
+    def check(self, artifact: Artifact) -> None:
+        if artifact.method != self.name:
+            raise ArtifactError(f"artifact {artifact.edit_id} is for method {artifact.method!r}, not {self.name!r}")
+        if artifact.base_fingerprint != self.lm.fingerprint:
+            raise ArtifactError(
+                f"artifact {artifact.edit_id} was computed for base model {artifact.base_fingerprint}, "
+                f"this replica serves {self.lm.fingerprint}"
+            )
+        if "prompt" not in artifact.meta:
+            raise ArtifactError(f"artifact {artifact.edit_id} has no prompt in its metadata")
+
+    def apply(self, artifact: Artifact) -> bool:
+        """Attach `artifact` (superseding an edit of the same prompt); False if already applied."""
+        self.check(artifact)
+        if artifact.edit_id in self._applied:
+            return False
+        stack = self._stacks.setdefault(normalize_prompt(artifact.meta["prompt"]), [])
+        if stack:
+            self._detach(stack[-1])
+        try:
+            self._attach(artifact)
+        except Exception:
+            if stack:
+                self._attach(self._applied[stack[-1]])
+            raise
+        stack.append(artifact.edit_id)
+        self._applied[artifact.edit_id] = artifact
+        return True
+
+    def remove(self, edit_id: str) -> bool:
+        """Detach `edit_id`; if it superseded an older edit, that one takes effect again."""
+        artifact = self._applied.pop(edit_id, None)
+        if artifact is None:
+            return False
+        key = normalize_prompt(artifact.meta["prompt"])
+        stack = self._stacks[key]
+        if stack[-1] == edit_id:
+            self._detach(edit_id)
+            stack.pop()
+            if stack:
+                self._attach(self._applied[stack[-1]])
+        else:
+            stack.remove(edit_id)
+        if not stack:
+            del self._stacks[key]
+        return True
+
+    def reset(self) -> None:
+        """Remove every edit: back to the unedited model."""
+        for edit_id in reversed(list(self._applied)):
+            self.remove(edit_id)
+
+    def edit_ids(self) -> list[str]:
+        return list(self._applied)
+
+    def active_edit_ids(self) -> list[str]:
+        """Edits now in effect (the newest of each prompt)."""
+        return [stack[-1] for stack in self._stacks.values()]
+
+    def artifact(self, edit_id: str) -> Artifact:
+        return self._applied[edit_id]
+
+    def digest(self) -> str:
+        """Hash of the applied artifacts in apply order: equal on replicas that applied the same stream."""
+        h = hashlib.sha256(self.name.encode())
+        for edit_id, artifact in self._applied.items():
+            h.update(edit_id.encode())
+            h.update(artifact.content_digest().encode())
+        return h.hexdigest()[:16]
+
+    def save_state(self, directory: Path) -> None:
+        """Write the applied artifacts and their order; `load_state` restores the same state."""
+        directory.mkdir(parents=True, exist_ok=True)
+        order = []
+        for i, artifact in enumerate(self._applied.values()):
+            name = f"{i:08d}.safetensors"
+            (directory / name).write_bytes(artifact.to_bytes())
+            order.append({"edit_id": artifact.edit_id, "file": name})
+        (directory / "state.json").write_text(
+            json.dumps({"method": self.name, "base_fingerprint": self.lm.fingerprint, "order": order}, indent=1)
+        )
+
+    def load_state(self, directory: Path) -> None:
+        state = json.loads((directory / "state.json").read_text())
+        if state["method"] != self.name:
+            raise ArtifactError(f"state in {directory} is for method {state['method']!r}, not {self.name!r}")
+        self.reset()
+        for entry in state["order"]:
+            self.apply(Artifact.load(directory / entry["file"]))
