@@ -21,9 +21,7 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
     missing = [
         name
         for name, f in fields.items()
-        if name not in data
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     ]
     if missing:
         raise ConfigError(f"{cls.__name__}: missing required keys {missing}")

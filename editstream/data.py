@@ -96,14 +96,9 @@ def detect_format(record: dict[str, Any]) -> str:
 def resolve_dataset(name_or_path: str | Path, data_dir: Path | None = None) -> Path:
     """A dataset alias (`counterfact`, `zsre`, ...) or a path, as an existing file path."""
     text = str(name_or_path)
-    if text in DATASET_ALIASES:
-        path = (data_dir or DEFAULT_DATA_DIR) / DATASET_ALIASES[text]
-    else:
-        path = Path(text)
+    path = (data_dir or DEFAULT_DATA_DIR) / DATASET_ALIASES[text] if text in DATASET_ALIASES else Path(text)
     if not path.is_file():
-        raise DataFormatError(
-            f"dataset {text!r} not found at {path}; give a path or one of {sorted(DATASET_ALIASES)}"
-        )
+        raise DataFormatError(f"dataset {text!r} not found at {path}; give a path or one of {sorted(DATASET_ALIASES)}")
     return path
 
 

@@ -7,6 +7,7 @@ Any Hugging Face id or local path works too; hub downloads stay off unless the c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -91,10 +92,8 @@ def _embedded_llm_cache() -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    try:
+    with contextlib.suppress(OSError):  # another process finished first
         tmp.rename(target)
-    except OSError:  # another process finished first
-        pass
     return target
 
 
@@ -126,9 +125,7 @@ def model_fingerprint(model: torch.nn.Module, name: str) -> str:
     return h.hexdigest()[:16]
 
 
-def load_causal_lm(
-    name: str = EMBEDDED_LLM, device: str | None = None, allow_download: bool = False
-) -> LoadedLM:
+def load_causal_lm(name: str = EMBEDDED_LLM, device: str | None = None, allow_download: bool = False) -> LoadedLM:
     """Load a causal LM by the embedded name, a Hugging Face id or a local path, frozen, in eval mode."""
     _require("transformers", "transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,1 @@
+"""Benchmarks whose JSON output, with its provenance, is committed under bench/results/."""

@@ -1,0 +1,58 @@
+"""RECIPE settings: network shape and training; no machine facts (paths, devices) in here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from editstream.errors import ConfigError
+
+GENERATOR_INPUTS = ("prompt+target", "statement")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Shape of the RECIPE networks.
+
+    generator_input: "statement" is the paper's form (the generator reads the encoder's
+    representation of "prompt target"); "prompt+target" is our variant, which reads the prompt's
+    representation (computed once, shared with the key) plus the LLM's own input embeddings of the
+    target tokens, so one encoder forward per edit suffices and the target's identity is kept.
+    """
+
+    encoder: str = "minilm"
+    key_dim: int = 128
+    retriever_hidden: int = 512
+    prompt_len: int = 4
+    generator_hidden: int = 1024
+    generator_input: str = "prompt+target"
+    target_slots: int = 3  # prompt slots that also carry target token embeddings (variant only)
+
+    def __post_init__(self) -> None:
+        if self.generator_input not in GENERATOR_INPUTS:
+            raise ConfigError(f"generator_input={self.generator_input!r}; expected one of {GENERATOR_INPUTS}")
+        if not 0 <= self.target_slots <= self.prompt_len:
+            raise ConfigError(f"target_slots={self.target_slots} must lie in [0, prompt_len={self.prompt_len}]")
+        for name in ("key_dim", "retriever_hidden", "prompt_len", "generator_hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+
+    @property
+    def uses_target_embeddings(self) -> bool:
+        return self.generator_input == "prompt+target"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """RECIPE training schedule (retriever phase, then generator phase with the LLM frozen)."""
+
+    retriever_steps: int = 3000
+    retriever_batch: int = 512
+    retriever_lr: float = 2e-3
+    generator_steps: int = 600
+    generator_batch: int = 16
+    generator_lr: float = 1e-3
+    locality_weight: float = 0.0
+    validate_every: int = 100
+    checkpoint_every: int = 50
+    validation_rows: int = 200
+    seed: int = 0

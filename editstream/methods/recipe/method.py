@@ -1,0 +1,137 @@
+"""RECIPE as an editstream method.
+
+compute: one batched encoder forward over the edit prompts gives each edit its retrieval key and
+(with the target's token embeddings, in our variant) its continuous prompt; no LLM pass.
+apply: add the key to the faiss index and keep the prompt (both float16). query: encode the
+prompts, search, keep hits that beat the Knowledge Sentinel, and prefix those rows' prompts
+through a hook that lives only inside `query_context`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from editstream.artifacts import Artifact
+from editstream.edits import EditRequest
+from editstream.errors import ConfigError
+from editstream.methods.base import EditMethod, QueryPlan
+from editstream.methods.recipe.checkpoint import load_checkpoint
+from editstream.methods.recipe.network import RecipeNet, target_token_embeddings
+from editstream.models import LoadedEncoder, LoadedLM, load_encoder
+from editstream.prefix import soft_prefix
+from editstream.retrieval import KeyIndex
+
+log = logging.getLogger(__name__)
+
+
+class RecipeRetrieval:
+    """Encoder + trained retriever + key index: the part RECIPE shares with the text-RAG baseline."""
+
+    def __init__(self, net: RecipeNet, encoder: LoadedEncoder) -> None:
+        self.net = net
+        self.encoder = encoder
+        self.index = KeyIndex(net.config.key_dim)
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.encoder.encode(list(texts)).to(next(self.net.parameters()).device)
+
+    def keys(self, r: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.net.retriever.keys(r)
+
+    def retrieve(self, prompts: Sequence[str]) -> list[str | None]:
+        """The edit whose key beats the sentinel for each prompt, or None."""
+        if not len(self.index):
+            return [None] * len(prompts)
+        with torch.inference_mode():
+            q = self.net.retriever.queries(self.encode(prompts))
+            threshold = self.net.retriever.sentinel_score(q).cpu()
+        scores, ids = self.index.search(q)
+        return [i if s > t else None for s, t, i in zip(scores.tolist(), threshold.tolist(), ids, strict=True)]
+
+
+def load_retrieval(lm: LoadedLM, checkpoint: str | Path | None, encoder: LoadedEncoder | None) -> RecipeRetrieval:
+    net, meta = load_checkpoint(checkpoint)
+    d_llm = lm.model.get_input_embeddings().weight.shape[1]
+    if meta["d_llm"] != d_llm:
+        raise ConfigError(f"RECIPE checkpoint makes {meta['d_llm']}-dim prompts; model {lm.name} embeds in {d_llm}")
+    if meta.get("llm_fingerprint") not in (None, lm.fingerprint):
+        log.warning("RECIPE checkpoint was trained on %s, serving %s", meta.get("llm"), lm.name)
+    encoder = encoder or load_encoder(net.config.encoder, device=str(lm.device))
+    return RecipeRetrieval(net.to(lm.device), encoder)
+
+
+class Recipe(EditMethod):
+    """Lifelong editing by retrieved continuous prompts; the LLM's weights are never touched."""
+
+    name = "recipe"
+
+    def __init__(self, lm: LoadedLM, retrieval: RecipeRetrieval) -> None:
+        super().__init__(lm)
+        self.retrieval = retrieval
+        self.net = retrieval.net
+        self._prompts: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, lm: LoadedLM, checkpoint: str | Path | None = None, encoder: LoadedEncoder | None = None) -> Recipe:
+        return cls(lm, load_retrieval(lm, checkpoint, encoder))
+
+    def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
+        if not edits:
+            return []
+        config = self.net.config
+        r_prompt = self.retrieval.encode([e.prompt for e in edits])
+        with torch.inference_mode():
+            keys = self.net.retriever.keys(r_prompt)
+            if config.uses_target_embeddings:
+                t = target_token_embeddings(
+                    self.lm.model.get_input_embeddings(),
+                    self.lm.tokenizer,
+                    [e.target for e in edits],
+                    config.target_slots,
+                )
+                prompts = self.net.generator(r_prompt, t)
+            else:
+                prompts = self.net.generator(self.retrieval.encode([e.statement for e in edits]))
+        return [
+            self.new_artifact(e, {"key": k.half(), "prompt": p.half()})
+            for e, k, p in zip(edits, keys, prompts, strict=True)
+        ]
+
+    def _attach(self, artifact: Artifact) -> None:
+        key, prompt = artifact.tensors["key"], artifact.tensors["prompt"]
+        expected = (self.net.config.prompt_len, self.net.generator.d_llm)
+        if tuple(prompt.shape) != expected or tuple(key.shape) != (self.net.config.key_dim,):
+            raise ConfigError(
+                f"artifact {artifact.edit_id}: prompt {tuple(prompt.shape)} / key {tuple(key.shape)}, "
+                f"expected {expected} / ({self.net.config.key_dim},)"
+            )
+        self.retrieval.index.add(artifact.edit_id, key)
+        self._prompts[artifact.edit_id] = prompt.half()
+
+    def _detach(self, edit_id: str) -> None:
+        self.retrieval.index.remove(edit_id)
+        self._prompts.pop(edit_id, None)
+
+    @contextmanager
+    def query_context(self, prompts: Sequence[str]) -> Iterator[QueryPlan]:
+        fired = self.retrieval.retrieve(prompts)
+        plan = QueryPlan(list(prompts), fired)
+        if not any(fired):
+            yield plan
+            return
+        shape = (self.net.config.prompt_len, self.net.generator.d_llm)
+        device = self.lm.device
+        prefix = torch.zeros(len(prompts), *shape, device=device)
+        prefix_mask = torch.zeros(len(prompts), shape[0], dtype=torch.long, device=device)
+        for row, edit_id in enumerate(fired):
+            if edit_id is not None:
+                prefix[row] = self._prompts[edit_id].to(device).float()
+                prefix_mask[row] = 1
+        with soft_prefix(self.lm.model, prefix, prefix_mask):
+            yield plan

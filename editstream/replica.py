@@ -1,0 +1,127 @@
+"""A replica: one model copy with one method's edit state, applying journal entries in `seq` order.
+
+The replica is the plain class behind a Ray replica actor and the benchmark harness alike: it
+applies edits and retracts strictly in order (replays of old seqs are ignored), reports `version`
+(last applied seq) and a digest of its edit state, scores prompts teacher-forced, and generates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from editstream.artifacts import Artifact
+from editstream.errors import OrderError
+from editstream.methods.base import EditMethod, QueryPlan
+from editstream.metrics import PairBatch, answer_predictions, encode_pairs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    """A generated continuation, the edit that fired (if any) and the replica version that answered."""
+
+    prompt: str
+    text: str
+    fired: str | None
+    version: int
+
+
+class Replica:
+    """One model copy plus its edits; not thread-safe (an actor serialises calls)."""
+
+    def __init__(self, method: EditMethod) -> None:
+        self.method = method
+        self.lm = method.lm
+        self.version = 0
+
+    # --- the journal ---------------------------------------------------------------------------
+    def _advance(self, seq: int) -> bool:
+        if seq <= self.version:
+            return False
+        if seq != self.version + 1:
+            raise OrderError(f"replica at version {self.version} got seq {seq}; expected {self.version + 1}")
+        return True
+
+    def apply(self, seq: int, artifact: Artifact) -> bool:
+        """Apply journal entry `seq` (an edit); False if it was applied before."""
+        if not self._advance(seq):
+            return False
+        self.method.apply(artifact)
+        self.version = seq
+        return True
+
+    def retract(self, seq: int, edit_id: str) -> bool:
+        """Apply journal entry `seq` (a retract of `edit_id`); False if it was applied before."""
+        if not self._advance(seq):
+            return False
+        self.method.remove(edit_id)
+        self.version = seq
+        return True
+
+    def skip(self, seq: int) -> bool:
+        """Advance past journal entry `seq` without a state change (e.g. an entry another method owns)."""
+        if not self._advance(seq):
+            return False
+        self.version = seq
+        return True
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.version}:{self.method.digest()}".encode()).hexdigest()[:16]
+
+    # --- reading -------------------------------------------------------------------------------
+    def _forward(self, batch: PairBatch) -> torch.Tensor:
+        dev = self.lm.device
+        with torch.inference_mode():
+            return self.lm.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev)).logits
+
+    def predict(
+        self, contexts: Sequence[str], answers: Sequence[str], edited: bool = True, batch_size: int = 32
+    ) -> tuple[list[list[int]], list[list[int]], list[str | None]]:
+        """Teacher-forced argmax at each answer token: (predictions, answer ids, fired edit ids)."""
+        preds, ids, fired = [], [], []
+        for i in range(0, len(contexts), batch_size):
+            ctx, ans = list(contexts[i : i + batch_size]), list(answers[i : i + batch_size])
+            with self._plan(ctx, edited) as plan:
+                batch = encode_pairs(self.lm.tokenizer, plan.texts, ans)
+                preds += answer_predictions(self._forward(batch), batch)
+            ids += batch.answer_ids
+            fired += plan.fired
+        return preds, ids, fired
+
+    def _plan(self, prompts: list[str], edited: bool):
+        if edited:
+            return self.method.query_context(prompts)
+        return EditMethod.query_context(self.method, prompts)  # the base model only
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, edited: bool = True) -> list[Answer]:
+        """Greedy continuation of each prompt (batched, KV-cached), with the edits in effect."""
+        tok = self.lm.tokenizer
+        dev = self.lm.device
+        with self._plan(list(prompts), edited) as plan:
+            enc = tok(plan.texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            out = torch.empty(len(prompts), 0, dtype=torch.long, device=dev)
+            past, done = None, torch.zeros(len(prompts), dtype=torch.bool, device=dev)
+            with torch.inference_mode():
+                for _ in range(max_new_tokens):
+                    res = self.lm.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+                    past = res.past_key_values
+                    nxt = res.logits[:, -1].argmax(-1)
+                    nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+                    out = torch.cat([out, nxt[:, None]], dim=1)
+                    done |= nxt == tok.eos_token_id
+                    if bool(done.all()):
+                        break
+                    ids = nxt[:, None]
+                    mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        texts = tok.batch_decode(out, skip_special_tokens=True)
+        return [Answer(p, t, f, self.version) for p, t, f in zip(prompts, texts, plan.fired, strict=True)]
+
+
+__all__ = ["Answer", "QueryPlan", "Replica"]

@@ -1,0 +1,1 @@
+"""services: the running system around the editstream library (Ray actors, Redis transport, CLI)."""

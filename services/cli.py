@@ -1,0 +1,176 @@
+"""The `editstream` command line: train, bench, and the streaming system's commands.
+
+Each subcommand's `--help` explains it. Library work (train, bench) imports neither Ray nor
+Redis; the system commands import them when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from editstream.models import EMBEDDED_ENCODER, EMBEDDED_LLM
+
+log = logging.getLogger("editstream")
+
+
+def _train_recipe(args: argparse.Namespace) -> int:
+    from editstream.config import config_from_dict
+    from editstream.data import load_edits
+    from editstream.methods.recipe.config import RecipeConfig, TrainConfig
+    from editstream.methods.recipe.train import Trainer
+    from editstream.models import load_causal_lm, load_encoder
+
+    lm = load_causal_lm(args.model, device=args.device)
+    encoder = load_encoder(args.encoder, device=args.device)
+    edits = [e for name in args.data for e in load_edits(name)]
+    config = config_from_dict(
+        RecipeConfig, {"encoder": args.encoder, "generator_input": args.generator_input, "prompt_len": args.prompt_len}
+    )
+    schedule = config_from_dict(
+        TrainConfig,
+        {
+            "retriever_steps": args.retriever_steps,
+            "generator_steps": args.steps,
+            "generator_batch": args.batch,
+            "generator_lr": args.lr,
+            "locality_weight": args.locality_weight,
+            "validate_every": args.validate_every,
+            "seed": args.seed,
+        },
+    )
+    state = Trainer(lm, encoder, edits, Path(args.out), config, schedule).run()
+    print(json.dumps(state["history"][-1] if state["history"] else {}, indent=2))
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a method's networks (RECIPE) on the train splits")
+    p.add_argument("method", choices=["recipe"], help="which method to train")
+    p.add_argument("--out", required=True, help="directory for checkpoints (resumes if it holds one)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=["counterfact-train", "zsre-train"],
+        help="training files or aliases (never an edit.json split)",
+    )
+    p.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
+    p.add_argument("--encoder", default=EMBEDDED_ENCODER, help="sentence encoder: embedded name, HF id or path")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA if available)")
+    p.add_argument(
+        "--generator-input",
+        default="prompt+target",
+        choices=["prompt+target", "statement"],
+        help="'statement': the paper's generator input; 'prompt+target': our variant",
+    )
+    p.add_argument("--prompt-len", type=int, default=4, help="continuous prompt vectors per edit")
+    p.add_argument("--steps", type=int, default=600, help="generator training steps")
+    p.add_argument("--retriever-steps", type=int, default=3000, help="retriever training steps")
+    p.add_argument("--batch", type=int, default=16, help="generator batch size (facts per step)")
+    p.add_argument("--lr", type=float, default=1e-3, help="generator learning rate")
+    p.add_argument("--locality-weight", type=float, default=0.0, help="weight of the locality KL term")
+    p.add_argument("--validate-every", type=int, default=100, help="steps between validations/exports")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train_recipe)
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from editstream.bench.provenance import provenance
+    from editstream.bench.quality import run_quality
+    from editstream.data import load_edits
+    from editstream.methods import create_method
+    from editstream.models import load_causal_lm
+    from editstream.replica import Replica
+
+    chunk_sizes = [int(t) for t in args.T.split(",")]
+    edits = load_edits(args.data, limit=args.limit, seed=args.seed)
+    lm = load_causal_lm(args.model, device=args.device)
+    docs = []
+    shared_encoder = None
+    for name in args.method.split(","):
+        options = {"checkpoint": args.checkpoint} if name in ("recipe", "text-rag") else {}
+        if shared_encoder is not None and name in ("recipe", "text-rag"):
+            options["encoder"] = shared_encoder
+        method = create_method(name, lm, **options)
+        shared_encoder = getattr(getattr(method, "retrieval", None), "encoder", shared_encoder)
+        result = run_quality(Replica(method), edits, chunk_sizes)
+        doc = {
+            "method": name,
+            "model": lm.name,
+            "data": args.data,
+            "seed": args.seed,
+            "limit": args.limit,
+            "checkpoint": args.checkpoint,
+            **result,
+            **provenance(),
+        }
+        docs.append(doc)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            stem = Path(args.data).stem if args.data.endswith(".json") else args.data
+            path = out / f"quality-{stem}-{name}-n{len(edits)}.json"
+            path.write_text(json.dumps(doc, indent=2))
+            log.info("wrote %s", path)
+    if args.json:
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+    else:
+        print(quality_table(docs))
+    return 0
+
+
+def quality_table(docs: list[dict]) -> str:
+    """The benchmark rows of several methods as one aligned text table."""
+    head = f"{'method':<10} {'T':>6} {'n':>6} {'reliability':>12} {'generality':>11} {'locality':>9}"
+    lines = [head, "-" * len(head)]
+    for doc in docs:
+        for row in doc["rows"]:
+            lines.append(
+                f"{doc['method']:<10} {row['T']:>6} {row['n']:>6} {row['reliability']:>12.3f} "
+                f"{row['generality']:>11.3f} {row['locality']:>9.3f}"
+            )
+    return "\n".join(lines)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (quality: the lifelong-editing protocol)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    q = bench.add_parser("quality", help="lifelong editing: chunks of T sequential edits, all scored after the last")
+    q.add_argument("--method", default="recipe", help="method name, or several separated by commas")
+    q.add_argument("--data", default="counterfact", help="edit split alias (counterfact, zsre) or a file path")
+    q.add_argument("--T", default="1,10,100,1000", help="chunk sizes, comma-separated")
+    q.add_argument("--limit", type=int, default=None, help="use the first N edits after the seeded shuffle")
+    q.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    q.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
+    q.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA if available)")
+    q.add_argument("--out", default="bench/results", help="directory for the JSON results ('' for none)")
+    q.add_argument("--json", action="store_true", help="print one JSON document to stdout instead of a table")
+    q.set_defaults(func=_bench_quality)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="editstream",
+        description="Streaming knowledge editing for LLMs: facts from Redis become live edits on Ray replicas.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
