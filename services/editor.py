@@ -1,0 +1,79 @@
+"""Editor: computes artifacts for journaled edits, stores them, then announces them.
+
+Editors share the journal through a consumer group, so several can work in parallel; computing
+never touches a replica. An artifact is stored before the journal entry is acked, and compute is
+deterministic, so a crash only means the entry is computed again and stored with the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+import torch
+
+from editstream.events import edit_from_payload
+from editstream.methods import create_method
+from editstream.models import load_causal_lm
+from services.store import RedisStore, connect
+
+log = logging.getLogger(__name__)
+
+
+class Editor:
+    """The compute loop as a plain class; one model copy for compute only."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        method: str,
+        model: str,
+        namespace: str = "editstream",
+        consumer: str = "editor-0",
+        batch: int = 32,
+        block_ms: int = 100,
+        threads: int = 1,
+        claim_idle_ms: int = 10000,
+        method_options: dict | None = None,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.store = RedisStore(connect(redis_url), namespace)
+        self.method = create_method(method, load_causal_lm(model), **(method_options or {}))
+        self.group, self.consumer = f"editors-{method}", consumer
+        self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
+        self.computed = 0
+        self._pending_done = False
+        try:
+            self.store.r.xgroup_create(self.store.keys.journal, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _read(self) -> list:
+        r, k = self.store.r, self.store.keys
+        if not self._pending_done:
+            rows = r.xreadgroup(self.group, self.consumer, {k.journal: "0"}, count=self.batch)
+            if rows and rows[0][1]:
+                return rows[0][1]
+            self._pending_done = True
+        claimed = r.xautoclaim(k.journal, self.group, self.consumer, self.claim_idle_ms, "0-0", count=self.batch)
+        if claimed[1]:
+            return [e for e in claimed[1] if e[1] is not None]
+        rows = r.xreadgroup(self.group, self.consumer, {k.journal: ">"}, count=self.batch, block=self.block_ms)
+        return rows[0][1] if rows else []
+
+    def step(self) -> int:
+        entries = [self.store._entry(i, f) for i, f in self._read()]
+        edits = [(e.seq, edit_from_payload(e.payload)) for e in entries if e.payload["op"] == "edit"]
+        if edits:
+            artifacts = self.method.compute([e for _, e in edits])
+            self.store.put_artifacts(
+                self.method.name, {a.edit_id: a.to_bytes() for a in artifacts}, [s for s, _ in edits]
+            )
+            self.computed += len(artifacts)
+        if entries:
+            self.store.r.xack(self.store.keys.journal, self.group, *[f"{e.seq}-1" for e in entries])
+        return len(entries)
+
+    def stats(self) -> dict:
+        return {"computed": self.computed, "consumer": self.consumer}

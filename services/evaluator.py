@@ -1,0 +1,124 @@
+"""Evaluator: keeps probing replicas for retention of old edits and locality, into Arrow logs.
+
+Each round samples earlier edits (their prompts: reliability; their paraphrases: generality) and
+unrelated prompts (locality, scored against the unedited model's answers, cached once), scores
+them on one replica, and appends the records. It spends at most `budget` of wall time probing
+(e.g. 0.1 = 10%), sleeping the rest, so evaluation never starves serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from editstream.arrowlog import EVAL_SCHEMA, ArrowLog
+from editstream.metrics import agreement, token_accuracy
+from editstream.probes import LOCALITY_POOL
+from services.store import RedisStore, connect
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """Plain class behind the evaluator actor; `replicas` are Ray actor handles of ReplicaService."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        run_dir: str,
+        replicas: list,
+        method: str,
+        namespace: str = "editstream",
+        probes_per_round: int = 8,
+        budget: float = 0.1,
+        seed: int = 0,
+        name: str = "evaluator-0",
+    ) -> None:
+        self.store = RedisStore(connect(redis_url), namespace)
+        self.replicas = list(replicas)
+        self.method, self.name = method, name
+        self.log = ArrowLog(Path(run_dir), "eval", EVAL_SCHEMA)
+        self.probes_per_round, self.budget = probes_per_round, budget
+        self.rng = random.Random(seed)
+        self._locality_base: dict[str, list[int]] | None = None
+        self.rounds = 0
+
+    def set_replicas(self, replicas: list) -> None:
+        self.replicas = list(replicas)
+
+    def _locality_reference(self, replica) -> dict[str, list[int]]:
+        if self._locality_base is None:
+            prompts, answers = zip(*LOCALITY_POOL, strict=True)
+            res = ray.get(replica.score.remote(list(prompts), list(answers), False))
+            self._locality_base = dict(zip(prompts, res["predicted"], strict=True))
+        return self._locality_base
+
+    def _sample_edits(self, version: int) -> list:
+        if version < 1:
+            return []
+        seqs = sorted({self.rng.randint(1, version) for _ in range(self.probes_per_round)})
+        return [e for e in self.store.journal_get(seqs) if e.payload["op"] == "edit"]
+
+    def step(self) -> int:
+        if not self.replicas:
+            time.sleep(0.5)
+            return 0
+        started = time.time()
+        idx = self.rounds % len(self.replicas)
+        replica = self.replicas[idx]
+        base = self._locality_reference(replica)
+        state = ray.get(replica.state.remote())
+        entries = self._sample_edits(state["version"])
+        contexts, answers, meta = [], [], []
+        for e in entries:
+            p = e.payload
+            contexts.append(p["prompt"])
+            answers.append(p["target"])
+            meta.append(("reliability", e))
+            if p.get("paraphrases"):
+                contexts.append(self.rng.choice(p["paraphrases"]))
+                answers.append(p["target"])
+                meta.append(("generality", e))
+        loc = self.rng.sample(LOCALITY_POOL, k=min(4, len(LOCALITY_POOL)))
+        for prompt, answer in loc:
+            contexts.append(prompt)
+            answers.append(answer)
+            meta.append(("locality", None))
+        res = ray.get(replica.score.remote(contexts, answers, True))
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        for (kind, entry), ctx, pred, ids, fired in zip(
+            meta, contexts, res["predicted"], res["answer_ids"], res["fired"], strict=True
+        ):
+            score = agreement(pred, base[ctx]) if kind == "locality" else token_accuracy(pred, ids)
+            rows.append(
+                {
+                    "time": int(now * 1000),
+                    "replica": state["name"],
+                    "version": res["version"],
+                    "kind": kind,
+                    "edit_id": entry.payload["edit_id"] if entry else "",
+                    "edit_seq": entry.seq if entry else 0,
+                    "age_edits": res["version"] - entry.seq if entry else 0,
+                    "age_s": now - entry.at_ms / 1000 if entry else 0.0,
+                    "score": score,
+                    "fired": fired is not None,
+                    "method": self.method,
+                }
+            )
+        self.log.append(rows)
+        self.rounds += 1
+        spent = time.time() - started
+        time.sleep(spent * (1 / self.budget - 1) if self.budget < 1 else 0)
+        return len(rows)
+
+    def flush(self) -> None:
+        self.log.close()
+
+    def stats(self) -> dict:
+        return {"rounds": self.rounds, "name": self.name}

@@ -1,0 +1,108 @@
+"""Replica service: one model copy that follows the journal and answers queries.
+
+It applies journal entries strictly in seq order, waiting for an edit's artifact when the editor
+has not stored it yet. A new or restarted replica starts at version 0 and replays the journal
+with stored artifacts: no recomputation. Queries may carry `min_version` (read-your-writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from editstream.artifacts import Artifact
+from editstream.methods import create_method
+from editstream.models import load_causal_lm
+from editstream.replica import Replica
+from services.store import RedisStore, connect
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaService:
+    """Follows the journal and serves; calls from several threads are serialised by a lock."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        method: str,
+        model: str,
+        name: str = "replica-0",
+        namespace: str = "editstream",
+        threads: int = 1,
+        method_options: dict | None = None,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.name = name
+        self.store = RedisStore(connect(redis_url), namespace)
+        self.replica = Replica(create_method(method, load_causal_lm(model), **(method_options or {})))
+        self._lock = threading.Lock()
+        self._advanced = threading.Condition(self._lock)
+        self._announce_id = "0-0"
+        self.applied_at: dict[int, float] = {}  # seq -> wall time (ms) when it took effect here
+
+    @property
+    def version(self) -> int:
+        return self.replica.version
+
+    def step(self) -> int:
+        """Apply what is ready after the current version; returns how many entries were applied."""
+        entries = self.store.journal_after(self.replica.version, count=256)
+        ids = [e.payload["edit_id"] for e in entries if e.payload["op"] == "edit"]
+        blobs = self.store.get_artifacts(self.replica.method.name, ids)
+        done = 0
+        for entry in entries:
+            payload = entry.payload
+            if payload["op"] == "edit" and blobs.get(payload["edit_id"]) is None:
+                break  # not computed yet: wait for the editor's announcement
+            artifact = Artifact.from_bytes(blobs[payload["edit_id"]]) if payload["op"] == "edit" else None
+            with self._advanced:
+                if artifact is not None:
+                    self.replica.apply(entry.seq, artifact)
+                else:
+                    self.replica.retract(entry.seq, payload["retracts"])
+                self.applied_at[entry.seq] = time.time() * 1000
+                self._advanced.notify_all()
+            done += 1
+        if not done:
+            self._announce_id = self.store.wait_announce(self._announce_id, block_ms=50)
+        return done
+
+    def wait_version(self, min_version: int, timeout_s: float = 30.0) -> int:
+        with self._advanced:
+            self._advanced.wait_for(lambda: self.replica.version >= min_version, timeout=timeout_s)
+            return self.replica.version
+
+    def ask(
+        self, prompts: list[str], max_new_tokens: int = 16, min_version: int = 0, timeout_s: float = 30.0
+    ) -> list[dict]:
+        """Answers with the edit that fired and the version that answered."""
+        if min_version:
+            self.wait_version(min_version, timeout_s)
+        with self._lock:
+            answers = self.replica.generate(prompts, max_new_tokens)
+        return [
+            {"prompt": a.prompt, "text": a.text, "fired": a.fired, "version": a.version, "replica": self.name}
+            for a in answers
+        ]
+
+    def score(self, contexts: list[str], answers: list[str], edited: bool = True) -> dict:
+        """Teacher-forced argmax at answer tokens (for evaluators), with the version scored at."""
+        with self._lock:
+            preds, ids, fired = self.replica.predict(contexts, answers, edited=edited)
+            return {"predicted": preds, "answer_ids": ids, "fired": fired, "version": self.replica.version}
+
+    def state(self) -> dict:
+        with self._lock:
+            return {
+                "name": self.name,
+                "version": self.replica.version,
+                "digest": self.replica.digest(),
+                "edits": len(self.replica.method.active_edit_ids()),
+            }
+
+    def applied_times(self, seqs: list[int]) -> dict[int, float]:
+        return {s: self.applied_at[s] for s in seqs if s in self.applied_at}

@@ -1,0 +1,149 @@
+"""Redis transport: the facts stream, dead-letter stream, journal, artifact store and announcements.
+
+Keys (namespace `editstream` by default):
+  <ns>:facts          fact events from producers (stream; consumer group `ingest`)
+  <ns>:facts:dlq      rejected events with their reason (stream)
+  <ns>:journal        accepted operations, entry id `<seq>-1`, field `payload` (JSON) (stream)
+  <ns>:ids            edit_id -> "<seq>:<content hash>:<op>" (hash; dedup and retract lookup)
+  <ns>:seq            last assigned seq (counter)
+  <ns>:artifacts      "<method>:<edit_id>" -> artifact bytes (safetensors) (hash)
+  <ns>:announce       "an artifact is stored" notifications (stream)
+Dedup, seq assignment and journal append happen in one Lua script, so they are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+_APPEND = """
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then
+  local seq, hash = string.match(existing, '^(%d+):([^:]*):')
+  if hash == ARGV[2] then return {'dup', seq} end
+  return {'conflict', seq}
+end
+if ARGV[4] ~= '' then
+  local target = redis.call('HGET', KEYS[1], ARGV[4])
+  if (not target) or (not string.find(target, ':edit$')) then return {'unknown', '0'} end
+end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], ARGV[1], seq .. ':' .. ARGV[2] .. ':' .. ARGV[5])
+redis.call('XADD', KEYS[3], seq .. '-1', 'payload', ARGV[3], 'at', ARGV[6])
+return {'new', tostring(seq)}
+"""
+
+
+@dataclass(frozen=True)
+class Keys:
+    facts: str
+    dlq: str
+    journal: str
+    ids: str
+    seq: str
+    artifacts: str
+    announce: str
+
+    @classmethod
+    def for_namespace(cls, ns: str = "editstream") -> Keys:
+        return cls(
+            f"{ns}:facts",
+            f"{ns}:facts:dlq",
+            f"{ns}:journal",
+            f"{ns}:ids",
+            f"{ns}:seq",
+            f"{ns}:artifacts",
+            f"{ns}:announce",
+        )
+
+
+@dataclass
+class JournalEntry:
+    seq: int
+    payload: dict[str, Any]
+    at_ms: float  # when the fact entered the facts stream (ms since epoch)
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for `url` (redis:// or rediss:// for TLS; a password in the URL is used)."""
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=15)
+
+
+class RedisStore:
+    """Every Redis call the pipeline makes, in one place."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "editstream") -> None:
+        self.r = client
+        self.keys = Keys.for_namespace(namespace)
+        self._append = client.register_script(_APPEND)
+
+    # --- journal ---------------------------------------------------------------------------------
+    def journal_append(
+        self, edit_id: str, content_hash: str, payload: dict[str, Any], at_ms: float, retracts: str = ""
+    ) -> tuple[str, int]:
+        """('new'|'dup'|'conflict'|'unknown', seq): dedup by edit_id, then the next seq, atomically."""
+        k = self.keys
+        status, seq = self._append(
+            keys=[k.ids, k.seq, k.journal],
+            args=[edit_id, content_hash, json.dumps(payload), retracts, payload["op"], f"{at_ms:.3f}"],
+        )
+        return status.decode(), int(seq)
+
+    def journal_after(self, seq: int, count: int = 256) -> list[JournalEntry]:
+        """Journal entries with seq > `seq`, in order."""
+        rows = self.r.xrange(self.keys.journal, min=f"({seq}-1", max="+", count=count)
+        return [self._entry(entry_id, fields) for entry_id, fields in rows]
+
+    def journal_get(self, seqs: list[int]) -> list[JournalEntry]:
+        pipe = self.r.pipeline(transaction=False)
+        for s in seqs:
+            pipe.xrange(self.keys.journal, min=f"{s}-1", max=f"{s}-1")
+        return [self._entry(*rows[0]) for rows in pipe.execute() if rows]
+
+    @staticmethod
+    def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> JournalEntry:
+        return JournalEntry(int(entry_id.split(b"-")[0]), json.loads(fields[b"payload"]), float(fields[b"at"]))
+
+    def last_seq(self) -> int:
+        return int(self.r.get(self.keys.seq) or 0)
+
+    # --- artifacts -------------------------------------------------------------------------------
+    def put_artifacts(self, method: str, artifacts: dict[str, bytes], seqs: list[int]) -> None:
+        """Store artifacts durably, then announce them (never the other way round)."""
+        if not artifacts:
+            return
+        self.r.hset(self.keys.artifacts, mapping={f"{method}:{eid}": data for eid, data in artifacts.items()})
+        self.r.xadd(
+            self.keys.announce, {"method": method, "seqs": ",".join(map(str, seqs))}, maxlen=10000, approximate=True
+        )
+
+    def get_artifacts(self, method: str, edit_ids: list[str]) -> dict[str, bytes | None]:
+        if not edit_ids:
+            return {}
+        values = self.r.hmget(self.keys.artifacts, [f"{method}:{e}" for e in edit_ids])
+        return dict(zip(edit_ids, values, strict=True))
+
+    def wait_announce(self, last_id: str, block_ms: int) -> str:
+        """Block until something is announced after `last_id` (or the timeout); the newest id seen."""
+        rows = self.r.xread({self.keys.announce: last_id}, block=block_ms, count=100)
+        if rows:
+            return rows[0][1][-1][0].decode()
+        return last_id
+
+    # --- facts and dead letters ----------------------------------------------------------------
+    def dead_letter(self, entry_id: str, fields: dict[bytes, bytes], reason: str) -> None:
+        record = {b"reason": reason.encode(), b"source_id": entry_id.encode()}
+        record.update({b"field:" + k: v for k, v in fields.items()})
+        self.r.xadd(self.keys.dlq, record)
+
+    def dlq_size(self) -> int:
+        return int(self.r.xlen(self.keys.dlq))
+
+    def facts_size(self) -> int:
+        return int(self.r.xlen(self.keys.facts)) if self.r.exists(self.keys.facts) else 0
