@@ -143,6 +143,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         done_s = time.time()
         after = system.ask([f.prompt for f in show], min_version=last)
         para = system.ask([f.paraphrases[0] for f in show if f.paraphrases], min_version=last)
+        system.wait_for_evaluation(rounds=1, timeout_s=120)
         latencies = edit_log(system, store, run_dir, opts.method)
         states = system.replica_states()
         journal = store.journal_after(0, count=10**7)

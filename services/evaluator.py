@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ class Evaluator:
         self.rng = random.Random(seed)
         self._locality_base: dict[str, list[int]] | None = None
         self.rounds = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     def set_replicas(self, replicas: list) -> None:
         self.replicas = list(replicas)
@@ -111,14 +114,20 @@ class Evaluator:
                     "method": self.method,
                 }
             )
-        self.log.append(rows)
-        self.rounds += 1
+        with self._lock:
+            if self._closed.is_set():
+                return 0
+            self.log.append(rows)
+            self.rounds += 1
         spent = time.time() - started
-        time.sleep(spent * (1 / self.budget - 1) if self.budget < 1 else 0)
+        self._closed.wait(spent * (1 / self.budget - 1) if self.budget < 1 else 0)  # stay within the budget
         return len(rows)
 
     def flush(self) -> None:
-        self.log.close()
+        """Close the log (the loop stops writing)."""
+        with self._lock:
+            self._closed.set()
+            self.log.close()
 
     def stats(self) -> dict:
         return {"rounds": self.rounds, "name": self.name}

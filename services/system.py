@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,9 @@ class Host:
 
     def ping(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def stop(self) -> None:
         self.loop.stop()
@@ -157,7 +161,7 @@ class System:
 
     def _update_evaluators(self) -> None:
         handles = self.replica_handles()
-        for n, (kind, *_, actor) in self.actors.items():
+        for kind, *_, actor in self.actors.values():
             if kind == "evaluator":
                 actor.call.remote("set_replicas", handles)
 
@@ -186,6 +190,16 @@ class System:
             if all(s["version"] >= version for s in self.replica_states()):
                 return True
             time.sleep(0.05)
+        return False
+
+    def wait_for_evaluation(self, rounds: int = 1, timeout_s: float = 60.0) -> bool:
+        """Wait until every evaluator finished `rounds` probe rounds."""
+        names = [n for n, (kind, *_) in self.actors.items() if kind == "evaluator"]
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if all(self.call(n, "stats")["rounds"] >= rounds for n in names):
+                return True
+            time.sleep(0.2)
         return False
 
     def ask(self, prompts: list[str], replica: int = 0, min_version: int = 0, max_new_tokens: int = 12) -> list[dict]:

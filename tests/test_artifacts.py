@@ -1,0 +1,37 @@
+"""Artifacts round-trip as safetensors with JSON metadata, and refuse what is not one."""
+
+import pytest
+import torch
+
+from editstream.artifacts import Artifact
+from editstream.errors import ArtifactError
+
+
+def make() -> Artifact:
+    return Artifact(
+        "recipe", "e-1", "fp", {"key": torch.arange(4, dtype=torch.float16)}, {"prompt": "p", "target": "t"}
+    )
+
+
+def test_roundtrip_bytes_and_files(tmp_path):
+    a = make()
+    b = Artifact.from_bytes(a.to_bytes())
+    assert (b.method, b.edit_id, b.base_fingerprint, b.meta) == (a.method, a.edit_id, a.base_fingerprint, a.meta)
+    assert torch.equal(b.tensors["key"], a.tensors["key"])
+    assert a.content_digest() == b.content_digest()
+    c = Artifact.load(a.save(tmp_path))
+    assert c.content_digest() == a.content_digest()
+    assert (tmp_path / "e-1.json").is_file()
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 7, b"\xff" * 16, b"\x02\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_garbage_is_rejected(data):
+    with pytest.raises(ArtifactError):
+        Artifact.from_bytes(data)
+
+
+def test_newer_schema_is_rejected():
+    a = make()
+    a.schema_version = 99
+    with pytest.raises(ArtifactError, match="newer"):
+        Artifact.from_bytes(a.to_bytes())

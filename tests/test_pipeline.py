@@ -1,0 +1,144 @@
+"""The streaming pipeline on a real redis-server and real Ray: exactly-once effect under failures."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from editstream.demo_facts import demo_facts
+from services.store import RedisStore, connect
+from services.system import System, SystemConfig
+from tests.pipeline_helpers import assert_exactly_once, feed_in_thread, kill9, wait_converged, wait_journal
+from tests.test_events import BAD
+
+pytestmark = [pytest.mark.redis, pytest.mark.ray]
+
+
+def start(redis_url: str, tmp_path, method: str = "none", replicas: int = 2, evaluators: int = 0, **options):
+    config = SystemConfig(
+        redis_url=redis_url,
+        run_dir=str(tmp_path / "run"),
+        method=method,
+        replicas=replicas,
+        evaluators=evaluators,
+        namespace=f"t{time.time_ns()}",
+        method_options=options,
+    )
+    return System(config).start(), RedisStore(connect(redis_url), config.namespace)
+
+
+def test_bad_events_go_to_the_dlq_while_good_facts_apply(ray_local, redis_server, tmp_path):
+    system, store = start(redis_server.url, tmp_path, evaluators=1)
+    try:
+        facts = demo_facts(60)
+        bad = list(BAD.values())
+        extra_bad = [
+            ({"op": "edit", "edit_id": facts[0].edit_id, "prompt": "Another prompt", "target": "x"}, "already used"),
+            ({"op": "retract", "retracts": "never-seen"}, "unknown edit_id"),
+        ]
+        for i, f in enumerate(facts):
+            from editstream.events import event_fields
+
+            store.r.xadd(store.keys.facts, event_fields(f))
+            if i < len(bad):
+                store.r.xadd(store.keys.facts, bad[i][0])
+        store.r.xadd(store.keys.facts, event_fields(facts[1]))  # the same fact again: applied once, not an error
+        for fields, _ in extra_bad:
+            store.r.xadd(store.keys.facts, fields)
+        states = wait_converged(system, store, len(facts))
+        assert states[0]["version"] == len(facts)
+        assert_exactly_once(store, facts)
+        dlq = store.r.xrange(store.keys.dlq)
+        reasons = [fields[b"reason"].decode() for _, fields in dlq]
+        assert len(reasons) == len(bad) + len(extra_bad)
+        for (_, expected), reason in zip(bad + extra_bad, reasons, strict=True):
+            assert __import__("re").search(expected, reason), (expected, reason)
+        assert system.call("ingest", "stats")["duplicate"] == 1
+    finally:
+        system.stop()
+
+
+@pytest.mark.parametrize("victim", ["ingest", "editor-0", "replica-1"])
+def test_kill9_mid_stream_loses_nothing_and_applies_once(ray_local, redis_server, tmp_path, victim):
+    system, store = start(redis_server.url, tmp_path)
+    try:
+        facts = demo_facts(2000)
+        feeder = feed_in_thread(store, facts)
+        wait_journal(store, 400)
+        kill9(system, victim)
+        feeder.join()
+        wait_converged(system, store, len(facts))
+        assert_exactly_once(store, facts)
+    finally:
+        system.stop()
+
+
+def test_redis_restart_with_aof_mid_stream(ray_local, redis_server, tmp_path):
+    system, store = start(redis_server.url, tmp_path)
+    try:
+        facts = demo_facts(2000)
+        feeder = feed_in_thread(store, facts, rate=400)
+        wait_journal(store, 300)
+        redis_server.kill()
+        time.sleep(1.0)
+        redis_server.start()
+        feeder.join()
+        wait_converged(system, store, len(facts))
+        assert_exactly_once(store, facts)
+    finally:
+        system.stop()
+
+
+def test_replica_added_and_removed_mid_stream(ray_local, redis_server, tmp_path):
+    system, store = start(redis_server.url, tmp_path)
+    try:
+        facts = demo_facts(2000)
+        feeder = feed_in_thread(store, facts, rate=500)
+        wait_journal(store, 300)
+        added = system.add_replica()
+        system.remove_replica("replica-0")
+        feeder.join()
+        states = wait_converged(system, store, len(facts))
+        assert {s["name"] for s in states} == {"replica-1", added}
+        assert_exactly_once(store, facts)
+    finally:
+        system.stop()
+
+
+def test_supersede_and_retract_change_answers_on_every_replica(ray_local, redis_server, tmp_path, trained_checkpoint):
+    system, store = start(redis_server.url, tmp_path, method="recipe", checkpoint=str(trained_checkpoint))
+    prompt = "The capital of France is"
+    try:
+
+        def answers(version: int) -> list[str]:
+            return [
+                system.ask([prompt], replica=i, min_version=version, max_new_tokens=4)[0]["text"].strip()
+                for i in range(2)
+            ]
+
+        before = answers(0)
+        assert all("Paris" in a for a in before), before
+        store.r.xadd(store.keys.facts, {"edit_id": "v1", "prompt": prompt, "target": "Lyon"})
+        wait_converged(system, store, 1)
+        assert all(a.startswith("Lyon") for a in answers(1))
+        store.r.xadd(
+            store.keys.facts,
+            {
+                "edit_id": "v2",
+                "prompt": prompt,
+                "target": "Marseille",
+                "paraphrases": json.dumps(["France's capital is"]),
+            },
+        )
+        wait_converged(system, store, 2)
+        assert all(a.startswith("Marseille") for a in answers(2))
+        store.r.xadd(store.keys.facts, {"op": "retract", "retracts": "v2"})
+        wait_converged(system, store, 3)
+        assert all(a.startswith("Lyon") for a in answers(3))  # as before v2: v1 holds again
+        store.r.xadd(store.keys.facts, {"op": "retract", "retracts": "v1"})
+        wait_converged(system, store, 4)
+        assert answers(4) == before  # as before any edit
+    finally:
+        system.stop()
