@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(BIN)/editstream demo
 
 test: $(STAMP)
-	$(BIN)/ruff check editstream services tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check editstream services tests bench
+	$(BIN)/ruff check .
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -122,6 +123,101 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_cost(args: argparse.Namespace) -> int:
+    import torch
+
+    from editstream.bench import cost
+    from editstream.bench.provenance import provenance
+    from editstream.data import load_edits
+    from editstream.methods import create_method
+    from editstream.models import load_causal_lm
+    from editstream.replica import Replica
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_causal_lm(args.model, device=args.device)
+    edits = [e for name in ("counterfact-train", "zsre-train", "counterfact", "zsre") for e in load_edits(name)]
+    edits = list({e.prompt: e for e in edits}.values())
+    recipe = create_method("recipe", lm, checkpoint=args.checkpoint)
+    encoder = recipe.retrieval.encoder
+    rag = create_method("text-rag", lm, checkpoint=args.checkpoint, encoder=encoder)
+    big = create_method("recipe", lm, checkpoint=args.checkpoint, encoder=encoder)
+    throughput = cost.edit_throughput(recipe, edits[:512])
+    artifacts = recipe.compute(edits[: args.stored])
+    memory = cost.memory_per_edit(recipe, artifacts)
+    rag_artifacts = rag.compute(edits[: args.stored])
+    cost.fill(rag, rag_artifacts, args.stored)
+    cost.fill(big, artifacts, args.large)
+    probes = [e.prompt for e in edits[: args.probes]]
+    latency = cost.query_latency(
+        {
+            "unedited": Replica(create_method("none", lm)),
+            f"recipe@{args.stored}": Replica(recipe),
+            f"text-rag@{args.stored}": Replica(rag),
+            f"recipe@{args.large}": Replica(big),
+        },
+        probes,
+        args.new_tokens,
+        args.rounds,
+    )
+    base = latency["unedited"]["median_ms"]
+    for row in latency.values():
+        row["vs_unedited"] = round(row["median_ms"] / base, 3)
+    doc = {
+        "model": lm.name,
+        "checkpoint": args.checkpoint,
+        "new_tokens": args.new_tokens,
+        "edit_throughput": throughput,
+        "memory": memory,
+        "query_latency": latency,
+        **provenance(),
+    }
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "cost-recipe.json").write_text(text)
+    print(text)
+    return 0
+
+
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    import ray
+
+    from editstream.bench.provenance import provenance
+    from services import bench_pipeline as bp
+    from services.demo import DEFAULT_REDIS_URL
+    from services.redis_server import RedisServer, reachable
+
+    url = args.redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    server = None
+    if not reachable(url):
+        server = RedisServer().start()
+        url = server.url
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    run_dir = args.run_dir
+    common = (url, run_dir, args.method, args.model, args.checkpoint)
+    try:
+        doc = {
+            "method": args.method,
+            "model": args.model,
+            "replicas": 2,
+            "latency": bp.latency_run(*common, args.latency_facts, args.rate),
+            "sustained": bp.sustained_run(*common, args.sustained),
+            "query": bp.query_run(*common, args.query_facts),
+            **provenance(),
+        }
+    finally:
+        ray.shutdown()
+        if server:
+            server.stop()
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"pipeline-{args.method}.json").write_text(text)
+    print(text)
+    return 0
+
+
 def quality_table(docs: list[dict]) -> str:
     """The benchmark rows of several methods as one aligned text table."""
     head = f"{'method':<10} {'T':>6} {'n':>6} {'reliability':>12} {'generality':>11} {'locality':>9}"
@@ -150,6 +246,30 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", default="bench/results", help="directory for the JSON results ('' for none)")
     q.add_argument("--json", action="store_true", help="print one JSON document to stdout instead of a table")
     q.set_defaults(func=_bench_quality)
+    c = bench.add_parser("cost", help="edit throughput vs the encoder, query latency with many edits, memory/edit")
+    c.add_argument("--stored", type=int, default=10000, help="edits stored for the main comparison")
+    c.add_argument("--large", type=int, default=100000, help="edits stored for the scale point")
+    c.add_argument("--probes", type=int, default=20, help="prompts timed per round")
+    c.add_argument("--rounds", type=int, default=3, help="rounds over the probes")
+    c.add_argument("--new-tokens", type=int, default=8, help="tokens generated per query")
+    c.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    c.add_argument("--model", default=EMBEDDED_LLM)
+    c.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
+    c.add_argument("--device", default=None)
+    c.add_argument("--out", default="bench/results", help="directory for the JSON results ('' for none)")
+    c.set_defaults(func=_bench_cost)
+    pl = bench.add_parser("pipeline", help="edit latency at a rate, sustained ingest, query latency under load")
+    pl.add_argument("--method", default="recipe")
+    pl.add_argument("--model", default=EMBEDDED_LLM)
+    pl.add_argument("--checkpoint", default=None)
+    pl.add_argument("--rate", type=float, default=50.0, help="facts/s for the latency run")
+    pl.add_argument("--latency-facts", type=int, default=1000, help="facts in the latency run")
+    pl.add_argument("--sustained", type=int, default=10000, help="facts in the sustained-ingest run")
+    pl.add_argument("--query-facts", type=int, default=500, help="facts streamed during the query-latency run")
+    pl.add_argument("--redis-url", default=None)
+    pl.add_argument("--run-dir", default="runs/bench-pipeline")
+    pl.add_argument("--out", default="bench/results")
+    pl.set_defaults(func=_bench_pipeline)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -193,6 +313,68 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
+def _system(args: argparse.Namespace) -> int:
+    from services import commands
+    from services.demo import DEFAULT_REDIS_URL
+    from services.store import RedisStore, connect
+
+    url = args.redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    if args.command == "serve":
+        return commands.serve(
+            url, args.namespace, args.method, args.model, args.replicas, args.run_dir, args.address, args.checkpoint
+        )
+    if args.command == "feed":
+        return commands.feed_file(url, args.namespace, args.source, args.rate, args.limit)
+    if args.command == "retract":
+        return commands.retract(url, args.namespace, args.edit_id)
+    if args.command == "ask":
+        return commands.ask(
+            args.namespace, args.prompt, args.replica, args.min_version, args.max_new_tokens, args.address
+        )
+    s = commands.status(RedisStore(connect(url), args.namespace))
+    print(json.dumps(s, indent=2) if args.json else commands.status_line(s))
+    return 0
+
+
+def _add_system(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--redis-url",
+            default=None,
+            help="Redis URL, redis:// or rediss:// (TLS), password "
+            "allowed (default $REDIS_URL or redis://127.0.0.1:6379/0)",
+        )
+        p.add_argument("--namespace", default="editstream", help="key prefix in Redis and Ray (default editstream)")
+        p.set_defaults(func=_system)
+
+    p = sub.add_parser("serve", help="run the pipeline (local Ray, or a cluster via --address / RAY_ADDRESS)")
+    common(p)
+    p.add_argument("--replicas", type=int, default=2, help="model replicas (default 2)")
+    p.add_argument("--method", default="recipe", help="editing method (default recipe)")
+    p.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
+    p.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
+    p.add_argument("--run-dir", default="runs/serve", help="where the Arrow logs go")
+    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+    p = sub.add_parser("feed", help="send facts from a file (JSON, JSONL, benchmark file) or '-' (stdin JSONL)")
+    common(p)
+    p.add_argument("source", help="file path, dataset alias (counterfact, zsre), or - for JSON lines on stdin")
+    p.add_argument("--rate", type=float, default=50.0, help="facts per second (0: as fast as possible)")
+    p.add_argument("--limit", type=int, default=None, help="send only the first N")
+    p = sub.add_parser("ask", help="ask a replica: the answer, the edit that fired, the replica's version")
+    common(p)
+    p.add_argument("prompt")
+    p.add_argument("--replica", default="replica-0", help="which replica (default replica-0)")
+    p.add_argument("--min-version", type=int, default=0, help="wait until the replica applied this seq")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or auto)")
+    p = sub.add_parser("retract", help="queue the removal of an edit by its edit_id")
+    common(p)
+    p.add_argument("edit_id")
+    p = sub.add_parser("status", help="journal length, ingest lag, DLQ size, edits/s, replica versions")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="editstream",
@@ -203,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_bench(sub)
     _add_demo(sub)
+    _add_system(sub)
     return parser
 
 

@@ -43,6 +43,7 @@ class ReplicaService:
         self._advanced = threading.Condition(self._lock)
         self._announce_id = "0-0"
         self.applied_at: dict[int, float] = {}  # seq -> wall time (ms) when it took effect here
+        self._beat = 0.0
 
     @property
     def version(self) -> int:
@@ -69,6 +70,9 @@ class ReplicaService:
             done += 1
         if not done:
             self._announce_id = self.store.wait_announce(self._announce_id, block_ms=50)
+        if time.time() - self._beat > 1.0:
+            self._beat = time.time()
+            self.store.heartbeat(self.name, {**self.state(), "time": self._beat})
         return done
 
     def wait_version(self, min_version: int, timeout_s: float = 30.0) -> int:

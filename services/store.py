@@ -8,6 +8,7 @@ Keys (namespace `editstream` by default):
   <ns>:seq            last assigned seq (counter)
   <ns>:artifacts      "<method>:<edit_id>" -> artifact bytes (safetensors) (hash)
   <ns>:announce       "an artifact is stored" notifications (stream)
+  <ns>:replicas       replica name -> JSON heartbeat {version, digest, time} (hash)
 Dedup, seq assignment and journal append happen in one Lua script, so they are atomic.
 """
 
@@ -49,6 +50,7 @@ class Keys:
     seq: str
     artifacts: str
     announce: str
+    replicas: str
 
     @classmethod
     def for_namespace(cls, ns: str = "editstream") -> Keys:
@@ -144,6 +146,23 @@ class RedisStore:
 
     def dlq_size(self) -> int:
         return int(self.r.xlen(self.keys.dlq))
+
+    def heartbeat(self, name: str, state: dict[str, Any]) -> None:
+        self.r.hset(self.keys.replicas, name, json.dumps(state))
+
+    def replica_heartbeats(self) -> dict[str, dict[str, Any]]:
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self.keys.replicas).items()}
+
+    def ingest_lag(self, group: str = "ingest") -> int | None:
+        """Entries in the facts stream not yet delivered to the ingest group, plus those pending."""
+        try:
+            groups = self.r.xinfo_groups(self.keys.facts)
+        except redis.ResponseError:
+            return None
+        for g in groups:
+            if g["name"].decode() == group:
+                return int(g.get("lag") or 0) + int(g.get("pending") or 0)
+        return None
 
     def facts_size(self) -> int:
         return int(self.r.xlen(self.keys.facts)) if self.r.exists(self.keys.facts) else 0

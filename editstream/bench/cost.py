@@ -1,0 +1,114 @@
+"""Edit and query cost of RECIPE, measured side by side in one run.
+
+* edit throughput: `compute` over a batch of edits vs the sentence encoder alone on the same texts;
+* query latency: one prompt, greedy generation of `new_tokens` tokens, for the unedited model,
+  RECIPE and text-RAG with `stored` edits each (and RECIPE at a larger count); the probed prompts
+  are stored edits' prompts, so the edit fires (the costly path);
+* memory: serialized artifact bytes and resident memory added per stored edit.
+Where more edits are needed than the data has prompts, the extra keys are random unit vectors with
+copies of real prompt vectors: a flat index's search cost does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from editstream.artifacts import Artifact
+from editstream.edits import EditRequest
+from editstream.methods.base import EditMethod
+from editstream.replica import Replica
+
+log = logging.getLogger(__name__)
+
+
+def rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def edit_throughput(method: EditMethod, edits: Sequence[EditRequest], repeats: int = 3) -> dict[str, float]:
+    """Edits/s of `compute` vs sentences/s of the encoder alone, best of `repeats`, same texts."""
+    encoder = method.retrieval.encoder  # type: ignore[attr-defined]
+    prompts = [e.prompt for e in edits]
+    enc = min(timed(lambda: encoder.encode(prompts), repeats))
+    comp = min(timed(lambda: method.compute(edits), repeats))
+    return {
+        "n": len(edits),
+        "encoder_per_s": round(len(edits) / enc, 1),
+        "edits_per_s": round(len(edits) / comp, 1),
+        "ratio": round(enc / comp, 3),
+    }
+
+
+def fill(method: EditMethod, artifacts: list[Artifact], total: int) -> None:
+    """Apply `artifacts`, then synthetic ones (random keys, copied prompts) up to `total` stored edits."""
+    for a in artifacts[:total]:
+        method.apply(a)
+    gen = torch.Generator().manual_seed(0)
+    i = 0
+    while len(method.edit_ids()) < total:
+        base = artifacts[i % len(artifacts)]
+        key = torch.nn.functional.normalize(torch.randn(base.tensors["key"].shape, generator=gen), dim=0).half()
+        tensors = {**base.tensors, "key": key}
+        meta = {**base.meta, "prompt": f"synthetic filler {i}"}
+        method.apply(Artifact(base.method, f"filler-{i}", base.base_fingerprint, tensors, meta))
+        i += 1
+
+
+def query_latency(replicas: dict[str, Replica], prompts: Sequence[str], new_tokens: int, rounds: int) -> dict:
+    """Median seconds per single-prompt generation, interleaving the setups round by round."""
+    times: dict[str, list[float]] = {k: [] for k in replicas}
+    fired: dict[str, int] = dict.fromkeys(replicas, 0)
+    for rep in replicas.values():  # warm-up
+        rep.generate([prompts[0]], new_tokens)
+    for _ in range(rounds):
+        for p in prompts:
+            for name, rep in replicas.items():
+                t = time.perf_counter()
+                (ans,) = rep.generate([p], new_tokens)
+                times[name].append(time.perf_counter() - t)
+                fired[name] += ans.fired is not None
+    n = rounds * len(prompts)
+    return {
+        k: {
+            "median_ms": round(1000 * statistics.median(v), 2),
+            "p90_ms": round(1000 * sorted(v)[int(0.9 * len(v))], 2),
+            "fired_share": round(fired[k] / n, 3),
+        }
+        for k, v in times.items()
+    }
+
+
+def memory_per_edit(method: EditMethod, artifacts: list[Artifact]) -> dict[str, float]:
+    """Resident memory added per edit when replica-style applies decode artifacts from bytes."""
+    method.reset()
+    blobs = [a.to_bytes() for a in artifacts]
+    gc.collect()
+    before = rss_bytes()
+    for blob in blobs:
+        method.apply(Artifact.from_bytes(blob))
+    gc.collect()
+    grown = rss_bytes() - before
+    return {
+        "n": len(artifacts),
+        "rss_bytes_per_edit": round(grown / len(artifacts), 1),
+        "artifact_bytes_mean": round(statistics.fmean(a.nbytes for a in artifacts[:200]), 1),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in artifacts[0].tensors.values()),
+    }

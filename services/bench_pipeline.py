@@ -1,0 +1,130 @@
+"""Pipeline benchmarks: edit latency at a steady rate, sustained ingest, query latency under load.
+
+1. latency: facts at `rate`/s into a running system; per fact, XADD -> applied on all replicas.
+2. sustained: `sustained` facts as fast as the producer can send; throughput from first XADD to
+   the last fact applied on every replica, ingest lag sampled every 0.5 s, facts lost.
+3. query: a replica's single-prompt latency while the stream runs vs idle, interleaved.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from typing import Any
+
+import ray
+
+from editstream.demo_facts import demo_facts
+from services.demo import edit_log, feed, method_options, percentile
+from services.store import RedisStore, connect
+from services.system import System, SystemConfig
+
+
+def _system(redis_url: str, run_dir: str, method: str, model: str, replicas: int, checkpoint: str | None):
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    config = SystemConfig(
+        redis_url=redis_url,
+        run_dir=run_dir,
+        method=method,
+        model=model,
+        namespace=namespace,
+        replicas=replicas,
+        evaluators=0,
+        method_options=method_options(method, checkpoint),
+    )
+    return System(config).start(), RedisStore(connect(redis_url), namespace)
+
+
+def latency_run(
+    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, rate: float
+) -> dict[str, Any]:
+    system, store = _system(redis_url, run_dir + "/latency", method, model, 2, checkpoint)
+    try:
+        system.ask(["warm up"])
+        feed(store, demo_facts(n), rate, progress=False)
+        system.wait_for_version(n, timeout_s=600)
+        lat = edit_log(system, store, __import__("pathlib").Path(run_dir + "/latency"), method)
+        return {
+            "facts": n,
+            "rate": rate,
+            "p50_ms": percentile(lat, 0.5),
+            "p99_ms": percentile(lat, 0.99),
+            "mean_ms": round(statistics.fmean(lat), 1),
+            "applied_all": len(lat),
+        }
+    finally:
+        system.stop()
+
+
+def sustained_run(
+    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int
+) -> dict[str, Any]:
+    system, store = _system(redis_url, run_dir + "/sustained", method, model, 2, checkpoint)
+    try:
+        system.ask(["warm up"])
+        facts = demo_facts(n)
+        lags: list[int] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.5):
+                lags.append(store.ingest_lag() or 0)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        started = time.time()
+        sampler.start()
+        feed_s = feed(store, facts, 0, progress=False)
+        ok = system.wait_for_version(n, timeout_s=900)
+        elapsed = time.time() - started
+        done.set()
+        journal_ids = {e.payload["edit_id"] for e in store.journal_after(0, count=10**7)}
+        lost = len({f.edit_id for f in facts} - journal_ids)
+        return {
+            "facts": n,
+            "converged": ok,
+            "seconds": round(elapsed, 2),
+            "feed_seconds": round(feed_s, 2),
+            "facts_per_s": round(n / elapsed, 1),
+            "lost": lost,
+            "max_ingest_lag": max(lags, default=0),
+            "ingest_lag_samples": lags[:: max(1, len(lags) // 20)],
+        }
+    finally:
+        system.stop()
+
+
+def query_run(
+    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, rounds: int = 20
+) -> dict[str, Any]:
+    system, store = _system(redis_url, run_dir + "/query", method, model, 2, checkpoint)
+    try:
+        prompts = [f.prompt for f in demo_facts(10)]
+        handle = system.replica_handles()[0]
+
+        def one(p: str) -> float:
+            t = time.perf_counter()
+            ray.get(handle.call.remote("ask", [p], 8))
+            return time.perf_counter() - t
+
+        one(prompts[0])
+        idle = [one(p) for _ in range(rounds // 10 or 1) for p in prompts]
+        feeder = threading.Thread(target=feed, args=(store, demo_facts(n), 50.0, False), daemon=True)
+        feeder.start()
+        busy = []
+        while feeder.is_alive() and len(busy) < rounds * 10:
+            busy.append(one(prompts[len(busy) % len(prompts)]))
+        feeder.join()
+        idle += [one(p) for _ in range(rounds // 10 or 1) for p in prompts]
+        i_med, b_med = statistics.median(idle), statistics.median(busy)
+        return {
+            "idle_median_ms": round(1000 * i_med, 1),
+            "streaming_median_ms": round(1000 * b_med, 1),
+            "ratio": round(b_med / i_med, 3),
+            "idle_n": len(idle),
+            "streaming_n": len(busy),
+            "rate": 50.0,
+        }
+    finally:
+        system.stop()
