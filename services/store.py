@@ -62,6 +62,7 @@ class Keys:
             f"{ns}:seq",
             f"{ns}:artifacts",
             f"{ns}:announce",
+            f"{ns}:replicas",
         )
 
 
