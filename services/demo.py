@@ -143,7 +143,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         done_s = time.time()
         after = system.ask([f.prompt for f in show], min_version=last)
         para = system.ask([f.paraphrases[0] for f in show if f.paraphrases], min_version=last)
-        system.wait_for_evaluation(rounds=1, timeout_s=120)
+        if not system.wait_for_evaluation(rounds=1, timeout_s=120):
+            log.warning("the evaluator finished no probe round in 120 s; eval/ may be empty (see Ray's worker logs)")
         latencies = edit_log(system, store, run_dir, opts.method)
         states = system.replica_states()
         journal = store.journal_after(0, count=10**7)

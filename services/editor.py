@@ -12,6 +12,7 @@ import logging
 import redis
 import torch
 
+from editstream.edits import EditRequest
 from editstream.events import edit_from_payload
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
@@ -42,6 +43,7 @@ class Editor:
         self.group, self.consumer = f"editors-{method}", consumer
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.computed = 0
+        self.method.compute([EditRequest("warm-up prompt", "warm-up", edit_id="warm-up")])  # first call is slow
         self._pending_done = False
         try:
             self.store.r.xgroup_create(self.store.keys.journal, self.group, id="0", mkstream=True)

@@ -57,7 +57,7 @@ class Evaluator:
     def _locality_reference(self, replica) -> dict[str, list[int]]:
         if self._locality_base is None:
             prompts, answers = zip(*LOCALITY_POOL, strict=True)
-            res = ray.get(replica.score.remote(list(prompts), list(answers), False))
+            res = ray.get(replica.call.remote("score", list(prompts), list(answers), False))
             self._locality_base = dict(zip(prompts, res["predicted"], strict=True))
         return self._locality_base
 
@@ -75,7 +75,7 @@ class Evaluator:
         idx = self.rounds % len(self.replicas)
         replica = self.replicas[idx]
         base = self._locality_reference(replica)
-        state = ray.get(replica.state.remote())
+        state = ray.get(replica.call.remote("state"))
         entries = self._sample_edits(state["version"])
         contexts, answers, meta = [], [], []
         for e in entries:
@@ -92,7 +92,7 @@ class Evaluator:
             contexts.append(prompt)
             answers.append(answer)
             meta.append(("locality", None))
-        res = ray.get(replica.score.remote(contexts, answers, True))
+        res = ray.get(replica.call.remote("score", contexts, answers, True))
         now = time.time()
         rows: list[dict[str, Any]] = []
         for (kind, entry), ctx, pred, ids, fired in zip(

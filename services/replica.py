@@ -44,6 +44,7 @@ class ReplicaService:
         self._announce_id = "0-0"
         self.applied_at: dict[int, float] = {}  # seq -> wall time (ms) when it took effect here
         self._beat = 0.0
+        self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
 
     @property
     def version(self) -> int:

@@ -10,10 +10,12 @@ gone for good, and replicas can be added or removed while the stream runs.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -98,6 +100,15 @@ class System:
 
     def start(self) -> System:
         c = self.config
+        Path(c.run_dir).mkdir(parents=True, exist_ok=True)
+        info = {
+            "method": c.method,
+            "model": c.model,
+            "namespace": c.namespace,
+            "replicas": c.replicas,
+            "started": time.time(),
+        }
+        (Path(c.run_dir) / "run.json").write_text(json.dumps(info, indent=2))
         self._spawn("ingest", "ingest", {**self._common(), "consumer": "ingest-0"})
         for i in range(c.editors):
             self._spawn(

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from editstream.arrowlog import read_log
 from editstream.demo_facts import demo_facts
 from services.store import RedisStore, connect
 from services.system import System, SystemConfig
@@ -56,6 +57,9 @@ def test_bad_events_go_to_the_dlq_while_good_facts_apply(ray_local, redis_server
         for (_, expected), reason in zip(bad + extra_bad, reasons, strict=True):
             assert __import__("re").search(expected, reason), (expected, reason)
         assert system.call("ingest", "stats")["duplicate"] == 1
+        assert system.wait_for_evaluation(rounds=2, timeout_s=120)
+        evals = read_log(tmp_path / "run", "eval")
+        assert evals.num_rows > 0 and set(evals.column("kind").to_pylist()) >= {"reliability", "locality"}
     finally:
         system.stop()
 
