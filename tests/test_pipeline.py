@@ -24,6 +24,7 @@ def start(redis_url: str, tmp_path, method: str = "none", replicas: int = 2, eva
         method=method,
         replicas=replicas,
         evaluators=evaluators,
+        eval_budget=0.5,
         namespace=f"t{time.time_ns()}",
         method_options=options,
     )
