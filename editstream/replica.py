@@ -76,9 +76,11 @@ class Replica:
 
     # --- reading -------------------------------------------------------------------------------
     def _forward(self, batch: PairBatch) -> torch.Tensor:
+        """Logits for the batch's own tokens (a method's prefix positions, if any, are dropped)."""
         dev = self.lm.device
         with torch.inference_mode():
-            return self.lm.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev)).logits
+            out = self.lm.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev))
+        return out.logits[:, -batch.input_ids.shape[1] :]
 
     def predict(
         self, contexts: Sequence[str], answers: Sequence[str], edited: bool = True, batch_size: int = 32

@@ -29,7 +29,14 @@ def _train_recipe(args: argparse.Namespace) -> int:
     encoder = load_encoder(args.encoder, device=args.device)
     edits = [e for name in args.data for e in load_edits(name)]
     config = config_from_dict(
-        RecipeConfig, {"encoder": args.encoder, "generator_input": args.generator_input, "prompt_len": args.prompt_len}
+        RecipeConfig,
+        {
+            "encoder": args.encoder,
+            "generator_input": args.generator_input,
+            "prompt_len": args.prompt_len,
+            "target_mode": args.target_mode,
+            "target_slots": args.target_slots,
+        },
     )
     schedule = config_from_dict(
         TrainConfig,
@@ -67,7 +74,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         choices=["prompt+target", "statement"],
         help="'statement': the paper's generator input; 'prompt+target': our variant",
     )
-    p.add_argument("--prompt-len", type=int, default=4, help="continuous prompt vectors per edit")
+    p.add_argument("--prompt-len", type=int, default=3, help="generated prompt vectors per edit")
+    p.add_argument(
+        "--target-mode",
+        default="appended",
+        choices=["appended", "inside"],
+        help="variant only: target tokens as extra slots (appended) or added onto generated slots",
+    )
+    p.add_argument("--target-slots", type=int, default=12, help="variant only: target tokens the prompt carries")
     p.add_argument("--steps", type=int, default=600, help="generator training steps")
     p.add_argument("--retriever-steps", type=int, default=3000, help="retriever training steps")
     p.add_argument("--batch", type=int, default=16, help="generator batch size (facts per step)")

@@ -87,10 +87,15 @@ def test_replica_applies_in_seq_order_only(tiny_lm):
     assert replica.retract(3, "a") and replica.method.edit_ids() == ["b"]
 
 
-def test_recipe_artifacts_are_small_float16(tiny_lm, tiny_encoder, tiny_checkpoint):
+def test_recipe_artifacts_hold_float16_vectors_and_target_ids(tiny_lm, tiny_encoder, tiny_checkpoint):
+    import torch
+
     method = create_method("recipe", tiny_lm, checkpoint=tiny_checkpoint, encoder=tiny_encoder)
-    art = method.compute(EDITS[:1])[0]
-    assert {t.dtype for t in art.tensors.values()} == {__import__("torch").float16}
+    art = method.compute([EditRequest("The sky is", "green and blue", edit_id="x")])[0]
+    assert art.tensors["key"].dtype == art.tensors["prompt"].dtype == torch.float16
+    ids = art.tensors["target_ids"]
+    assert ids.dtype == torch.int32 and ids.shape == (2,)
+    assert ids.tolist() == tiny_lm.tokenizer(" green and blue", add_special_tokens=False)["input_ids"][:2]
 
 
 def test_recipe_prefix_hook_is_removed_after_the_query(tiny_lm, tiny_encoder, tiny_checkpoint):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from editstream.errors import ConfigError
 
 GENERATOR_INPUTS = ("prompt+target", "statement")
+TARGET_MODES = ("appended", "inside")
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,11 @@ class RecipeConfig:
     representation of "prompt target"); "prompt+target" is our variant, which reads the prompt's
     representation (computed once, shared with the key) plus the LLM's own input embeddings of the
     target tokens, so one encoder forward per edit suffices and the target's identity is kept.
+
+    target_mode (variant only): "appended" puts up to `target_slots` target-token slots after the
+    `prompt_len` generated vectors (each a learned gain times the token's embedding plus a learned
+    bias; artifacts store token ids, not vectors); "inside" adds the first `target_slots` token
+    embeddings onto generated slots 1..target_slots (the first shipped checkpoint's layout).
     """
 
     encoder: str = "minilm"
@@ -25,13 +31,19 @@ class RecipeConfig:
     prompt_len: int = 4
     generator_hidden: int = 1024
     generator_input: str = "prompt+target"
-    target_slots: int = 3  # prompt slots that also carry target token embeddings (variant only)
+    target_slots: int = 12  # target tokens the prompt carries (variant only)
+    target_mode: str = "appended"
 
     def __post_init__(self) -> None:
         if self.generator_input not in GENERATOR_INPUTS:
             raise ConfigError(f"generator_input={self.generator_input!r}; expected one of {GENERATOR_INPUTS}")
-        if not 0 <= self.target_slots <= self.prompt_len:
-            raise ConfigError(f"target_slots={self.target_slots} must lie in [0, prompt_len={self.prompt_len}]")
+        if self.target_mode not in TARGET_MODES:
+            raise ConfigError(f"target_mode={self.target_mode!r}; expected one of {TARGET_MODES}")
+        if self.target_slots < 0 or (self.target_mode == "inside" and self.target_slots > self.prompt_len):
+            raise ConfigError(
+                f"target_slots={self.target_slots} must lie in [0, prompt_len={self.prompt_len}] "
+                "for target_mode 'inside', and be >= 0 for 'appended'"
+            )
         for name in ("key_dim", "retriever_hidden", "prompt_len", "generator_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")

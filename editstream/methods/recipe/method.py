@@ -21,7 +21,7 @@ from editstream.edits import EditRequest
 from editstream.errors import ConfigError
 from editstream.methods.base import EditMethod, QueryPlan
 from editstream.methods.recipe.checkpoint import load_checkpoint
-from editstream.methods.recipe.network import RecipeNet, target_token_embeddings
+from editstream.methods.recipe.network import RecipeNet, embed_ids, target_token_ids
 from editstream.models import LoadedEncoder, LoadedLM, load_encoder
 from editstream.prefix import soft_prefix
 from editstream.retrieval import KeyIndex
@@ -75,7 +75,7 @@ class Recipe(EditMethod):
         super().__init__(lm)
         self.retrieval = retrieval
         self.net = retrieval.net
-        self._prompts: dict[str, torch.Tensor] = {}
+        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # vectors, target ids
 
     @classmethod
     def build(cls, lm: LoadedLM, checkpoint: str | Path | None = None, encoder: LoadedEncoder | None = None) -> Recipe:
@@ -86,22 +86,21 @@ class Recipe(EditMethod):
             return []
         config = self.net.config
         r_prompt = self.retrieval.encode([e.prompt for e in edits])
+        ids = None
         with torch.inference_mode():
             keys = self.net.retriever.keys(r_prompt)
             if config.uses_target_embeddings:
-                t = target_token_embeddings(
-                    self.lm.model.get_input_embeddings(),
-                    self.lm.tokenizer,
-                    [e.target for e in edits],
-                    config.target_slots,
-                )
-                prompts = self.net.generator(r_prompt, t)
+                ids = target_token_ids(self.lm.tokenizer, [e.target for e in edits], config.target_slots)
+                prompts = self.net.generator(r_prompt, embed_ids(self.lm.model.get_input_embeddings(), ids))
             else:
                 prompts = self.net.generator(self.retrieval.encode([e.statement for e in edits]))
-        return [
-            self.new_artifact(e, {"key": k.half(), "prompt": p.half()})
-            for e, k, p in zip(edits, keys, prompts, strict=True)
-        ]
+        out = []
+        for row, (e, k, p) in enumerate(zip(edits, keys, prompts, strict=True)):
+            tensors = {"key": k.half(), "prompt": p.half()}
+            if self.net.generator.appends_targets:
+                tensors["target_ids"] = ids[row].to(torch.int32)
+            out.append(self.new_artifact(e, tensors))
+        return out
 
     def _attach(self, artifact: Artifact) -> None:
         key, prompt = artifact.tensors["key"], artifact.tensors["prompt"]
@@ -111,8 +110,10 @@ class Recipe(EditMethod):
                 f"artifact {artifact.edit_id}: prompt {tuple(prompt.shape)} / key {tuple(key.shape)}, "
                 f"expected {expected} / ({self.net.config.key_dim},)"
             )
+        if self.net.generator.appends_targets and "target_ids" not in artifact.tensors:
+            raise ConfigError(f"artifact {artifact.edit_id} lacks target_ids, which this checkpoint needs")
         self.retrieval.index.add(artifact.edit_id, key)
-        self._prompts[artifact.edit_id] = prompt.half()
+        self._prompts[artifact.edit_id] = (prompt.half(), artifact.tensors.get("target_ids"))
 
     def _detach(self, edit_id: str) -> None:
         self.retrieval.index.remove(edit_id)
@@ -122,16 +123,21 @@ class Recipe(EditMethod):
     def query_context(self, prompts: Sequence[str]) -> Iterator[QueryPlan]:
         fired = self.retrieval.retrieve(prompts)
         plan = QueryPlan(list(prompts), fired)
-        if not any(fired):
+        rows = [i for i, f in enumerate(fired) if f is not None]
+        if not rows:
             yield plan
             return
-        shape = (self.net.config.prompt_len, self.net.generator.d_llm)
         device = self.lm.device
-        prefix = torch.zeros(len(prompts), *shape, device=device)
-        prefix_mask = torch.zeros(len(prompts), shape[0], dtype=torch.long, device=device)
-        for row, edit_id in enumerate(fired):
-            if edit_id is not None:
-                prefix[row] = self._prompts[edit_id].to(device).float()
-                prefix_mask[row] = 1
+        generated = torch.stack([self._prompts[fired[i]][0] for i in rows]).to(device).float()
+        targets = None
+        if self.net.generator.appends_targets:
+            ids = torch.stack([self._prompts[fired[i]][1] for i in rows])
+            targets = embed_ids(self.lm.model.get_input_embeddings(), ids)
+        with torch.inference_mode():
+            hit_prefix, hit_mask = self.net.generator.prefix(generated, targets)
+        prefix = torch.zeros(len(prompts), *hit_prefix.shape[1:], device=device)
+        prefix_mask = torch.zeros(len(prompts), hit_prefix.shape[1], dtype=torch.long, device=device)
+        prefix[rows] = hit_prefix
+        prefix_mask[rows] = hit_mask
         with soft_prefix(self.lm.model, prefix, prefix_mask):
             yield plan

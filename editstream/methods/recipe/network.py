@@ -53,10 +53,13 @@ class Retriever(nn.Module):
 
 
 class PromptGenerator(nn.Module):
-    """Knowledge representation -> `prompt_len` continuous prompt vectors in the LLM's embedding space.
+    """Knowledge representation -> continuous prompt vectors in the LLM's embedding space.
 
-    In the variant, slot j (1 <= j <= target_slots) also receives a learned multiple of the j-th
-    target token's input embedding: at initialisation the prefix reads like the target written out.
+    Paper form: `prompt_len` vectors from an MLP over the statement's representation. Variant: the
+    MLP reads the prompt's representation plus the mean target-token embedding, and the target's
+    own token embeddings enter the prefix too: appended as extra slots (`target_mode` "appended")
+    or added onto generated slots ("inside"). At initialisation the prefix reads like the target
+    written out.
     """
 
     def __init__(self, enc_dim: int, d_llm: int, config: RecipeConfig, embed_mean: torch.Tensor) -> None:
@@ -74,11 +77,17 @@ class PromptGenerator(nn.Module):
         self.base = nn.Parameter(embed_mean.detach().clone().float().expand(config.prompt_len, d_llm).clone())
         n = config.target_slots if config.uses_target_embeddings else 0
         self.target_gain = nn.Parameter(torch.ones(n))
+        if self.appends_targets:
+            self.target_bias = nn.Parameter(torch.zeros(n, d_llm))
+
+    @property
+    def appends_targets(self) -> bool:
+        return self.config.uses_target_embeddings and self.config.target_mode == "appended"
 
     def forward(self, r: torch.Tensor, target_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """r: (B, enc_dim); target_embeds: (B, target_slots, d_llm), zero rows past a target's end.
+        """The generated vectors (B, prompt_len, d) for representations r (B, enc_dim).
 
-        Returns prompts of shape (B, prompt_len, d_llm).
+        target_embeds: (B, target_slots, d_llm), zero rows past a target's end (variant only).
         """
         config = self.config
         if config.uses_target_embeddings:
@@ -90,24 +99,43 @@ class PromptGenerator(nn.Module):
         else:
             x = r
         prompts = self.base + self.mlp(x).view(-1, config.prompt_len, self.d_llm)
-        if config.uses_target_embeddings and config.target_slots:
-            slots = slice(1, 1 + config.target_slots) if config.target_slots < config.prompt_len else slice(0, None)
-            gains = self.target_gain.view(1, -1, 1)
+        if config.uses_target_embeddings and config.target_mode == "inside" and config.target_slots:
+            n = config.target_slots
+            slots = slice(1, 1 + n) if n < config.prompt_len else slice(0, None)
             prompts = prompts.clone()
-            prompts[:, slots] = prompts[:, slots] + gains * target_embeds
+            prompts[:, slots] = prompts[:, slots] + self.target_gain.view(1, -1, 1) * target_embeds
         return prompts
+
+    def prefix(self, generated: torch.Tensor, target_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full prefix and its mask: generated vectors, then (appended mode) present target slots."""
+        ones = torch.ones(generated.shape[:2], dtype=torch.long, device=generated.device)
+        if not self.appends_targets:
+            return generated, ones
+        present = (target_embeds.abs().sum(-1) > 0).long()
+        slots = self.target_gain.view(1, -1, 1) * target_embeds + self.target_bias * present.unsqueeze(-1)
+        return torch.cat([generated, slots], dim=1), torch.cat([ones, present], dim=1)
+
+
+def target_token_ids(tokenizer, targets: list[str], slots: int) -> torch.Tensor:
+    """Each target's first `slots` token ids, padded with -1: (B, slots), int64."""
+    out = torch.full((len(targets), slots), -1, dtype=torch.long)
+    for i, target in enumerate(targets):
+        ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"][:slots]
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def embed_ids(lm_embed: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """Input embeddings of token ids, zero rows where the id is -1: (B, slots, d)."""
+    ids = ids.to(lm_embed.weight.device).long()
+    with torch.no_grad():
+        vectors = lm_embed.weight[ids.clamp(min=0)]
+    return vectors * (ids >= 0).unsqueeze(-1).to(vectors.dtype)
 
 
 def target_token_embeddings(lm_embed: nn.Embedding, tokenizer, targets: list[str], slots: int) -> torch.Tensor:
     """The LLM's input embeddings of each target's first `slots` tokens, zero-padded: (B, slots, d)."""
-    d = lm_embed.weight.shape[1]
-    out = torch.zeros(len(targets), slots, d, device=lm_embed.weight.device)
-    for i, target in enumerate(targets):
-        ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"][:slots]
-        if ids:
-            with torch.no_grad():
-                out[i, : len(ids)] = lm_embed.weight[torch.tensor(ids, device=lm_embed.weight.device)]
-    return out
+    return embed_ids(lm_embed, target_token_ids(tokenizer, targets, slots))
 
 
 class RecipeNet(nn.Module):

@@ -109,17 +109,20 @@ def retriever_loss(net: RecipeNet, r_prompt, r_para, r_loc) -> tuple[torch.Tenso
     return sum(losses) / 3, accs
 
 
-def generated_prompts(net: RecipeNet, lm: LoadedLM, rows: TrainRows) -> torch.Tensor:
+def generated_prompts(net: RecipeNet, lm: LoadedLM, rows: TrainRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full prefixes (B, slots, d) and their masks (B, slots) for the rows' edits."""
     config = net.config
     if config.uses_target_embeddings:
         t = target_token_embeddings(
             lm.model.get_input_embeddings(), lm.tokenizer, [e.target for e in rows.edits], config.target_slots
         )
-        return net.generator(rows.r_prompt, t)
-    return net.generator(rows.r_statement)
+        return net.generator.prefix(net.generator(rows.r_prompt, t), t)
+    return net.generator.prefix(net.generator(rows.r_statement), None)
 
 
-def answer_logits(lm: LoadedLM, prefix: torch.Tensor | None, contexts, answers) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logits(
+    lm: LoadedLM, prefix: torch.Tensor | None, contexts, answers, prefix_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the answer positions (and the answer ids), with `prefix` before each context.
 
     Runs the decoder once and the LM head only where answers are predicted.
@@ -131,7 +134,9 @@ def answer_logits(lm: LoadedLM, prefix: torch.Tensor | None, contexts, answers) 
     n_prefix = 0
     if prefix is not None:
         n_prefix = prefix.shape[1]
-        embeds, mask, pos = prepend_prefix(embeds, mask, prefix, torch.ones(prefix.shape[:2], device=dev))
+        if prefix_mask is None:
+            prefix_mask = torch.ones(prefix.shape[:2], device=dev)
+        embeds, mask, pos = prepend_prefix(embeds, mask, prefix, prefix_mask)
     else:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = lm.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
@@ -146,13 +151,14 @@ def answer_logits(lm: LoadedLM, prefix: torch.Tensor | None, contexts, answers) 
 
 
 def generator_loss(net: RecipeNet, lm: LoadedLM, rows: TrainRows, locality_weight: float):
-    prompts = generated_prompts(net, lm, rows)
+    prefix, mask = generated_prompts(net, lm, rows)
     targets = [e.target for e in rows.edits]
     logits, ids = answer_logits(
         lm,
-        prompts.repeat(2, 1, 1),
+        prefix.repeat(2, 1, 1),
         [e.prompt for e in rows.edits] + [e.paraphrases[0] for e in rows.edits],
         targets * 2,
+        mask.repeat(2, 1),
     )
     loss = F.cross_entropy(logits, ids)
     stats = {"ce": loss.item(), "acc": (logits.argmax(-1) == ids).float().mean().item()}
@@ -160,7 +166,7 @@ def generator_loss(net: RecipeNet, lm: LoadedLM, rows: TrainRows, locality_weigh
         loc = [e.locality[0] for e in rows.edits]
         with torch.no_grad():
             base, _ = answer_logits(lm, None, [p.prompt for p in loc], [p.answer for p in loc])
-        edited, _ = answer_logits(lm, prompts, [p.prompt for p in loc], [p.answer for p in loc])
+        edited, _ = answer_logits(lm, prefix, [p.prompt for p in loc], [p.answer for p in loc], mask)
         kl = F.kl_div(edited.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="batchmean")
         loss = loss + locality_weight * kl
         stats["kl"] = kl.item()
@@ -175,12 +181,12 @@ def validate(net: RecipeNet, lm: LoadedLM, rows: TrainRows, batch: int = 32) -> 
     correct = {"reliability": [], "generality": []}
     for i in range(0, len(rows.edits), batch):
         part = rows.subset(range(i, min(i + batch, len(rows.edits))))
-        prompts = generated_prompts(net, lm, part)
+        prefix, mask = generated_prompts(net, lm, part)
         for name, ctx in (
             ("reliability", [e.prompt for e in part.edits]),
             ("generality", [e.paraphrases[0] for e in part.edits]),
         ):
-            logits, ids = answer_logits(lm, prompts, ctx, [e.target for e in part.edits])
+            logits, ids = answer_logits(lm, prefix, ctx, [e.target for e in part.edits], mask)
             correct[name].extend((logits.argmax(-1) == ids).float().tolist())
     net.train()
     return {
