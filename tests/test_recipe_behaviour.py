@@ -1,0 +1,63 @@
+"""RECIPE on the real embedded model with the shipped checkpoint, and serving/training consistency."""
+
+import pytest
+import torch
+
+from editstream.demo_facts import demo_facts
+from editstream.edits import EditRequest
+from editstream.methods import create_method
+from editstream.methods.recipe.train import TrainRows, answer_logits, generated_prompts
+from editstream.metrics import agreement, mean, token_accuracy
+from editstream.probes import LOCALITY_POOL
+from editstream.replica import Replica
+
+
+def test_serving_predictions_match_the_training_forward(tiny_lm, tiny_encoder, tiny_checkpoint):
+    method = create_method("recipe", tiny_lm, checkpoint=tiny_checkpoint, encoder=tiny_encoder)
+    edits = [
+        EditRequest("The capital of France is", "Lyon", edit_id="a"),
+        EditRequest("Bees make", "glue", edit_id="b"),
+    ]
+    for a in method.compute(edits):
+        method.apply(a)
+    preds, ids, fired = Replica(method).predict([e.prompt for e in edits], [e.target for e in edits])
+    assert fired == ["a", "b"]
+    r = method.retrieval.encode([e.prompt for e in edits])
+    rows = TrainRows(edits, r, r, r, None)
+    with torch.no_grad():
+        prefix, mask = generated_prompts(method.net, tiny_lm, rows)
+        logits, _ = answer_logits(
+            tiny_lm, prefix.half().float(), [e.prompt for e in edits], [e.target for e in edits], mask
+        )
+    flat = [p for row in preds for p in row]
+    assert flat == logits.argmax(-1).tolist()
+
+
+@pytest.fixture(scope="module")
+def edited(real_lm, real_encoder, trained_checkpoint):
+    method = create_method("recipe", real_lm, checkpoint=trained_checkpoint, encoder=real_encoder)
+    replica = Replica(method)
+    facts = demo_facts(40)
+    for seq, artifact in enumerate(method.compute(facts), start=1):
+        replica.apply(seq, artifact)
+    return replica, facts
+
+
+def test_edits_take_effect_on_prompts_and_paraphrases(edited):
+    replica, facts = edited
+    preds, ids, fired = replica.predict([f.prompt for f in facts], [f.target for f in facts])
+    assert fired == [f.edit_id for f in facts]
+    assert mean([token_accuracy(p, a) for p, a in zip(preds, ids, strict=True)]) >= 0.85
+    preds, ids, _ = replica.predict([f.paraphrases[0] for f in facts], [f.target for f in facts])
+    assert mean([token_accuracy(p, a) for p, a in zip(preds, ids, strict=True)]) >= 0.6
+    (answer,) = replica.generate([facts[0].prompt], max_new_tokens=4)
+    assert answer.text.strip().startswith(facts[0].target)
+
+
+def test_unrelated_prompts_are_untouched(edited):
+    replica, _ = edited
+    prompts, answers = zip(*LOCALITY_POOL, strict=True)
+    base, _, _ = replica.predict(prompts, answers, edited=False)
+    after, _, fired = replica.predict(prompts, answers)
+    assert fired.count(None) >= len(prompts) - 1
+    assert mean([agreement(a, b) for a, b in zip(after, base, strict=True)]) >= 0.95
