@@ -12,6 +12,7 @@ import logging
 import redis
 import torch
 
+from editstream.artifacts import Artifact
 from editstream.edits import EditRequest
 from editstream.events import edit_from_payload
 from editstream.methods import create_method
@@ -43,7 +44,11 @@ class Editor:
         self.group, self.consumer = f"editors-{method}", consumer
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.computed = 0
-        self.method.compute([EditRequest("warm-up prompt", "warm-up", edit_id="warm-up")])  # first call is slow
+        self.version = 0  # sequential methods: last journal seq reflected in this editor's own copy
+        if self.method.sequential:
+            self._rebuild()
+        else:
+            self.method.compute([EditRequest("warm-up prompt", "warm-up", edit_id="warm-up")])  # first call is slow
         self._pending_done = False
         try:
             self.store.r.xgroup_create(self.store.keys.journal, self.group, id="0", mkstream=True)
@@ -66,16 +71,51 @@ class Editor:
 
     def step(self) -> int:
         entries = [self.store._entry(i, f) for i, f in self._read()]
-        edits = [(e.seq, edit_from_payload(e.payload)) for e in entries if e.payload["op"] == "edit"]
-        if edits:
-            artifacts = self.method.compute([e for _, e in edits])
-            self.store.put_artifacts(
-                self.method.name, {a.edit_id: a.to_bytes() for a in artifacts}, [s for s, _ in edits]
-            )
-            self.computed += len(artifacts)
+        if self.method.sequential:
+            self._compute_in_order(entries)
+        else:
+            edits = [(e.seq, edit_from_payload(e.payload)) for e in entries if e.payload["op"] == "edit"]
+            if edits:
+                artifacts = self.method.compute([e for _, e in edits])
+                self._store(artifacts, [s for s, _ in edits])
         if entries:
             self.store.r.xack(self.store.keys.journal, self.group, *[f"{e.seq}-1" for e in entries])
         return len(entries)
+
+    def _store(self, artifacts: list, seqs: list[int]) -> None:
+        self.store.put_artifacts(self.method.name, {a.edit_id: a.to_bytes() for a in artifacts}, seqs)
+        self.computed += len(artifacts)
+
+    def _compute_in_order(self, entries: list) -> None:
+        """Sequential methods: compute each edit on top of this editor's own edited copy, then apply it."""
+        for entry in entries:
+            if entry.seq <= self.version:
+                continue  # replayed after a restart: already in this copy
+            if entry.payload["op"] == "retract":
+                self.method.remove(entry.payload["retracts"])
+            else:
+                (artifact,) = self.method.compute([edit_from_payload(entry.payload)])
+                self._store([artifact], [entry.seq])
+                self.method.apply(artifact)
+            self.version = entry.seq
+
+    def _rebuild(self) -> None:
+        """After a restart, re-apply the stored artifacts of the journal prefix this editor finished."""
+        after = 0
+        while True:
+            entries = self.store.journal_after(after, count=512)
+            if not entries:
+                return
+            ids = [e.payload["edit_id"] for e in entries if e.payload["op"] == "edit"]
+            blobs = self.store.get_artifacts(self.method.name, ids)
+            for e in entries:
+                if e.payload["op"] == "retract":
+                    self.method.remove(e.payload["retracts"])
+                elif blobs.get(e.payload["edit_id"]) is None:
+                    return
+                else:
+                    self.method.apply(Artifact.from_bytes(blobs[e.payload["edit_id"]]))
+                self.version = after = e.seq
 
     def stats(self) -> dict:
         return {"computed": self.computed, "consumer": self.consumer}

@@ -20,6 +20,8 @@ from typing import Any
 
 import ray
 
+from editstream.errors import ConfigError
+from editstream.methods import method_class
 from services.loop import Loop
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,11 @@ class System:
 
     def start(self) -> System:
         c = self.config
+        if method_class(c.method).sequential and c.editors != 1:
+            raise ConfigError(
+                f"method {c.method!r} computes each edit on top of the earlier ones: it needs exactly "
+                f"one editor, not {c.editors}"
+            )
         Path(c.run_dir).mkdir(parents=True, exist_ok=True)
         info = {
             "method": c.method,

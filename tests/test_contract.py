@@ -20,12 +20,14 @@ def method(request, tiny_lm, tiny_encoder, tiny_checkpoint):
     options = (
         {"checkpoint": tiny_checkpoint, "encoder": tiny_encoder} if request.param in ("recipe", "text-rag") else {}
     )
-    return create_method(request.param, tiny_lm, **options)
+    method = create_method(request.param, tiny_lm, **options)
+    yield method
+    method.reset()  # weight-editing methods changed the shared tiny model: undo
 
 
 def test_compute_never_mutates_the_model_or_the_edit_state(method):
-    before = params_hash(method.lm.model)
     method.apply(method.compute(EDITS[:1])[0])
+    before = params_hash(method.lm.model)
     digest = method.digest()
     artifacts = method.compute(EDITS)
     assert params_hash(method.lm.model) == before
@@ -105,3 +107,22 @@ def test_recipe_prefix_hook_is_removed_after_the_query(tiny_lm, tiny_encoder, ti
     (answer,) = replica.generate(["The capital of France is"], max_new_tokens=3)
     assert answer.fired == "a"
     assert not tiny_lm.model._forward_pre_hooks
+
+
+def test_ft_apply_changes_weights_and_remove_restores_them(tiny_lm):
+    import torch
+
+    method = create_method("ft", tiny_lm, steps=3, lr=1e-2)
+    before = method.weight.detach().clone()
+    (art,) = method.compute(EDITS[:1])
+    method.apply(art)
+    assert not torch.allclose(method.weight, before)
+    method.remove("a")
+    assert torch.allclose(method.weight, before, atol=1e-6)
+
+
+def test_ft_rejects_unknown_options(tiny_lm):
+    from editstream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown keys"):
+        create_method("ft", tiny_lm, learning_rate=1)

@@ -13,6 +13,7 @@ METHODS: dict[str, str] = {
     "none": "editstream.methods.none:NoEdit",
     "text-rag": "editstream.methods.textrag:TextRAG",
     "recipe": "editstream.methods.recipe.method:Recipe",
+    "ft": "editstream.methods.ft:FineTune",
 }
 
 

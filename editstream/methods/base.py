@@ -39,6 +39,7 @@ class EditMethod(ABC):
     """Base class of editing methods; subclasses implement compute, _attach, _detach, maybe query_context."""
 
     name: ClassVar[str]
+    sequential: ClassVar[bool] = False  # True: each edit is computed on top of the earlier ones
 
     def __init__(self, lm: LoadedLM) -> None:
         self.lm = lm
@@ -112,18 +113,19 @@ class EditMethod(ABC):
 
     def remove(self, edit_id: str) -> bool:
         """Detach `edit_id`; if it superseded an older edit, that one takes effect again."""
-        artifact = self._applied.pop(edit_id, None)
+        artifact = self._applied.get(edit_id)
         if artifact is None:
             return False
         key = normalize_prompt(artifact.meta["prompt"])
         stack = self._stacks[key]
         if stack[-1] == edit_id:
-            self._detach(edit_id)
+            self._detach(edit_id)  # the artifact is still registered while it is detached
             stack.pop()
             if stack:
                 self._attach(self._applied[stack[-1]])
         else:
             stack.remove(edit_id)
+        del self._applied[edit_id]
         if not stack:
             del self._stacks[key]
         return True
