@@ -32,9 +32,9 @@ class Editor:
         model: str,
         namespace: str = "editstream",
         consumer: str = "editor-0",
-        batch: int = 32,
+        batch: int = 128,
         block_ms: int = 100,
-        threads: int = 1,
+        threads: int = 2,
         claim_idle_ms: int = 10000,
         method_options: dict | None = None,
     ) -> None:

@@ -45,6 +45,7 @@ class EditMethod(ABC):
         self.lm = lm
         self._applied: dict[str, Artifact] = {}  # every applied, not-removed edit, in apply order
         self._stacks: dict[str, list[str]] = {}  # normalized prompt -> edit ids, newest last (attached)
+        self._digests: dict[str, str] = {}  # edit id -> artifact content digest, computed once
 
     @classmethod
     def build(cls, lm: LoadedLM, **options: Any) -> EditMethod:
@@ -109,6 +110,7 @@ class EditMethod(ABC):
             raise
         stack.append(artifact.edit_id)
         self._applied[artifact.edit_id] = artifact
+        self._digests[artifact.edit_id] = artifact.content_digest()
         return True
 
     def remove(self, edit_id: str) -> bool:
@@ -126,6 +128,7 @@ class EditMethod(ABC):
         else:
             stack.remove(edit_id)
         del self._applied[edit_id]
+        del self._digests[edit_id]
         if not stack:
             del self._stacks[key]
         return True
@@ -148,9 +151,9 @@ class EditMethod(ABC):
     def digest(self) -> str:
         """Hash of the applied artifacts in apply order: equal on replicas that applied the same stream."""
         h = hashlib.sha256(self.name.encode())
-        for edit_id, artifact in self._applied.items():
+        for edit_id in self._applied:
             h.update(edit_id.encode())
-            h.update(artifact.content_digest().encode())
+            h.update(self._digests[edit_id].encode())
         return h.hexdigest()[:16]
 
     def save_state(self, directory: Path) -> None:
