@@ -20,6 +20,7 @@ import ray
 from editstream.arrowlog import EVAL_SCHEMA, ArrowLog
 from editstream.metrics import agreement, token_accuracy
 from editstream.probes import LOCALITY_POOL
+from services.metrics import Metrics
 from services.store import RedisStore, connect
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Evaluator:
         self.rounds = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self.metrics = Metrics(name)
 
     def set_replicas(self, replicas: list) -> None:
         self.replicas = list(replicas)
@@ -119,6 +121,10 @@ class Evaluator:
                 return 0
             self.log.append(rows)
             self.rounds += 1
+        for kind, gauge in (("reliability", self.metrics.retention), ("locality", self.metrics.locality)):
+            scores = [r["score"] for r in rows if r["kind"] == kind]
+            if scores:
+                gauge.set(sum(scores) / len(scores))
         spent = time.time() - started
         self._closed.wait(spent * (1 / self.budget - 1) if self.budget < 1 else 0)  # stay within the budget
         return len(rows)

@@ -16,6 +16,7 @@ import redis
 
 from editstream.errors import InvalidEditError
 from editstream.events import Retract, edit_to_payload, parse_event
+from services.metrics import Metrics
 from services.store import RedisStore, connect
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Ingestor:
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.counts = {"accepted": 0, "duplicate": 0, "dead_lettered": 0}
         self._pending_done = False
+        self.metrics = Metrics(consumer)
         self._ensure_group()
 
     def _ensure_group(self) -> None:
@@ -100,7 +102,12 @@ class Ingestor:
         for entry_id, fields in entries:
             eid = entry_id.decode()
             try:
-                self.counts[self.handle(eid, fields)] += 1
+                outcome = self.handle(eid, fields)
+                self.counts[outcome] += 1
+                if outcome == "accepted":
+                    self.metrics.accepted.inc()
+                elif outcome == "dead_lettered":
+                    self.metrics.dead_lettered.inc()
                 done.append(entry_id)
             except redis.RedisError:
                 raise

@@ -17,6 +17,7 @@ from editstream.artifacts import Artifact
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
 from editstream.replica import Replica
+from services.metrics import Metrics
 from services.store import RedisStore, connect
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ReplicaService:
         self._announce_id = "0-0"
         self.applied_at: dict[int, float] = {}  # seq -> wall time (ms) when it took effect here
         self._beat = 0.0
+        self.metrics = Metrics(name)
         self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
 
     @property
@@ -66,13 +68,17 @@ class ReplicaService:
                     self.replica.apply(entry.seq, artifact)
                 else:
                     self.replica.retract(entry.seq, payload["retracts"])
-                self.applied_at[entry.seq] = time.time() * 1000
+                self.applied_at[entry.seq] = now_ms = time.time() * 1000
                 self._advanced.notify_all()
             done += 1
+            self.metrics.applied.inc()
+            self.metrics.latency.observe(now_ms - entry.at_ms)
         if not done:
             self._announce_id = self.store.wait_announce(self._announce_id, block_ms=50)
         if time.time() - self._beat > 1.0:
             self._beat = time.time()
+            self.metrics.version.set(self.replica.version)
+            self.metrics.lag.set(max(0, self.store.last_seq() - self.replica.version))
             self.store.heartbeat(self.name, {**self.state(), "time": self._beat})
         return done
 
