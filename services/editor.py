@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import redis
 import torch
 
 from editstream.artifacts import Artifact
@@ -17,7 +16,7 @@ from editstream.edits import EditRequest
 from editstream.events import edit_from_payload
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
-from services.store import RedisStore, connect
+from services.store import GroupReader, RedisStore, connect
 
 log = logging.getLogger(__name__)
 
@@ -41,36 +40,19 @@ class Editor:
         torch.set_num_threads(threads)
         self.store = RedisStore(connect(redis_url), namespace)
         self.method = create_method(method, load_causal_lm(model), **(method_options or {}))
-        self.group, self.consumer = f"editors-{method}", consumer
-        self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
+        self.consumer = consumer
         self.computed = 0
         self.version = 0  # sequential methods: last journal seq reflected in this editor's own copy
         if self.method.sequential:
             self._rebuild()
         else:
             self.method.compute([EditRequest("warm-up prompt", "warm-up", edit_id="warm-up")])  # first call is slow
-        self._pending_done = False
-        try:
-            self.store.r.xgroup_create(self.store.keys.journal, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    def _read(self) -> list:
-        r, k = self.store.r, self.store.keys
-        if not self._pending_done:
-            rows = r.xreadgroup(self.group, self.consumer, {k.journal: "0"}, count=self.batch)
-            if rows and rows[0][1]:
-                return rows[0][1]
-            self._pending_done = True
-        claimed = r.xautoclaim(k.journal, self.group, self.consumer, self.claim_idle_ms, "0-0", count=self.batch)
-        if claimed[1]:
-            return [e for e in claimed[1] if e[1] is not None]
-        rows = r.xreadgroup(self.group, self.consumer, {k.journal: ">"}, count=self.batch, block=self.block_ms)
-        return rows[0][1] if rows else []
+        self.reader = GroupReader(
+            self.store.r, self.store.keys.journal, f"editors-{method}", consumer, batch, block_ms, claim_idle_ms
+        )
 
     def step(self) -> int:
-        entries = [self.store._entry(i, f) for i, f in self._read()]
+        entries = [self.store._entry(i, f) for i, f in self.reader.read()]
         if self.method.sequential:
             self._compute_in_order(entries)
         else:
@@ -79,7 +61,7 @@ class Editor:
                 artifacts = self.method.compute([e for _, e in edits])
                 self._store(artifacts, [s for s, _ in edits])
         if entries:
-            self.store.r.xack(self.store.keys.journal, self.group, *[f"{e.seq}-1" for e in entries])
+            self.reader.ack([f"{e.seq}-1" for e in entries])
         return len(entries)
 
     def _store(self, artifacts: list, seqs: list[int]) -> None:

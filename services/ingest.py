@@ -17,7 +17,7 @@ import redis
 from editstream.errors import InvalidEditError
 from editstream.events import Retract, edit_to_payload, parse_event
 from services.metrics import Metrics
-from services.store import RedisStore, connect
+from services.store import GroupReader, RedisStore, connect
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,9 @@ class Ingestor:
         claim_idle_ms: int = 10000,
     ) -> None:
         self.store = RedisStore(connect(redis_url), namespace)
-        self.group, self.consumer = group, consumer
-        self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.counts = {"accepted": 0, "duplicate": 0, "dead_lettered": 0}
-        self._pending_done = False
         self.metrics = Metrics(consumer)
-        self._ensure_group()
-
-    def _ensure_group(self) -> None:
-        try:
-            self.store.r.xgroup_create(self.store.keys.facts, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        self.reader = GroupReader(self.store.r, self.store.keys.facts, group, consumer, batch, block_ms, claim_idle_ms)
 
     def handle(self, entry_id: str, fields: dict[bytes, bytes]) -> str:
         """Journal or dead-letter one entry; returns what happened."""
@@ -81,23 +71,9 @@ class Ingestor:
         self.store.dead_letter(entry_id, fields, reason)
         return "dead_lettered"
 
-    def _read(self) -> list[tuple[bytes, dict]]:
-        r, k = self.store.r, self.store.keys
-        if not self._pending_done:
-            rows = r.xreadgroup(self.group, self.consumer, {k.facts: "0"}, count=self.batch)
-            entries = rows[0][1] if rows else []
-            if entries:
-                return entries
-            self._pending_done = True
-        claimed = r.xautoclaim(k.facts, self.group, self.consumer, self.claim_idle_ms, "0-0", count=self.batch)
-        if claimed[1]:
-            return [e for e in claimed[1] if e[1] is not None]
-        rows = r.xreadgroup(self.group, self.consumer, {k.facts: ">"}, count=self.batch, block=self.block_ms)
-        return rows[0][1] if rows else []
-
     def step(self) -> int:
         """Handle one batch; returns how many entries were handled."""
-        entries = self._read()
+        entries = self.reader.read()
         done = []
         for entry_id, fields in entries:
             eid = entry_id.decode()
@@ -115,8 +91,7 @@ class Ingestor:
                 log.exception("unexpected error on %s; dead-lettering it", eid)
                 self.store.dead_letter(eid, fields, "internal error while validating")
                 done.append(entry_id)
-        if done:
-            self.store.r.xack(self.store.keys.facts, self.group, *done)
+        self.reader.ack(done)
         return len(entries)
 
     def stats(self) -> dict:

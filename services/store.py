@@ -167,3 +167,43 @@ class RedisStore:
 
     def facts_size(self) -> int:
         return int(self.r.xlen(self.keys.facts)) if self.r.exists(self.keys.facts) else 0
+
+
+class GroupReader:
+    """Consumer-group reads in the order a restart needs: this consumer's own pending entries
+    first (id 0), then entries other consumers left idle (XAUTOCLAIM), then new ones (BLOCK)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        batch: int = 128,
+        block_ms: int = 100,
+        claim_idle_ms: int = 10000,
+    ) -> None:
+        self.r, self.stream, self.group, self.consumer = client, stream, group, consumer
+        self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
+        self._pending_done = False
+        try:
+            client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        if not self._pending_done:
+            rows = self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=self.batch)
+            if rows and rows[0][1]:
+                return rows[0][1]
+            self._pending_done = True
+        claimed = self.r.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=self.batch)
+        if claimed[1]:
+            return [e for e in claimed[1] if e[1] is not None]
+        rows = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch, block=self.block_ms)
+        return rows[0][1] if rows else []
+
+    def ack(self, entry_ids: list) -> None:
+        if entry_ids:
+            self.r.xack(self.stream, self.group, *entry_ids)
