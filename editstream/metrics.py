@@ -44,12 +44,21 @@ def encode_pairs(tokenizer, contexts: Sequence[str], answers: Sequence[str]) -> 
 
 
 def answer_predictions(logits: torch.Tensor, batch: PairBatch) -> list[list[int]]:
-    """Argmax token at each answer position: logits at t-1 predict the token at t."""
+    """Argmax token at each answer position: logits at t-1 predict the token at t.
+
+    `logits` may cover only the last K positions of the batch (answers are right-aligned).
+    """
     preds = logits.argmax(-1)
+    offset = batch.input_ids.shape[1] - logits.shape[1]
     out = []
     for i, (start, ans) in enumerate(zip(batch.answer_start, batch.answer_ids, strict=True)):
-        out.append(preds[i, start - 1 : start - 1 + len(ans)].tolist())
+        out.append(preds[i, start - 1 - offset : start - 1 - offset + len(ans)].tolist())
     return out
+
+
+def positions_to_score(batch: PairBatch) -> int:
+    """How many final positions hold every answer's predicting logits (left-padded batch)."""
+    return max(len(a) for a in batch.answer_ids) + 1
 
 
 def token_accuracy(predicted: Sequence[int], answer: Sequence[int]) -> float:

@@ -17,7 +17,7 @@ import torch
 from editstream.artifacts import Artifact
 from editstream.errors import OrderError
 from editstream.methods.base import EditMethod, QueryPlan
-from editstream.metrics import PairBatch, answer_predictions, encode_pairs
+from editstream.metrics import PairBatch, answer_predictions, encode_pairs, positions_to_score
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,15 @@ class Replica:
 
     # --- reading -------------------------------------------------------------------------------
     def _forward(self, batch: PairBatch) -> torch.Tensor:
-        """Logits for the batch's own tokens (a method's prefix positions, if any, are dropped)."""
+        """Logits for the last positions of the batch's own tokens, which hold every answer."""
         dev = self.lm.device
         with torch.inference_mode():
-            out = self.lm.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev))
-        return out.logits[:, -batch.input_ids.shape[1] :]
+            out = self.lm.model(
+                input_ids=batch.input_ids.to(dev),
+                attention_mask=batch.attention_mask.to(dev),
+                logits_to_keep=positions_to_score(batch),  # the LM head only where answers are scored
+            )
+        return out.logits
 
     def predict(
         self, contexts: Sequence[str], answers: Sequence[str], edited: bool = True, batch_size: int = 32
