@@ -15,7 +15,7 @@ from services.store import RedisStore, connect
 from services.system import System, SystemConfig
 from tests.pipeline_helpers import wait_converged
 
-pytestmark = [pytest.mark.redis, pytest.mark.ray]
+pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.slow]  # about 3 min on an idle 2-core machine
 
 FACTS = demo_facts(34)[10:]  # 24 template facts on three relations: they interfere under fine-tuning
 
