@@ -97,7 +97,8 @@ def showcase_facts() -> list[EditRequest]:
 def demo_facts(n: int) -> list[EditRequest]:
     """`n` demo edits, with paraphrases; distinct prompts."""
     facts = showcase_facts()[:n]
-    people = (f"{f} {s}" for s, f in itertools.product(LAST, FIRST))
+    # names repeat with a generation suffix ("Ada Abernathy 2") so any n gets distinct prompts
+    people = (f"{f} {s}" + (f" {g}" if g else "") for g in itertools.count() for s, f in itertools.product(LAST, FIRST))
     for i, person in enumerate(people):
         if len(facts) >= n:
             break
