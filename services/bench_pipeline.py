@@ -4,6 +4,8 @@
 2. sustained: `sustained` facts as fast as the producer can send; throughput from first XADD to
    the last fact applied on every replica, ingest lag sampled every 0.5 s, facts lost.
 3. query: a replica's single-prompt latency while the stream runs vs idle, interleaved.
+4. evaluator: a replica's single-prompt latency with the evaluator probing it (at its default
+   budget) vs paused, in alternating blocks of one run, after `n` edits are applied.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from services.store import RedisStore, connect
 from services.system import System, SystemConfig
 
 
-def _system(redis_url: str, run_dir: str, method: str, model: str, replicas: int, checkpoint: str | None):
+def _system(
+    redis_url: str, run_dir: str, method: str, model: str, replicas: int, checkpoint: str | None, evaluators: int = 0
+):
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     config = SystemConfig(
         redis_url=redis_url,
@@ -31,7 +35,7 @@ def _system(redis_url: str, run_dir: str, method: str, model: str, replicas: int
         model=model,
         namespace=namespace,
         replicas=replicas,
-        evaluators=0,
+        evaluators=evaluators,
         method_options=method_options(method, checkpoint),
     )
     return System(config).start(), RedisStore(connect(redis_url), namespace)
@@ -95,19 +99,68 @@ def sustained_run(
         system.stop()
 
 
+def _timer(handle) -> Any:
+    """A function timing one single-prompt query (8 new tokens) on replica `handle`, in seconds."""
+
+    def one(p: str) -> float:
+        t = time.perf_counter()
+        ray.get(handle.call.remote("ask", [p], 8))
+        return time.perf_counter() - t
+
+    return one
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median_ms": round(1000 * statistics.median(ordered), 1),
+        "mean_ms": round(1000 * statistics.fmean(ordered), 1),
+        "p90_ms": round(1000 * ordered[int(0.9 * (len(ordered) - 1))], 1),
+        "n": len(ordered),
+    }
+
+
+def evaluator_run(
+    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, blocks: int = 8
+) -> dict[str, Any]:
+    system, store = _system(redis_url, run_dir + "/evaluator", method, model, 1, checkpoint, evaluators=1)
+    try:
+        feed(store, demo_facts(n), 0, progress=False)
+        system.wait_for_version(n, timeout_s=600)
+        evaluator = system.actors["evaluator-0"][3]
+        one = _timer(system.replica_handles()[0])
+        prompts = [f.prompt for f in demo_facts(20)]
+        one(prompts[0])
+        on: list[float] = []
+        off: list[float] = []
+        for b in range(blocks):  # alternate so that drift in machine load hits both sides alike
+            evaluating = b % 2 == 0
+            ray.get(evaluator.resume.remote() if evaluating else evaluator.pause.remote())
+            block_end = time.time() + 10.0
+            while time.time() < block_end:
+                (on if evaluating else off).append(one(prompts[len(on + off) % len(prompts)]))
+        rounds = ray.get(evaluator.call.remote("stats"))["rounds"]
+        s_on, s_off = _summary(on), _summary(off)
+        return {
+            "edits": n,
+            "eval_budget": system.config.eval_budget,
+            "evaluator_rounds": rounds,
+            "on": s_on,
+            "off": s_off,
+            "ratio_median": round(s_on["median_ms"] / s_off["median_ms"], 3),
+            "ratio_mean": round(s_on["mean_ms"] / s_off["mean_ms"], 3),
+        }
+    finally:
+        system.stop()
+
+
 def query_run(
     redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, rounds: int = 20
 ) -> dict[str, Any]:
     system, store = _system(redis_url, run_dir + "/query", method, model, 2, checkpoint)
     try:
         prompts = [f.prompt for f in demo_facts(10)]
-        handle = system.replica_handles()[0]
-
-        def one(p: str) -> float:
-            t = time.perf_counter()
-            ray.get(handle.call.remote("ask", [p], 8))
-            return time.perf_counter() - t
-
+        one = _timer(system.replica_handles()[0])
         one(prompts[0])
         idle = [one(p) for _ in range(rounds // 10 or 1) for p in prompts]
         feeder = threading.Thread(target=feed, args=(store, demo_facts(n), 50.0, False), daemon=True)

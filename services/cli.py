@@ -208,27 +208,32 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         server = RedisServer().start()
         url = server.url
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    run_dir = args.run_dir
-    common = (url, run_dir, args.method, args.model, args.checkpoint)
+    common = (url, args.run_dir, args.method, args.model, args.checkpoint)
+    runs = {
+        "latency": lambda: bp.latency_run(*common, args.latency_facts, args.rate),
+        "sustained": lambda: bp.sustained_run(*common, args.sustained),
+        "query": lambda: bp.query_run(*common, args.query_facts),
+        "evaluator": lambda: bp.evaluator_run(*common, args.eval_edits),
+    }
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = sorted(set(wanted) - set(runs))
+    if unknown:
+        raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {sorted(runs)}")
+    out = Path(args.out) / f"pipeline-{args.method}.json" if args.out else None
+    doc: dict = json.loads(out.read_text()) if out and out.is_file() else {}  # keep earlier runs' results
+    doc.update({"method": args.method, "model": args.model, "replicas": 2})
     try:
-        doc = {
-            "method": args.method,
-            "model": args.model,
-            "replicas": 2,
-            "latency": bp.latency_run(*common, args.latency_facts, args.rate),
-            "sustained": bp.sustained_run(*common, args.sustained),
-            "query": bp.query_run(*common, args.query_facts),
-            **provenance(),
-        }
+        for name in wanted:
+            log.info("pipeline benchmark: %s run", name)
+            doc[name] = {**runs[name](), **provenance()}  # each run records its own command, commit, date
+            if out:  # written after every run, so a long benchmark cut short keeps what it measured
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(doc, indent=2))
     finally:
         ray.shutdown()
         if server:
             server.stop()
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"pipeline-{args.method}.json").write_text(text)
-    print(text)
+    print(json.dumps(doc, indent=2))
     return 0
 
 
@@ -280,6 +285,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--latency-facts", type=int, default=1000, help="facts in the latency run")
     pl.add_argument("--sustained", type=int, default=10000, help="facts in the sustained-ingest run")
     pl.add_argument("--query-facts", type=int, default=500, help="facts streamed during the query-latency run")
+    pl.add_argument("--eval-edits", type=int, default=200, help="edits applied before the evaluator-cost run")
+    pl.add_argument(
+        "--runs",
+        default="latency,sustained,query,evaluator",
+        help="which runs, comma-separated (results merge into the existing JSON)",
+    )
     pl.add_argument("--redis-url", default=None)
     pl.add_argument("--run-dir", default="runs/bench-pipeline")
     pl.add_argument("--out", default="bench/results")

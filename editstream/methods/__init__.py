@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "text-rag": "editstream.methods.textrag:TextRAG",
     "recipe": "editstream.methods.recipe.method:Recipe",
     "ft": "editstream.methods.ft:FineTune",
+    "scen": "editstream.methods.scen.method:Scen",
 }
 
 

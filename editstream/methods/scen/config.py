@@ -1,0 +1,52 @@
+"""SCEN settings: where the experts sit, their shape, and how experts and neurons are trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from editstream.errors import ConfigError
+
+EXPERT_KINDS = ("narrow", "full")
+
+
+@dataclass(frozen=True)
+class ScenConfig:
+    """Shape and training of SCEN's experts and indexing neurons.
+
+    expert: "narrow" (ours) adds a width-`width` FFN beside the layer's FFN; "full" (the published
+    form) replaces the FFN with a trained copy of it for routed rows. max_negatives: earlier facts a
+    new neuron is trained against (nearest by key); 0 means all of them (the published form).
+    """
+
+    layer: int = -1  # the expert's FFN; -1: two thirds of the way up
+    route_layer: int = -1  # the FFN whose input the neurons read; -1: a fifth of the way up
+    act: str = "anchor"  # the expert acts at the anchor token only ("anchor") or from it on
+    route_on: str = "subject"  # neuron keyed on the subject's last token (any prompt position) or "last"
+    expert: str = "narrow"
+    width: int = 16
+    expert_steps: int = 40
+    expert_lr: float = 0.02
+    variants: int = 3  # prefixed copies of the prompt, for the expert and as neuron positives
+    subject_swaps: int = 8  # hard negatives: the prompt with another subject
+    neuron: str = "prototype"  # "prototype": cosine to the fact's key above a fitted threshold; "logistic"
+    neuron_steps: int = 150
+    neuron_lr: float = 0.05
+    max_negatives: int = 32
+    memory: int = 100_000  # earlier facts' keys kept for negative mining
+    capacity: int = 256  # initial expert-bank slots (doubles when full)
+
+    def __post_init__(self) -> None:
+        if self.expert not in EXPERT_KINDS:
+            raise ConfigError(f"scen expert={self.expert!r}; expected one of {EXPERT_KINDS}")
+        if self.neuron not in ("prototype", "logistic"):
+            raise ConfigError(f"scen neuron={self.neuron!r}; expected 'prototype' or 'logistic'")
+        if self.act not in ("anchor", "from_anchor"):
+            raise ConfigError(f"scen act={self.act!r}; expected 'anchor' or 'from_anchor'")
+        if self.route_on not in ("subject", "last"):
+            raise ConfigError(f"scen route_on={self.route_on!r}; expected 'subject' or 'last'")
+        for name in ("width", "expert_steps", "neuron_steps", "capacity", "memory"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"scen {name}={getattr(self, name)} must be positive")
+        for name in ("variants", "subject_swaps", "max_negatives"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"scen {name}={getattr(self, name)} must be >= 0")

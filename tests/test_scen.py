@@ -1,0 +1,57 @@
+"""SCEN on the real model: an edit fires for its fact, rows of a batch are routed on their own, a
+retract restores the base model exactly, artifacts are small; the bank grows past its capacity."""
+
+import pytest
+import torch
+
+from editstream.edits import EditRequest
+from editstream.methods import create_method
+from editstream.metrics import token_accuracy
+from editstream.replica import Replica
+
+FACT = EditRequest("The Eiffel Tower is located in the city of", "Rome", edit_id="eiffel", subject="The Eiffel Tower")
+UNRELATED = ("Bees make", "honey")
+
+
+@pytest.fixture(scope="module")
+def replica(real_lm):
+    method = create_method("scen", real_lm)
+    yield Replica(method)
+    method.reset()
+
+
+def test_an_edit_fires_for_its_fact_and_leaves_other_rows_alone(replica):
+    base, _, _ = replica.predict([FACT.prompt, UNRELATED[0]], [FACT.target, UNRELATED[1]], edited=False)
+    (artifact,) = replica.method.compute([FACT])
+    assert artifact.nbytes < 100_000
+    replica.apply(1, artifact)
+    preds, ids, fired = replica.predict([FACT.prompt, UNRELATED[0]], [FACT.target, UNRELATED[1]])
+    assert fired == ["eiffel", None]  # each row routed on its own
+    assert token_accuracy(preds[0], ids[0]) == 1.0 and base[0] != preds[0]
+    assert preds[1] == base[1]
+    rephrased = "Everyone knows the answer. The Eiffel Tower is located in the city of"
+    _, _, fired = replica.predict([rephrased], [FACT.target])
+    assert fired == ["eiffel"]
+    (answer,) = replica.generate([FACT.prompt], max_new_tokens=3)
+    assert "Rome" in answer.text and answer.fired == "eiffel"
+
+
+def test_retract_restores_the_unedited_logits_exactly(replica, real_lm):
+    if not replica.method.edit_ids():
+        replica.apply(replica.version + 1, replica.method.compute([FACT])[0])
+    replica.retract(replica.version + 1, "eiffel")
+    batch = real_lm.tokenizer([FACT.prompt], return_tensors="pt")
+    with torch.inference_mode(), replica.method.query_context([FACT.prompt]) as plan:
+        edited = real_lm.model(**batch).logits
+    plain = real_lm.model(**batch).logits
+    assert plan.fired == [None] and torch.equal(edited, plain)
+
+
+def test_the_bank_grows_past_its_initial_capacity(real_lm):
+    method = create_method("scen", real_lm, capacity=2, expert_steps=2)
+    edits = [EditRequest(f"Fact number {i} is about", f"thing{i}", edit_id=f"f{i}") for i in range(5)]
+    for artifact in method.compute(edits):
+        method.apply(artifact)
+    assert len(method.bank) == 5 and len(method.bank.bias) >= 5
+    method.remove("f2")
+    assert len(method.bank) == 4 and "f2" not in method.bank.slots
