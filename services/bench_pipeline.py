@@ -4,6 +4,8 @@
 2. sustained: `sustained` facts as fast as the producer can send; throughput from first XADD to
    the last fact applied on every replica, ingest lag sampled every 0.5 s, facts lost.
 3. query: a replica's single-prompt latency while the stream runs vs idle, interleaved.
+5. editors: edit throughput of `facts` facts with 1 and with 2 editor workers (method given, e.g.
+   scen, whose edits are expensive): seconds from the first XADD until a replica applied them all.
 4. evaluator: a replica's single-prompt latency with the evaluator probing it (at its default
    budget) vs paused, in alternating blocks of one run, after `n` edits are applied.
 """
@@ -25,7 +27,14 @@ from services.system import System, SystemConfig
 
 
 def _system(
-    redis_url: str, run_dir: str, method: str, model: str, replicas: int, checkpoint: str | None, evaluators: int = 0
+    redis_url: str,
+    run_dir: str,
+    method: str,
+    model: str,
+    replicas: int,
+    checkpoint: str | None,
+    evaluators: int = 0,
+    editors: int = 1,
 ):
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     config = SystemConfig(
@@ -36,6 +45,7 @@ def _system(
         namespace=namespace,
         replicas=replicas,
         evaluators=evaluators,
+        editors=editors,
         method_options=method_options(method, checkpoint),
     )
     return System(config).start(), RedisStore(connect(redis_url), namespace)
@@ -181,3 +191,28 @@ def query_run(
         }
     finally:
         system.stop()
+
+
+def editors_run(
+    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, counts=(1, 2)
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"facts": n}
+    for editors in counts:
+        system, store = _system(
+            redis_url, f"{run_dir}/editors-{editors}", method, model, 1, checkpoint, editors=editors
+        )
+        try:
+            started = time.time()
+            feed(store, demo_facts(n), 0, progress=False)
+            ok = system.wait_for_version(n, timeout_s=1800)
+            elapsed = time.time() - started
+            out[f"editors_{editors}"] = {
+                "converged": ok,
+                "seconds": round(elapsed, 1),
+                "facts_per_s": round(n / elapsed, 3),
+            }
+        finally:
+            system.stop()
+    first, last = (out[f"editors_{c}"]["facts_per_s"] for c in (counts[0], counts[-1]))
+    out["speedup"] = round(last / first, 3)
+    return out

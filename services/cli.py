@@ -107,6 +107,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
     shared_encoder = None
     for name in args.method.split(","):
         options = {"checkpoint": args.checkpoint} if name in ("recipe", "text-rag") else {}
+        options.update(parse_options(args.option))
         if shared_encoder is not None and name in ("recipe", "text-rag"):
             options["encoder"] = shared_encoder
         method = create_method(name, lm, **options)
@@ -119,6 +120,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "limit": args.limit,
             "checkpoint": args.checkpoint,
+            "options": parse_options(args.option),
+            "tag": args.tag,
             **result,
             **provenance(),
         }
@@ -127,7 +130,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             stem = Path(args.data).stem if args.data.endswith(".json") else args.data
-            path = out / f"quality-{stem}-{name}-n{len(edits)}.json"
+            tag = f"-{args.tag}" if args.tag else ""
+            path = out / f"quality-{stem}-{name}{tag}-n{len(edits)}.json"
             path.write_text(json.dumps(doc, indent=2))
             log.info("wrote %s", path)
     if args.json:
@@ -152,6 +156,8 @@ def _bench_cost(args: argparse.Namespace) -> int:
     lm = load_causal_lm(args.model, device=args.device)
     edits = [e for name in ("counterfact-train", "zsre-train", "counterfact", "zsre") for e in load_edits(name)]
     edits = list({e.prompt: e for e in edits}.values())
+    if args.method == "scen":
+        return _write_cost(args, _scen_cost(args, lm, edits), "cost-scen.json")
     recipe = create_method("recipe", lm, checkpoint=args.checkpoint)
     encoder = recipe.retrieval.encoder
     rag = create_method("text-rag", lm, checkpoint=args.checkpoint, encoder=encoder)
@@ -186,10 +192,42 @@ def _bench_cost(args: argparse.Namespace) -> int:
         "query_latency": latency,
         **provenance(),
     }
+    return _write_cost(args, doc, "cost-recipe.json")
+
+
+def _scen_cost(args: argparse.Namespace, lm, edits: list) -> dict:
+    from editstream.bench import cost
+    from editstream.bench.provenance import provenance
+    from editstream.methods import create_method
+    from editstream.replica import Replica
+
+    scen = create_method("scen", lm)
+    real = [e for e in edits if e.subject][: args.real]
+    artifacts, seconds = cost.edit_seconds(scen, real)
+    memory = cost.memory_per_edit(scen, artifacts)
+    cost.fill(scen, artifacts, args.stored, key="neuron_w")
+    replicas = {"unedited": Replica(create_method("none", lm)), f"scen@{args.stored}": Replica(scen)}
+    latency = cost.query_latency(replicas, [e.prompt for e in real[: args.probes]], args.new_tokens, args.rounds)
+    base = latency["unedited"]["median_ms"]
+    for row in latency.values():
+        row["vs_unedited"] = round(row["median_ms"] / base, 3)
+    return {
+        "method": "scen",
+        "model": lm.name,
+        "new_tokens": args.new_tokens,
+        "real_edits": len(real),
+        "edit_seconds": seconds,
+        "memory": memory,
+        "query_latency": latency,
+        **provenance(),
+    }
+
+
+def _write_cost(args: argparse.Namespace, doc: dict, name: str) -> int:
     text = json.dumps(doc, indent=2)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "cost-recipe.json").write_text(text)
+        (Path(args.out) / name).write_text(text)
     print(text)
     return 0
 
@@ -214,6 +252,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         "sustained": lambda: bp.sustained_run(*common, args.sustained),
         "query": lambda: bp.query_run(*common, args.query_facts),
         "evaluator": lambda: bp.evaluator_run(*common, args.eval_edits),
+        "editors": lambda: bp.editors_run(*common, args.editor_facts),
     }
     wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = sorted(set(wanted) - set(runs))
@@ -235,6 +274,20 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
             server.stop()
     print(json.dumps(doc, indent=2))
     return 0
+
+
+def parse_options(items: list[str]) -> dict:
+    """KEY=VALUE method options; VALUE is read as JSON when it parses (numbers, true), else a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option {item!r}: expected KEY=VALUE, e.g. expert=full")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def quality_table(docs: list[dict]) -> str:
@@ -264,8 +317,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA if available)")
     q.add_argument("--out", default="bench/results", help="directory for the JSON results ('' for none)")
     q.add_argument("--json", action="store_true", help="print one JSON document to stdout instead of a table")
+    q.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. expert=full (repeatable)",
+    )
+    q.add_argument("--tag", default="", help="suffix for the result file name, e.g. 'published'")
     q.set_defaults(func=_bench_quality)
     c = bench.add_parser("cost", help="edit throughput vs the encoder, query latency with many edits, memory/edit")
+    c.add_argument("--method", default="recipe", choices=("recipe", "scen"), help="which method's costs")
+    c.add_argument("--real", type=int, default=50, help="scen: edits actually trained (the rest are copies)")
     c.add_argument("--stored", type=int, default=10000, help="edits stored for the main comparison")
     c.add_argument("--large", type=int, default=100000, help="edits stored for the scale point")
     c.add_argument("--probes", type=int, default=20, help="prompts timed per round")
@@ -285,11 +348,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--latency-facts", type=int, default=1000, help="facts in the latency run")
     pl.add_argument("--sustained", type=int, default=10000, help="facts in the sustained-ingest run")
     pl.add_argument("--query-facts", type=int, default=500, help="facts streamed during the query-latency run")
+    pl.add_argument("--editor-facts", type=int, default=40, help="facts in the editor-scaling run")
     pl.add_argument("--eval-edits", type=int, default=200, help="edits applied before the evaluator-cost run")
     pl.add_argument(
         "--runs",
         default="latency,sustained,query,evaluator",
-        help="which runs, comma-separated (results merge into the existing JSON)",
+        help="which runs, comma-separated: latency, sustained, query, evaluator, editors "
+        "(results merge into the existing JSON)",
     )
     pl.add_argument("--redis-url", default=None)
     pl.add_argument("--run-dir", default="runs/bench-pipeline")

@@ -37,6 +37,7 @@ class Evaluator:
         method: str,
         namespace: str = "editstream",
         probes_per_round: int = 8,
+        call_size: int = 4,
         budget: float = 0.1,
         seed: int = 0,
         name: str = "evaluator-0",
@@ -45,7 +46,7 @@ class Evaluator:
         self.replicas = list(replicas)
         self.method, self.name = method, name
         self.log = ArrowLog(Path(run_dir), "eval", EVAL_SCHEMA)
-        self.probes_per_round, self.budget = probes_per_round, budget
+        self.probes_per_round, self.budget, self.call_size = probes_per_round, budget, call_size
         self.rng = random.Random(seed)
         self._locality_base: dict[str, list[int]] | None = None
         self.rounds = 0
@@ -94,22 +95,22 @@ class Evaluator:
             contexts.append(prompt)
             answers.append(answer)
             meta.append(("locality", None))
-        res = ray.get(replica.call.remote("score", contexts, answers, True))
+        res = self._score(replica, contexts, answers)
         now = time.time()
         rows: list[dict[str, Any]] = []
-        for (kind, entry), ctx, pred, ids, fired in zip(
-            meta, contexts, res["predicted"], res["answer_ids"], res["fired"], strict=True
+        for (kind, entry), ctx, pred, ids, fired, version in zip(
+            meta, contexts, res["predicted"], res["answer_ids"], res["fired"], res["version"], strict=True
         ):
             score = agreement(pred, base[ctx]) if kind == "locality" else token_accuracy(pred, ids)
             rows.append(
                 {
                     "time": int(now * 1000),
                     "replica": state["name"],
-                    "version": res["version"],
+                    "version": version,
                     "kind": kind,
                     "edit_id": entry.payload["edit_id"] if entry else "",
                     "edit_seq": entry.seq if entry else 0,
-                    "age_edits": res["version"] - entry.seq if entry else 0,
+                    "age_edits": version - entry.seq if entry else 0,
                     "age_s": now - entry.at_ms / 1000 if entry else 0.0,
                     "score": score,
                     "fired": fired is not None,
@@ -128,6 +129,17 @@ class Evaluator:
         spent = time.time() - started
         self._closed.wait(spent * (1 / self.budget - 1) if self.budget < 1 else 0)  # stay within the budget
         return len(rows)
+
+    def _score(self, replica, contexts: list[str], answers: list[str]) -> dict[str, list]:
+        """Score in small calls, so that a query never waits behind more than `call_size` probes."""
+        out: dict[str, list] = {"predicted": [], "answer_ids": [], "fired": [], "version": []}
+        for i in range(0, len(contexts), self.call_size):
+            chunk = contexts[i : i + self.call_size]
+            res = ray.get(replica.call.remote("score", chunk, answers[i : i + self.call_size], True))
+            for key in ("predicted", "answer_ids", "fired"):
+                out[key] += res[key]
+            out["version"] += [res["version"]] * len(chunk)
+        return out
 
     def flush(self) -> None:
         """Close the log (the loop stops writing)."""

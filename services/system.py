@@ -76,6 +76,7 @@ class SystemConfig:
     editors: int = 1
     evaluators: int = 1
     eval_budget: float = 0.1
+    editor_threads: int = 0  # torch threads per editor; 0: this node's cores shared among the editors
     replica_gpus: float = 0.0
     method_options: dict[str, Any] = field(default_factory=dict)
 
@@ -134,6 +135,7 @@ class System:
                     "model": c.model,
                     "consumer": f"editor-{i}",
                     "method_options": c.method_options,
+                    "threads": c.editor_threads or max(1, (os.cpu_count() or 2) // c.editors),
                 },
             )
         for _ in range(c.replicas):

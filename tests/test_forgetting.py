@@ -28,7 +28,7 @@ def run_stream(redis_url: str, run_dir, method: str, options: dict):
         method=method,
         replicas=1,
         evaluators=1,
-        eval_budget=0.5,
+        eval_budget=0.3,
         namespace=namespace,
         method_options=options,
     )

@@ -1,12 +1,14 @@
-"""Edit and query cost of RECIPE, measured side by side in one run.
+"""Edit and query cost of RECIPE (and SCEN), measured side by side in one run.
 
 * edit throughput: `compute` over a batch of edits vs the sentence encoder alone on the same texts;
 * query latency: one prompt, greedy generation of `new_tokens` tokens, for the unedited model,
   RECIPE and text-RAG with `stored` edits each (and RECIPE at a larger count); the probed prompts
   are stored edits' prompts, so the edit fires (the costly path);
 * memory: serialized artifact bytes and resident memory added per stored edit.
-Where more edits are needed than the data has prompts, the extra keys are random unit vectors with
-copies of real prompt vectors: a flat index's search cost does not depend on the values.
+Where more edits are needed than were computed, the extra ones copy real artifacts with a random
+routing key (a flat index's or a neuron bank's cost does not depend on the values; a random key never
+fires, so a probe still fires its own real edit). SCEN: seconds per edit, artifact bytes, and
+latency with `stored` experts in the bank vs the unedited model.
 """
 
 from __future__ import annotations
@@ -57,19 +59,36 @@ def edit_throughput(method: EditMethod, edits: Sequence[EditRequest], repeats: i
     }
 
 
-def fill(method: EditMethod, artifacts: list[Artifact], total: int) -> None:
-    """Apply `artifacts`, then synthetic ones (random keys, copied prompts) up to `total` stored edits."""
+def fill(method: EditMethod, artifacts: list[Artifact], total: int, key: str = "key") -> None:
+    """Apply `artifacts`, then synthetic ones up to `total` stored edits: copies of real artifacts
+    whose routing tensor `key` is a random direction of the same norm (so it never matches a probe)."""
     for a in artifacts[:total]:
         method.apply(a)
     gen = torch.Generator().manual_seed(0)
     i = 0
     while len(method.edit_ids()) < total:
         base = artifacts[i % len(artifacts)]
-        key = torch.nn.functional.normalize(torch.randn(base.tensors["key"].shape, generator=gen), dim=0).half()
-        tensors = {**base.tensors, "key": key}
+        real = base.tensors[key].float()
+        direction = torch.nn.functional.normalize(torch.randn(real.shape, generator=gen), dim=0)
+        tensors = {**base.tensors, key: (direction * real.norm()).to(base.tensors[key].dtype)}
         meta = {**base.meta, "prompt": f"synthetic filler {i}"}
         method.apply(Artifact(base.method, f"filler-{i}", base.base_fingerprint, tensors, meta))
         i += 1
+
+
+def edit_seconds(method: EditMethod, edits: Sequence[EditRequest]) -> tuple[list[Artifact], dict[str, float]]:
+    """Artifacts for `edits` computed one by one, with the seconds each took."""
+    artifacts, times = [], []
+    for edit in edits:
+        t = time.perf_counter()
+        artifacts += method.compute([edit])
+        times.append(time.perf_counter() - t)
+    stats = {
+        "n": len(edits),
+        "median_s": round(statistics.median(times), 3),
+        "mean_s": round(statistics.fmean(times), 3),
+    }
+    return artifacts, stats
 
 
 def query_latency(replicas: dict[str, Replica], prompts: Sequence[str], new_tokens: int, rounds: int) -> dict:

@@ -77,7 +77,7 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
     method = replica.method
     base_loc = unedited_locality(replica, edits)
     rows, retention = [], []
-    compute_s, computed = 0.0, 0
+    compute_s, computed, artifact_bytes = 0.0, 0, 0
     largest = max((t for t in chunk_sizes if t <= len(edits)), default=None)
     for T in chunk_sizes:
         chunks = [edits[i : i + T] for i in range(0, len(edits) - T + 1, T)]
@@ -93,6 +93,7 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
             artifacts = method.compute(chunk)
             compute_s += time.perf_counter() - started
             computed += len(chunk)
+            artifact_bytes += sum(a.nbytes for a in artifacts)
             for seq, artifact in enumerate(artifacts, start=1):
                 replica.apply(seq, artifact)
             scores = score_chunk(replica, chunk, base_loc)
@@ -121,5 +122,7 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
     return {
         "rows": rows,
         "retention_by_age": retention,
-        "edit_throughput_per_s": round(computed / compute_s, 1) if compute_s else None,
+        "edit_throughput_per_s": round(computed / compute_s, 3) if compute_s else None,
+        "edit_seconds_mean": round(compute_s / computed, 3) if computed else None,
+        "artifact_bytes_mean": round(artifact_bytes / computed, 1) if computed else None,
     }
