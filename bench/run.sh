@@ -22,3 +22,15 @@ fi
 if [[ $what == all || $what == pipeline ]]; then
   $es bench pipeline --method recipe --rate 50 --latency-facts 1000 --sustained 10000
 fi
+if [[ $what == all || $what == scen ]]; then
+  # SCEN trains an expert per fact (~2.5 s on 2 cores): T = 100 on the first 100 edits of each set,
+  # the published form (a full FFN copy per expert, neurons trained against every earlier fact) on
+  # the same 100 CounterFact facts, costs with 1,000 experts in the bank, and 1 vs 2 editor workers.
+  for data in counterfact zsre; do
+    $es bench quality --method scen --data $data --T 100 --limit 100 --seed 0 --out bench/results/scen
+  done
+  $es bench quality --method scen --data counterfact --T 100 --limit 100 --seed 0 --out bench/results/scen \
+    --option expert=full --option max_negatives=0 --tag published
+  $es bench cost --method scen --real 50 --stored 1000 --probes 20 --rounds 3
+  $es bench pipeline --method scen --runs editors --editor-facts 40
+fi

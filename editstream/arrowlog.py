@@ -90,7 +90,10 @@ def read_log(run_dir: Path, name: str) -> pa.Table:
     tables = []
     for path in sorted((Path(run_dir) / name).glob(f"{name}-*.arrows")):
         with pa.OSFile(str(path), "rb") as f:
-            reader = ipc.open_stream(f)
+            try:
+                reader = ipc.open_stream(f)
+            except pa.ArrowInvalid:  # just created: its schema is not written yet, so no batches either
+                continue
             batches = []
             try:
                 for batch in reader:

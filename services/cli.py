@@ -237,12 +237,11 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
 
     from editstream.bench.provenance import provenance
     from services import bench_pipeline as bp
-    from services.demo import DEFAULT_REDIS_URL
-    from services.redis_server import RedisServer, reachable
+    from services.redis_server import RedisServer
 
-    url = args.redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
     server = None
-    if not reachable(url):
+    url = args.redis_url
+    if not url:  # a private server (AOF on, as deployed): no leftovers or snapshot policy of a shared one
         server = RedisServer().start()
         url = server.url
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -356,7 +355,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="which runs, comma-separated: latency, sustained, query, evaluator, editors "
         "(results merge into the existing JSON)",
     )
-    pl.add_argument("--redis-url", default=None)
+    pl.add_argument("--redis-url", default=None, help="an existing Redis (default: start a private redis-server)")
     pl.add_argument("--run-dir", default="runs/bench-pipeline")
     pl.add_argument("--out", default="bench/results")
     pl.set_defaults(func=_bench_pipeline)

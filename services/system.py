@@ -99,6 +99,8 @@ class System:
                 max_restarts=-1,
                 max_task_retries=-1,
                 max_concurrency=4,
+                # idle OpenMP threads sleep instead of spinning: actors share cores with each other
+                runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
             )
             .remote(kind, kwargs)
         )

@@ -47,3 +47,11 @@ def test_readers_see_batches_while_the_writer_is_open(tmp_path):
     con = duckdb.connect()
     con.register("eval", table)
     assert con.execute("select count(*), max(version) from eval").fetchone() == (8, 7)
+
+
+def test_a_log_file_created_but_not_yet_written_reads_as_empty(tmp_path):
+    log = ArrowLog(tmp_path, "eval", EVAL_SCHEMA)
+    log.append(rows(2))
+    (tmp_path / "eval" / "eval-99999.arrows").touch()  # a writer that has opened its next file
+    assert read_log(tmp_path, "eval").num_rows == 2
+    log.close()
