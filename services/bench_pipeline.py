@@ -6,8 +6,8 @@
 3. query: a replica's single-prompt latency while the stream runs vs idle, interleaved.
 5. editors: edit throughput of `facts` facts with 1 and with 2 editor workers (method given, e.g.
    scen, whose edits are expensive): seconds from the first XADD until a replica applied them all.
-4. evaluator: a replica's single-prompt latency with the evaluator probing it (at its default
-   budget) vs paused, in alternating blocks of one run, after `n` edits are applied.
+4. evaluator: single-prompt latency on a replica the evaluator probes (at its default budget) vs
+   on a second replica it leaves alone, queried alternately in one run, after `n` edits.
 """
 
 from __future__ import annotations
@@ -80,11 +80,16 @@ def sustained_run(
         system.ask(["warm up"])
         facts = demo_facts(n)
         lags: list[int] = []
+        reached: dict[str, float] = {}  # when each stage had handled all n facts (s after the first XADD)
         done = threading.Event()
 
         def sample() -> None:
             while not done.wait(0.5):
                 lags.append(store.ingest_lag() or 0)
+                stages = {"journaled": store.last_seq(), "computed": store.r.hlen(store.keys.artifacts)}
+                for stage, count in stages.items():
+                    if count >= n and stage not in reached:
+                        reached[stage] = round(time.time() - started, 2)
 
         sampler = threading.Thread(target=sample, daemon=True)
         started = time.time()
@@ -93,6 +98,9 @@ def sustained_run(
         ok = system.wait_for_version(n, timeout_s=900)
         elapsed = time.time() - started
         done.set()
+        reached["applied_all"] = round(elapsed, 2)
+        editor = ray.get(system.actors["editor-0"][3].call.remote("stats"))
+        states = system.replica_states()
         journal_ids = {e.payload["edit_id"] for e in store.journal_after(0, count=10**7)}
         lost = len({f.edit_id for f in facts} - journal_ids)
         return {
@@ -103,6 +111,11 @@ def sustained_run(
             "facts_per_s": round(n / elapsed, 1),
             "lost": lost,
             "max_ingest_lag": max(lags, default=0),
+            "profile": {  # where the time goes
+                "stage_done_s": reached,
+                "editor_compute_s": editor["compute_s"],
+                "replica_apply_busy_s": [s["apply_busy_s"] for s in states],
+            },
             "ingest_lag_samples": lags[:: max(1, len(lags) // 20)],
         }
     finally:
@@ -131,29 +144,35 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 
 def evaluator_run(
-    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, blocks: int = 8
+    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, seconds: float = 120.0
 ) -> dict[str, Any]:
-    system, store = _system(redis_url, run_dir + "/evaluator", method, model, 1, checkpoint, evaluators=1)
+    """Two replicas with the same `n` edits; the evaluator probes only the first. Single-prompt
+    queries alternate between them for `seconds`, so both sides see the same time and machine load."""
+    system, store = _system(redis_url, run_dir + "/evaluator", method, model, 2, checkpoint, evaluators=1)
     try:
         feed(store, demo_facts(n), 0, progress=False)
         system.wait_for_version(n, timeout_s=600)
+        probed, spared = system.replica_handles()
         evaluator = system.actors["evaluator-0"][3]
-        one = _timer(system.replica_handles()[0])
+        ray.get(evaluator.call.remote("set_replicas", [probed]))
+        timers = {"on": _timer(probed), "off": _timer(spared)}
         prompts = [f.prompt for f in demo_facts(20)]
-        one(prompts[0])
-        on: list[float] = []
-        off: list[float] = []
-        for b in range(blocks):  # alternate so that drift in machine load hits both sides alike
-            evaluating = b % 2 == 0
-            ray.get(evaluator.resume.remote() if evaluating else evaluator.pause.remote())
-            block_end = time.time() + 10.0
-            while time.time() < block_end:
-                (on if evaluating else off).append(one(prompts[len(on + off) % len(prompts)]))
-        rounds = ray.get(evaluator.call.remote("stats"))["rounds"]
-        s_on, s_off = _summary(on), _summary(off)
+        for one in timers.values():
+            one(prompts[0])
+        samples: dict[str, list[float]] = {"on": [], "off": []}
+        rounds_before = ray.get(evaluator.call.remote("stats"))["rounds"]
+        end = time.time() + seconds
+        i = 0
+        while time.time() < end:
+            for side, one in timers.items():
+                samples[side].append(one(prompts[i % len(prompts)]))
+            i += 1
+        rounds = ray.get(evaluator.call.remote("stats"))["rounds"] - rounds_before
+        s_on, s_off = _summary(samples["on"]), _summary(samples["off"])
         return {
             "edits": n,
             "eval_budget": system.config.eval_budget,
+            "seconds": seconds,
             "evaluator_rounds": rounds,
             "on": s_on,
             "off": s_off,

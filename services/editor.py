@@ -8,6 +8,7 @@ deterministic, so a crash only means the entry is computed again and stored with
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -42,6 +43,7 @@ class Editor:
         self.method = create_method(method, load_causal_lm(model), **(method_options or {}))
         self.consumer = consumer
         self.computed = 0
+        self.compute_s = 0.0  # seconds inside method.compute (the rest is Redis and bookkeeping)
         self.version = 0  # sequential methods: last journal seq reflected in this editor's own copy
         if self.method.sequential:
             self._rebuild()
@@ -58,7 +60,9 @@ class Editor:
         else:
             edits = [(e.seq, edit_from_payload(e.payload)) for e in entries if e.payload["op"] == "edit"]
             if edits:
+                started = time.perf_counter()
                 artifacts = self.method.compute([e for _, e in edits])
+                self.compute_s += time.perf_counter() - started
                 self._store(artifacts, [s for s, _ in edits])
         if entries:
             self.reader.ack([f"{e.seq}-1" for e in entries])
@@ -100,4 +104,4 @@ class Editor:
                 self.version = after = e.seq
 
     def stats(self) -> dict:
-        return {"computed": self.computed, "consumer": self.consumer}
+        return {"computed": self.computed, "compute_s": round(self.compute_s, 3), "consumer": self.consumer}

@@ -20,9 +20,6 @@ class Loop:
     def __init__(self, name: str, step: Callable[[], int], idle_s: float = 0.0, error_s: float = 0.5) -> None:
         self.name, self._step, self.idle_s, self.error_s = name, step, idle_s, error_s
         self._stop = threading.Event()
-        self._paused = threading.Event()
-        self._idle = threading.Event()  # set while no step is running
-        self._idle.set()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> Loop:
@@ -31,26 +28,12 @@ class Loop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self._paused.is_set():
-                self._stop.wait(0.05)
-                continue
-            self._idle.clear()
             try:
                 if not self._step() and self.idle_s:
                     self._stop.wait(self.idle_s)
             except Exception:  # the loop's top level: log, back off, go on
                 log.exception("%s: step failed; retrying", self.name)
                 time.sleep(self.error_s)
-            finally:
-                self._idle.set()
-
-    def pause(self, timeout_s: float = 60.0) -> bool:
-        """Stop starting new steps; wait for the running one to end (True if it did in time)."""
-        self._paused.set()
-        return self._idle.wait(timeout_s)
-
-    def resume(self) -> None:
-        self._paused.clear()
 
     def stop(self) -> None:
         self._stop.set()

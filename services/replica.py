@@ -44,6 +44,7 @@ class ReplicaService:
         self._advanced = threading.Condition(self._lock)
         self._announce_id = "0-0"
         self.applied_at: dict[int, float] = {}  # seq -> wall time (ms) when it took effect here
+        self.busy_s = 0.0  # seconds spent fetching and applying journal entries
         self._beat = 0.0
         self.metrics = Metrics(name)
         self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
@@ -54,6 +55,7 @@ class ReplicaService:
 
     def step(self) -> int:
         """Apply what is ready after the current version; returns how many entries were applied."""
+        started = time.perf_counter()
         entries = self.store.journal_after(self.replica.version, count=256)
         ids = [e.payload["edit_id"] for e in entries if e.payload["op"] == "edit"]
         blobs = self.store.get_artifacts(self.replica.method.name, ids)
@@ -73,6 +75,8 @@ class ReplicaService:
             done += 1
             self.metrics.applied.inc()
             self.metrics.latency.observe(now_ms - entry.at_ms)
+        if done:
+            self.busy_s += time.perf_counter() - started
         if not done:
             self._announce_id = self.store.wait_announce(self._announce_id, block_ms=50)
         if time.time() - self._beat > 1.0:
@@ -113,6 +117,7 @@ class ReplicaService:
                 "version": self.replica.version,
                 "digest": self.replica.digest(),
                 "edits": len(self.replica.method.active_edit_ids()),
+                "apply_busy_s": round(self.busy_s, 3),
             }
 
     def applied_times(self, seqs: list[int]) -> dict[int, float]:

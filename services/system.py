@@ -49,13 +49,6 @@ class Host:
     def ping(self) -> bool:
         return True
 
-    def pause(self) -> bool:
-        """Pause the step loop (calls are still answered); True once the running step has ended."""
-        return self.loop.pause()
-
-    def resume(self) -> None:
-        self.loop.resume()
-
     def pid(self) -> int:
         return os.getpid()
 

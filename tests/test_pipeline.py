@@ -147,3 +147,22 @@ def test_supersede_and_retract_change_answers_on_every_replica(ray_local, redis_
         assert answers(4) == before  # as before any edit
     finally:
         system.stop()
+
+
+def test_metrics_reach_rays_prometheus_export(ray_local, redis_server, tmp_path):
+    import urllib.request
+
+    system, store = start(redis_server.url, tmp_path, replicas=1)
+    try:
+        feed_in_thread(store, demo_facts(5)).join()
+        wait_converged(system, store, 5)
+        port = ray_local.nodes()[0]["MetricsExportPort"]
+        deadline, text = time.time() + 90, ""
+        while time.time() < deadline and "editstream_applied_edits" not in text:
+            time.sleep(2.0)  # Ray exports metrics every few seconds
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        for name in ("editstream_applied_edits", "editstream_accepted_facts", "editstream_edit_latency_ms"):
+            assert name in text, f"{name} not in Ray's metrics export on port {port}"
+    finally:
+        system.stop()
