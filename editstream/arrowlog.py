@@ -51,17 +51,22 @@ EDIT_SCHEMA = pa.schema(
 class ArrowLog:
     """Appends rows (dicts) as record batches to rotated Arrow IPC stream files."""
 
-    def __init__(self, run_dir: Path, name: str, schema: pa.Schema, rotate_rows: int = 100_000) -> None:
+    def __init__(
+        self, run_dir: Path, name: str, schema: pa.Schema, rotate_rows: int = 100_000, writer: str = ""
+    ) -> None:
+        """`writer` names one of several processes writing the same log (files `name-writer-NNNNN`);
+        a restarted writer continues its numbering, so nothing is overwritten."""
         self.dir = Path(run_dir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name, self.schema, self.rotate_rows = name, schema, rotate_rows
-        self._index = len(list(self.dir.glob(f"{name}-*.arrows")))
+        self.stem = f"{name}-{writer}" if writer else name
+        self._index = len(list(self.dir.glob(f"{self.stem}-[0-9]*.arrows")))
         self._writer: ipc.RecordBatchStreamWriter | None = None
         self._sink = None
         self._rows = 0
 
     def _open(self) -> None:
-        path = self.dir / f"{self.name}-{self._index:05d}.arrows"
+        path = self.dir / f"{self.stem}-{self._index:05d}.arrows"
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = ipc.new_stream(self._sink, self.schema)
         self._rows = 0

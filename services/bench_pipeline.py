@@ -16,6 +16,7 @@ import statistics
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -59,7 +60,7 @@ def latency_run(
         system.ask(["warm up"])
         feed(store, demo_facts(n), rate, progress=False)
         system.wait_for_version(n, timeout_s=600)
-        lat = edit_log(system, store, __import__("pathlib").Path(run_dir + "/latency"), method)
+        lat = edit_log(system, store, Path(run_dir + "/latency"))
         return {
             "facts": n,
             "rate": rate,

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from editstream.arrowlog import EDIT_SCHEMA, ArrowLog
+from editstream.arrowlog import read_log
 from editstream.demo_facts import demo_facts
 from editstream.edits import EditRequest
 from editstream.events import event_fields
@@ -68,39 +68,20 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
-def edit_log(system: System, store: RedisStore, run_dir: Path, method: str) -> list[float]:
-    """Write the edit-event Arrow log; return per-edit latency (XADD -> applied on all replicas), ms."""
-    entries = store.journal_after(0, count=10**7)
-    seqs = [e.seq for e in entries]
-    per_replica = {name: system.call(name, "applied_times", seqs) for name in system.replica_names()}
-    sizes = {}
-    edits = [e.payload["edit_id"] for e in entries if e.payload["op"] == "edit"]
-    for eid, blob in store.get_artifacts(method, edits).items():
-        sizes[eid] = len(blob) if blob else 0
-    rows, latencies = [], []
-    for e in entries:
-        times = [t[e.seq] for t in per_replica.values() if e.seq in t]
-        for name, t in per_replica.items():
-            if e.seq in t:
-                rows.append(
-                    {
-                        "seq": e.seq,
-                        "edit_id": e.payload["edit_id"],
-                        "op": e.payload["op"],
-                        "method": method,
-                        "ingest_ms": e.at_ms,
-                        "replica": name,
-                        "applied_ms": t[e.seq],
-                        "latency_ms": t[e.seq] - e.at_ms,
-                        "artifact_bytes": sizes.get(e.payload["edit_id"], 0),
-                    }
-                )
-        if len(times) == len(per_replica):
-            latencies.append(max(times) - e.at_ms)
-    log_ = ArrowLog(run_dir, "edits", EDIT_SCHEMA)
-    log_.append(rows)
-    log_.close()
-    return latencies
+def edit_log(system: System, store: RedisStore, run_dir: Path, timeout_s: float = 30.0) -> list[float]:
+    """Per-edit latency (XADD -> applied on all replicas), ms, from the replicas' edits log."""
+    last, replicas = store.last_seq(), set(system.replica_names())
+    deadline = time.time() + timeout_s
+    while True:  # replicas append after applying: wait until every replica logged every entry
+        rows = read_log(run_dir, "edits").select(["seq", "replica", "ingest_ms", "applied_ms"]).to_pylist()
+        applied: dict[int, list[float]] = {}
+        for r in rows:
+            if r["replica"] in replicas:
+                applied.setdefault(r["seq"], []).append(r["applied_ms"] - r["ingest_ms"])
+        complete = [max(v) for seq, v in sorted(applied.items()) if len(v) == len(replicas)]
+        if len(complete) >= last or time.time() > deadline:
+            return complete
+        time.sleep(0.2)
 
 
 def method_options(method: str, checkpoint: str | None) -> dict[str, Any]:
@@ -145,7 +126,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         para = system.ask([f.paraphrases[0] for f in show if f.paraphrases], min_version=last)
         if not system.wait_for_evaluation(rounds=1, timeout_s=120):
             log.warning("the evaluator finished no probe round in 120 s; eval/ may be empty (see Ray's worker logs)")
-        latencies = edit_log(system, store, run_dir, opts.method)
+        latencies = edit_log(system, store, run_dir)
         states = system.replica_states()
         journal = store.journal_after(0, count=10**7)
         ids = [e.payload["edit_id"] for e in journal]

@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 
+from editstream.arrowlog import EDIT_SCHEMA, ArrowLog, read_log
 from editstream.artifacts import Artifact
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
@@ -35,9 +38,10 @@ class ReplicaService:
         namespace: str = "editstream",
         threads: int = 1,
         method_options: dict | None = None,
+        run_dir: str | None = None,
     ) -> None:
         torch.set_num_threads(threads)
-        self.name = name
+        self.name, self.method = name, method
         self.store = RedisStore(connect(redis_url), namespace)
         self.replica = Replica(create_method(method, load_causal_lm(model), **(method_options or {})))
         self._lock = threading.Lock()
@@ -48,6 +52,12 @@ class ReplicaService:
         self._beat = 0.0
         self.metrics = Metrics(name)
         self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
+        self.edit_log: ArrowLog | None = None
+        self._logged_up_to = 0  # after a restart, the replayed entries were logged by the earlier run
+        if run_dir:
+            self.edit_log = ArrowLog(Path(run_dir), "edits", EDIT_SCHEMA, writer=name)
+            earlier = read_log(Path(run_dir), "edits").filter(pc.equal(pc.field("replica"), name))
+            self._logged_up_to = (pc.max(earlier["seq"]).as_py() or 0) if earlier.num_rows else 0
 
     @property
     def version(self) -> int:
@@ -59,7 +69,7 @@ class ReplicaService:
         entries = self.store.journal_after(self.replica.version, count=256)
         ids = [e.payload["edit_id"] for e in entries if e.payload["op"] == "edit"]
         blobs = self.store.get_artifacts(self.replica.method.name, ids)
-        done = 0
+        done, events = 0, []
         for entry in entries:
             payload = entry.payload
             if payload["op"] == "edit" and blobs.get(payload["edit_id"]) is None:
@@ -75,6 +85,11 @@ class ReplicaService:
             done += 1
             self.metrics.applied.inc()
             self.metrics.latency.observe(now_ms - entry.at_ms)
+            if entry.seq > self._logged_up_to:
+                blob = blobs.get(payload["edit_id"]) if payload["op"] == "edit" else None
+                events.append(self._event(entry, now_ms, len(blob) if blob else 0))
+        if events and self.edit_log is not None:
+            self.edit_log.append(events)
         if done:
             self.busy_s += time.perf_counter() - started
         if not done:
@@ -85,6 +100,24 @@ class ReplicaService:
             self.metrics.lag.set(max(0, self.store.last_seq() - self.replica.version))
             self.store.heartbeat(self.name, {**self.state(), "time": self._beat})
         return done
+
+    def _event(self, entry, applied_ms: float, artifact_bytes: int) -> dict:
+        """One row of the edits log: a journal entry taking effect on this replica."""
+        return {
+            "seq": entry.seq,
+            "edit_id": entry.payload["edit_id"],
+            "op": entry.payload["op"],
+            "method": self.method,
+            "ingest_ms": entry.at_ms,
+            "replica": self.name,
+            "applied_ms": applied_ms,
+            "latency_ms": applied_ms - entry.at_ms,
+            "artifact_bytes": artifact_bytes,
+        }
+
+    def flush(self) -> None:
+        if self.edit_log is not None:
+            self.edit_log.close()
 
     def wait_version(self, min_version: int, timeout_s: float = 30.0) -> int:
         with self._advanced:

@@ -166,7 +166,14 @@ class System:
         actor = self._spawn(
             name,
             "replica",
-            {**self._common(), "method": c.method, "model": c.model, "name": name, "method_options": c.method_options},
+            {
+                **self._common(),
+                "method": c.method,
+                "model": c.model,
+                "name": name,
+                "method_options": c.method_options,
+                "run_dir": c.run_dir,
+            },
             num_gpus=c.replica_gpus,
         )
         if wait:

@@ -76,6 +76,11 @@ def test_kill9_mid_stream_loses_nothing_and_applies_once(ray_local, redis_server
         feeder.join()
         wait_converged(system, store, len(facts))
         assert_exactly_once(store, facts)
+        system.stop()  # closes the logs
+        edits = read_log(tmp_path / "run", "edits").select(["replica", "seq"]).to_pylist()
+        for replica in ("replica-0", "replica-1"):  # a restarted replica logs each entry once, not twice
+            seqs = [r["seq"] for r in edits if r["replica"] == replica]
+            assert sorted(seqs) == list(range(1, len(facts) + 1)), (replica, len(seqs), len(set(seqs)))
     finally:
         system.stop()
 
@@ -92,6 +97,11 @@ def test_redis_restart_with_aof_mid_stream(ray_local, redis_server, tmp_path):
         feeder.join()
         wait_converged(system, store, len(facts))
         assert_exactly_once(store, facts)
+        system.stop()  # closes the logs
+        edits = read_log(tmp_path / "run", "edits").select(["replica", "seq"]).to_pylist()
+        for replica in ("replica-0", "replica-1"):  # a restarted replica logs each entry once, not twice
+            seqs = [r["seq"] for r in edits if r["replica"] == replica]
+            assert sorted(seqs) == list(range(1, len(facts) + 1)), (replica, len(seqs), len(set(seqs)))
     finally:
         system.stop()
 
