@@ -30,18 +30,55 @@ def reachable(url: str) -> bool:
 class RedisServer:
     """`redis-server` bound to 127.0.0.1 with AOF on, in its own directory; restartable on the same port."""
 
-    def __init__(self, port: int | None = None, directory: Path | None = None, password: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, directory: Path | None = None, password: str | None = None, tls: bool = False
+    ) -> None:
+        """tls=True: TLS only (no plain port), with a certificate authority made for this server;
+        `url` is then rediss:// and names that CA's file, so clients verify the server."""
         if shutil.which("redis-server") is None:
             raise EditstreamError("redis-server is not installed; install it with: apt-get install redis-server")
         self.port = port or free_port()
         self.dir = directory or Path(tempfile.mkdtemp(prefix="editstream-redis-"))
         self.password = password
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.dir / 'ca.crt'}&ssl_cert_reqs=required"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _make_certificates(self) -> list[str]:
+        """A throwaway CA and a server certificate for 127.0.0.1 (openssl); the redis-server TLS flags."""
+        d = self.dir
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+        ca, key, crt = str(d / "ca.crt"), str(d / "server.key"), str(d / "server.crt")
+        if not (d / "server.crt").is_file():
+            new_key = ["-newkey", "rsa:2048", "-nodes"]
+            openssl(
+                "req",
+                "-x509",
+                *new_key,
+                "-days",
+                "2",
+                "-subj",
+                "/CN=editstream-ca",
+                "-keyout",
+                str(d / "ca.key"),
+                "-out",
+                ca,
+            )
+            openssl("req", *new_key, "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", str(d / "server.csr"))
+            (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+            sign = ["-CA", ca, "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-extfile", str(d / "san.ext")]
+            openssl("x509", "-req", "-in", str(d / "server.csr"), *sign, "-days", "2", "-out", crt)
+        files = ["--tls-cert-file", crt, "--tls-key-file", key, "--tls-ca-cert-file", ca]
+        return ["--port", "0", "--tls-port", str(self.port), *files, "--tls-auth-clients", "no"]
 
     def start(self) -> RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +103,8 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            args = [a for a in args if a not in ("--port", str(self.port))] + self._make_certificates()
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 10
         while time.time() < deadline:

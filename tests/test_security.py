@@ -24,3 +24,19 @@ def test_password_url_is_required_and_works(tmp_path):
         assert store.last_seq() == 1 and store.dlq_size() == 1
     finally:
         server.stop()
+
+
+def test_tls_url_works_and_plain_connections_are_refused(tmp_path):
+    server = RedisServer(directory=tmp_path / "r", password="s3cret-pass", tls=True).start()
+    try:
+        assert server.url.startswith("rediss://")
+        with pytest.raises(Exception):  # noqa: B017 - a plain client on the TLS port is cut off
+            connect(server.url.split("?")[0].replace("rediss://", "redis://")).ping()
+        ingest = Ingestor(server.url, namespace="tls")
+        store = RedisStore(connect(server.url), "tls")
+        store.r.xadd(store.keys.facts, {"prompt": "The sky is", "target": "green"})
+        while ingest.step():
+            pass
+        assert store.last_seq() == 1 and store.dlq_size() == 0
+    finally:
+        server.stop()
