@@ -90,10 +90,11 @@ class ArrowLog:
             self._index += 1
 
 
-def read_log(run_dir: Path, name: str) -> pa.Table:
-    """Every complete batch of a log (also while it is being written)."""
+def read_log(run_dir: Path, name: str, writer: str = "") -> pa.Table:
+    """Every complete batch of a log (also while it is being written); only `writer`'s files if given."""
     tables = []
-    for path in sorted((Path(run_dir) / name).glob(f"{name}-*.arrows")):
+    pattern = f"{name}-{writer}-[0-9]*.arrows" if writer else f"{name}-*.arrows"
+    for path in sorted((Path(run_dir) / name).glob(pattern)):
         with pa.OSFile(str(path), "rb") as f:
             try:
                 reader = ipc.open_stream(f)

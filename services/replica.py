@@ -54,10 +54,11 @@ class ReplicaService:
         self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
         self.edit_log: ArrowLog | None = None
         self._logged_up_to = 0  # after a restart, the replayed entries were logged by the earlier run
-        if run_dir:
-            self.edit_log = ArrowLog(Path(run_dir), "edits", EDIT_SCHEMA, writer=name)
-            earlier = read_log(Path(run_dir), "edits").filter(pc.equal(pc.field("replica"), name))
+        if run_dir:  # one file series per namespace and replica: a restart continues its own series
+            writer = f"{namespace}.{name}"
+            earlier = read_log(Path(run_dir), "edits", writer=writer)
             self._logged_up_to = (pc.max(earlier["seq"]).as_py() or 0) if earlier.num_rows else 0
+            self.edit_log = ArrowLog(Path(run_dir), "edits", EDIT_SCHEMA, writer=writer)
 
     @property
     def version(self) -> int:

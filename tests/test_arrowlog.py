@@ -55,3 +55,17 @@ def test_a_log_file_created_but_not_yet_written_reads_as_empty(tmp_path):
     (tmp_path / "eval" / "eval-99999.arrows").touch()  # a writer that has opened its next file
     assert read_log(tmp_path, "eval").num_rows == 2
     log.close()
+
+
+def test_writers_keep_their_own_file_series(tmp_path):
+    a = ArrowLog(tmp_path, "eval", EVAL_SCHEMA, writer="ns.replica-1")
+    b = ArrowLog(tmp_path, "eval", EVAL_SCHEMA, writer="ns.replica-10")
+    a.append(rows(2))
+    b.append(rows(3))
+    a.close()
+    again = ArrowLog(tmp_path, "eval", EVAL_SCHEMA, writer="ns.replica-1")  # a restarted writer
+    again.append(rows(1, 2))
+    again.close()
+    b.close()
+    assert read_log(tmp_path, "eval").num_rows == 6
+    assert read_log(tmp_path, "eval", writer="ns.replica-1")["version"].to_pylist() == [0, 1, 2]
