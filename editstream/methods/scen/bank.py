@@ -1,46 +1,51 @@
 """All applied SCEN experts in preallocated tensors: routing and expert outputs without disk access.
 
-Narrow experts live in stacked tensors (slots; the bank doubles when full), so routing a batch is
-one matrix product and applying experts one batched gather. Full experts (the published form, an
-FFN copy each) are kept per slot in a dict: they are for side-by-side measurement, not scale.
+Narrow and low-rank experts live in stacked tensors (one slot each; the bank doubles when full), so
+routing a batch is one matrix product and applying experts one batched gather. Full experts (the
+published form, an FFN copy each, 5 MB) are kept per slot in a dict: they are for side-by-side
+measurement, not scale.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from editstream.methods.scen.expert import expert_output, normalize
-
-NARROW = ("w_in", "b_in", "w_out")
+from editstream.methods.scen.expert import expert_output, new_expert, normalize
 
 
 class ExpertBank:
     """Experts and neurons by slot; `route` picks one expert (or none) per row."""
 
-    def __init__(self, kind: str, d: int, width: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.kind, self.d, self.width = kind, d, width
+    def __init__(
+        self, kind: str, mlp: nn.Module, width: int, capacity: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.kind, self.mlp = kind, mlp
         self.device, self.dtype = device, dtype
+        template = new_expert(kind, mlp, width)
+        self.d = next(v for k, v in template.items() if k in ("w_in", "a_gate", "gate_proj")).shape[-1]
+        self.shapes = {} if kind == "full" else {k: tuple(v.shape) for k, v in template.items()}
+        self.stacked: dict[str, torch.Tensor] = {}
         self.slots: dict[str, int] = {}
         self.free: list[int] = []
         self.full: dict[int, dict[str, torch.Tensor]] = {}
-        self.center = torch.zeros(d, device=device, dtype=dtype)  # subtracted from features before routing
+        self.center = torch.zeros(self.d, device=device, dtype=dtype)  # subtracted from features before routing
+        self.keys = torch.zeros(0, self.d, device=device, dtype=dtype)
+        self.bias = torch.zeros(0, device=device, dtype=dtype)
         self._alloc(capacity)
 
     def _alloc(self, capacity: int) -> None:
-        def grow(old: torch.Tensor | None, shape: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:
+        def grow(old: torch.Tensor, shape: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:
             new = torch.full((capacity, *shape), fill, device=self.device, dtype=self.dtype)
-            if old is not None:
-                new[: len(old)] = old
+            new[: len(old)] = old
             return new
 
-        old_cap = len(self.bias) if hasattr(self, "bias") else 0
-        prev = getattr
-        self.keys = grow(prev(self, "keys", None), (self.d,))
-        self.bias = grow(prev(self, "bias", None), (), float("-inf"))  # empty slots never fire
-        if self.kind == "narrow":
-            self.w_in = grow(prev(self, "w_in", None), (self.width, self.d))
-            self.b_in = grow(prev(self, "b_in", None), (self.width,))
-            self.w_out = grow(prev(self, "w_out", None), (self.d, self.width))
+        old_cap = len(self.bias)
+        self.keys = grow(self.keys, (self.d,))
+        self.bias = grow(self.bias, (), float("-inf"))  # empty slots never fire
+        for name, shape in self.shapes.items():
+            old = self.stacked.get(name, torch.zeros(0, *shape, device=self.device, dtype=self.dtype))
+            self.stacked[name] = grow(old, shape)
         self.free.extend(range(capacity - 1, old_cap - 1, -1))
 
     def __len__(self) -> int:
@@ -52,9 +57,9 @@ class ExpertBank:
         slot = self.free.pop()
         self.keys[slot] = neuron_w.to(self.device, self.dtype)
         self.bias[slot] = neuron_b.to(self.device, self.dtype)
-        if self.kind == "narrow":
-            for name in NARROW:
-                getattr(self, name)[slot] = expert[name].to(self.device, self.dtype)
+        if self.shapes:
+            for name in self.shapes:
+                self.stacked[name][slot] = expert[name].to(self.device, self.dtype)
         else:
             self.full[slot] = {k: v.to(self.device, self.dtype) for k, v in expert.items()}
         self.slots[edit_id] = slot
@@ -76,11 +81,13 @@ class ExpertBank:
 
     def output(self, slots: torch.Tensor, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """FFN outputs for rows `x` (R, T, d) with experts `slots` (R,) in effect; `base` is the plain output."""
-        if self.kind == "narrow":
-            expert = {name: getattr(self, name)[slots] for name in NARROW}  # (R, ...)
-            h = torch.nn.functional.silu(torch.einsum("rtd,rkd->rtk", x, expert["w_in"]) + expert["b_in"][:, None])
-            return base + torch.einsum("rtk,rdk->rtd", h, expert["w_out"])
-        rows = [expert_output("full", self.full[int(s)], x[i : i + 1], base[i : i + 1]) for i, s in enumerate(slots)]
+        if self.shapes:
+            experts = {name: t[slots] for name, t in self.stacked.items()}  # (R, ...): one expert per row
+            return expert_output(self.kind, experts, x, base, self.mlp, batched=True)
+        rows = [
+            expert_output("full", self.full[int(s)], x[i : i + 1], base[i : i + 1], self.mlp)
+            for i, s in enumerate(slots)
+        ]
         return torch.cat(rows)
 
     def slot_edit_ids(self) -> dict[int, str]:

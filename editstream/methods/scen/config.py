@@ -6,15 +6,16 @@ from dataclasses import dataclass
 
 from editstream.errors import ConfigError
 
-EXPERT_KINDS = ("narrow", "full")
+EXPERT_KINDS = ("lowrank", "narrow", "full")
 
 
 @dataclass(frozen=True)
 class ScenConfig:
     """Shape and training of SCEN's experts and indexing neurons.
 
-    expert: "narrow" (ours) adds a width-`width` FFN beside the layer's FFN; "full" (the published
-    form) replaces the FFN with a trained copy of it for routed rows. max_negatives: earlier facts a
+    expert: "lowrank" (ours) trains rank-`width` changes to the FFN's three matrices; "narrow" adds a
+    width-`width` FFN beside it; "full" (the published form) replaces the FFN with a trained copy
+    of it for routed rows. max_negatives: earlier facts a
     new neuron is trained against (nearest by key); 0 means all of them (the published form).
     """
 
@@ -22,8 +23,8 @@ class ScenConfig:
     route_layer: int = -1  # the FFN whose input the neurons read; -1: a fifth of the way up
     act: str = "anchor"  # the expert acts at the anchor token only ("anchor") or from it on
     route_on: str = "subject"  # neuron keyed on the subject's last token (any prompt position) or "last"
-    expert: str = "narrow"
-    width: int = 16
+    expert: str = "lowrank"
+    width: int = 4  # rank of a low-rank expert, width of a narrow one
     expert_steps: int = 40
     expert_lr: float = 0.02
     variants: int = 3  # prefixed copies of the prompt, for the expert and as neuron positives

@@ -57,12 +57,11 @@ class Scen(EditMethod):
             raise ConfigError(
                 f"scen needs 0 <= route_layer ({self.route_layer}) <= layer ({self.layer}) < {n} (the model's layers)"
             )
-        if config.expert == "full" and not hasattr(layers[self.layer].mlp, "gate_proj"):
-            raise ConfigError("scen expert='full' needs a gated (Llama-family) FFN")
+        if config.expert != "narrow" and not hasattr(layers[self.layer].mlp, "gate_proj"):
+            raise ConfigError(f"scen expert={config.expert!r} needs a gated (Llama-family) FFN; use 'narrow'")
         self.config = config
         self.mlp, self.route_mlp = layers[self.layer].mlp, layers[self.route_layer].mlp
-        d = lm.model.config.hidden_size
-        self.bank = ExpertBank(config.expert, d, config.width, config.capacity, lm.device, torch.float32)
+        self.bank = ExpertBank(config.expert, self.mlp, config.width, config.capacity, lm.device, torch.float32)
         self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()  # earlier facts' keys (negatives)
         general = self._route_features(GENERAL_PROMPTS, every_token=config.route_on == "subject")
         self.bank.center = general.mean(0)
@@ -153,7 +152,7 @@ class Scen(EditMethod):
         labels = torch.tensor([t for a in batch.answer_ids for t in a], device=dev)
         expert = {k: v.requires_grad_(True) for k, v in new_expert(c.expert, self.mlp, c.width).items()}
         hook = self.mlp.register_forward_hook(
-            lambda _m, args, base: torch.where(active, expert_output(c.expert, expert, args[0], base), base)
+            lambda m, args, base: torch.where(active, expert_output(c.expert, expert, args[0], base, m), base)
         )
         opt = torch.optim.Adam(expert.values(), lr=c.expert_lr)
         steps = 0
