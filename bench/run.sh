@@ -23,7 +23,7 @@ if [[ $what == all || $what == pipeline ]]; then
   $es bench pipeline --method recipe --rate 50 --latency-facts 1000 --sustained 10000
 fi
 if [[ $what == all || $what == scen ]]; then
-  # SCEN trains an expert per fact (~2.5 s on 2 cores): T = 100 on the first 100 edits of each set,
+  # SCEN trains an expert per fact (~1.6 s on 2 cores): T = 100 on the first 100 edits of each set,
   # the published form (a full FFN copy per expert, neurons trained against every earlier fact) on
   # the same 100 CounterFact facts, costs with 1,000 experts in the bank, and 1 vs 2 editor workers.
   for data in counterfact zsre; do
