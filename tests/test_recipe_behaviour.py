@@ -62,3 +62,14 @@ def test_unrelated_prompts_are_untouched(edited):
     after, _, fired = replica.predict(prompts, answers)
     assert fired.count(None) >= len(prompts) - 1
     assert mean([agreement(a, b) for a, b in zip(after, base, strict=True)]) >= 0.95
+
+
+def test_an_edits_own_prompt_always_fires_it(real_lm, real_encoder, trained_checkpoint):
+    # the Knowledge Sentinel alone rejected this identical prompt (the demo's "edit None")
+    method = create_method("recipe", real_lm, checkpoint=trained_checkpoint, encoder=real_encoder)
+    replica = Replica(method)
+    facts = demo_facts(2)
+    for seq, artifact in enumerate(method.compute(facts), start=1):
+        replica.apply(seq, artifact)
+    (answer,) = replica.generate(["The Eiffel Tower is located in  the city of"], max_new_tokens=3)
+    assert answer.fired == "demo-1" and "Rome" in answer.text

@@ -141,6 +141,11 @@ class EditMethod(ABC):
     def edit_ids(self) -> list[str]:
         return list(self._applied)
 
+    def exact_edits(self, prompts: Sequence[str]) -> list[str | None]:
+        """Per prompt, the edit in effect for exactly that prompt (after normalisation), or None."""
+        stacks = [self._stacks.get(normalize_prompt(p)) for p in prompts]
+        return [stack[-1] if stack else None for stack in stacks]
+
     def active_edit_ids(self) -> list[str]:
         """Edits now in effect (the newest of each prompt)."""
         return [stack[-1] for stack in self._stacks.values()]

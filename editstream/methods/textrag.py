@@ -46,7 +46,7 @@ class TextRAG(EditMethod):
 
     @contextmanager
     def query_context(self, prompts: Sequence[str]) -> Iterator[QueryPlan]:
-        fired = self.retrieval.retrieve(prompts)
+        fired = self.retrieval.retrieve(prompts, self.exact_edits(prompts))
         texts = [
             TEMPLATE.format(statement=self._statements[f]) + p if f else p for p, f in zip(prompts, fired, strict=True)
         ]

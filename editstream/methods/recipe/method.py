@@ -44,15 +44,18 @@ class RecipeRetrieval:
         with torch.inference_mode():
             return self.net.retriever.keys(r)
 
-    def retrieve(self, prompts: Sequence[str]) -> list[str | None]:
-        """The edit whose key beats the sentinel for each prompt, or None."""
-        if not len(self.index):
-            return [None] * len(prompts)
+    def retrieve(self, prompts: Sequence[str], exact: Sequence[str | None] | None = None) -> list[str | None]:
+        """The edit whose key beats the sentinel for each prompt, or None; `exact` (an edit stored for
+        exactly that prompt) wins without a search: the sentinel can reject even an identical prompt."""
+        exact = list(exact) if exact is not None else [None] * len(prompts)
+        if all(exact) or not len(self.index):
+            return exact
         with torch.inference_mode():
             q = self.net.retriever.queries(self.encode(prompts))
             threshold = self.net.retriever.sentinel_score(q).cpu()
         scores, ids = self.index.search(q)
-        return [i if s > t else None for s, t, i in zip(scores.tolist(), threshold.tolist(), ids, strict=True)]
+        found = [i if s > t else None for s, t, i in zip(scores.tolist(), threshold.tolist(), ids, strict=True)]
+        return [e or f for e, f in zip(exact, found, strict=True)]
 
 
 def load_retrieval(lm: LoadedLM, checkpoint: str | Path | None, encoder: LoadedEncoder | None) -> RecipeRetrieval:
@@ -121,7 +124,7 @@ class Recipe(EditMethod):
 
     @contextmanager
     def query_context(self, prompts: Sequence[str]) -> Iterator[QueryPlan]:
-        fired = self.retrieval.retrieve(prompts)
+        fired = self.retrieval.retrieve(prompts, self.exact_edits(prompts))
         plan = QueryPlan(list(prompts), fired)
         rows = [i for i, f in enumerate(fired) if f is not None]
         if not rows:
