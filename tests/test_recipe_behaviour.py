@@ -33,14 +33,18 @@ def test_serving_predictions_match_the_training_forward(tiny_lm, tiny_encoder, t
     assert flat == logits.argmax(-1).tolist()
 
 
-@pytest.fixture(scope="module")
-def edited(real_lm, real_encoder, trained_checkpoint):
-    method = create_method("recipe", real_lm, checkpoint=trained_checkpoint, encoder=real_encoder)
+def replica_with_demo_facts(lm, encoder, checkpoint, n: int) -> tuple[Replica, list[EditRequest]]:
+    method = create_method("recipe", lm, checkpoint=checkpoint, encoder=encoder)
     replica = Replica(method)
-    facts = demo_facts(40)
+    facts = demo_facts(n)
     for seq, artifact in enumerate(method.compute(facts), start=1):
         replica.apply(seq, artifact)
     return replica, facts
+
+
+@pytest.fixture(scope="module")
+def edited(real_lm, real_encoder, trained_checkpoint):
+    return replica_with_demo_facts(real_lm, real_encoder, trained_checkpoint, 40)
 
 
 def test_edits_take_effect_on_prompts_and_paraphrases(edited):
@@ -66,10 +70,6 @@ def test_unrelated_prompts_are_untouched(edited):
 
 def test_an_edits_own_prompt_always_fires_it(real_lm, real_encoder, trained_checkpoint):
     # the Knowledge Sentinel alone rejected this identical prompt (the demo's "edit None")
-    method = create_method("recipe", real_lm, checkpoint=trained_checkpoint, encoder=real_encoder)
-    replica = Replica(method)
-    facts = demo_facts(2)
-    for seq, artifact in enumerate(method.compute(facts), start=1):
-        replica.apply(seq, artifact)
+    replica, _ = replica_with_demo_facts(real_lm, real_encoder, trained_checkpoint, 2)
     (answer,) = replica.generate(["The Eiffel Tower is located in  the city of"], max_new_tokens=3)
     assert answer.fired == "demo-1" and "Rome" in answer.text
