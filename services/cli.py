@@ -259,7 +259,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {sorted(runs)}")
     out = Path(args.out) / f"pipeline-{args.method}.json" if args.out else None
     doc: dict = json.loads(out.read_text()) if out and out.is_file() else {}  # keep earlier runs' results
-    doc.update({"method": args.method, "model": args.model, "replicas": 2})
+    doc.update({"method": args.method, "model": args.model})  # replicas and editors: per run
     try:
         for name in wanted:
             log.info("pipeline benchmark: %s run", name)

@@ -175,11 +175,14 @@ class Scen(EditMethod):
         contexts = self._variants(edit)
         batch = encode_pairs(self.lm.tokenizer, contexts, [edit.target] * len(contexts))
         anchor = self._anchor(edit, contexts, batch)
-        expert, steps = self._train_expert(
-            batch, self._capture(self.layer, batch.input_ids, batch.attention_mask), anchor
-        )
-        routed = self._capture(self.route_layer, batch.input_ids, batch.attention_mask)
-        x = mlp_input(self.lm.model, self.route_layer, routed)
+        seen: dict[str, torch.Tensor] = {}  # the routing FFN's input, caught on the way up (one forward)
+        hook = self.route_mlp.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+        try:
+            inp = self._capture(self.layer, batch.input_ids, batch.attention_mask)
+        finally:
+            hook.remove()
+        x = seen["x"] if "x" in seen else mlp_input(self.lm.model, self.route_layer, inp)  # route_layer == layer
+        expert, steps = self._train_expert(batch, inp, anchor)
         positives = x[torch.arange(len(contexts), device=x.device), anchor].float()
         key = positives[0]
         negatives = [self._general, self._nearest_earlier(key, edit.edit_id)]
