@@ -30,6 +30,9 @@ class Answer:
     text: str
     fired: str | None
     version: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "length"  # "stop": the model ended the text (EOS) before max_new_tokens
 
 
 class Replica:
@@ -114,6 +117,7 @@ class Replica:
             ids, mask = enc["input_ids"], enc["attention_mask"]
             out = torch.empty(len(prompts), 0, dtype=torch.long, device=dev)
             past, done = None, torch.zeros(len(prompts), dtype=torch.bool, device=dev)
+            produced = torch.zeros(len(prompts), dtype=torch.long, device=dev)
             with torch.inference_mode():
                 for _ in range(max_new_tokens):
                     res = self.lm.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
@@ -121,13 +125,18 @@ class Replica:
                     nxt = res.logits[:, -1].argmax(-1)
                     nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
                     out = torch.cat([out, nxt[:, None]], dim=1)
+                    produced += ~done
                     done |= nxt == tok.eos_token_id
                     if bool(done.all()):
                         break
                     ids = nxt[:, None]
                     mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
         texts = tok.batch_decode(out, skip_special_tokens=True)
-        return [Answer(p, t, f, self.version) for p, t, f in zip(prompts, texts, plan.fired, strict=True)]
+        prompt_tokens = [len(t) for t in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+        return [
+            Answer(p, t, f, self.version, n, int(k), "stop" if bool(d) else "length")
+            for p, t, f, n, k, d in zip(prompts, texts, plan.fired, prompt_tokens, produced, done, strict=True)
+        ]
 
 
 __all__ = ["Answer", "QueryPlan", "Replica"]

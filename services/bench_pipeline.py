@@ -100,7 +100,7 @@ def sustained_run(
         elapsed = time.time() - started
         done.set()
         reached["applied_all"] = round(elapsed, 2)
-        editor = ray.get(system.actors["editor-0"][3].call.remote("stats"))
+        editor = ray.get(system.handle("editor-0").call.remote("stats"))
         states = system.replica_states()
         journal_ids = {e.payload["edit_id"] for e in store.journal_after(0, count=10**7)}
         lost = len({f.edit_id for f in facts} - journal_ids)
@@ -154,7 +154,7 @@ def evaluator_run(
         feed(store, demo_facts(n), 0, progress=False)
         system.wait_for_version(n, timeout_s=600)
         probed, spared = system.replica_handles()
-        evaluator = system.actors["evaluator-0"][3]
+        evaluator = system.handle("evaluator-0")
         ray.get(evaluator.call.remote("set_replicas", [probed]))
         timers = {"on": _timer(probed), "off": _timer(spared)}
         prompts = [f.prompt for f in demo_facts(20)]

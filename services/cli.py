@@ -409,9 +409,32 @@ def _system(args: argparse.Namespace) -> int:
 
     url = args.redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
     if args.command == "serve":
-        return commands.serve(
-            url, args.namespace, args.method, args.model, args.replicas, args.run_dir, args.address, args.checkpoint
+        from services.demo import method_options
+        from services.placement import Resources
+        from services.system import SystemConfig
+
+        config = SystemConfig(
+            redis_url=url,
+            run_dir=args.run_dir,
+            method=args.method,
+            model=args.model,
+            namespace=args.namespace,
+            replicas=args.replicas,
+            editors=args.editors,
+            evaluators=args.evaluators,
+            method_options=method_options(args.method, args.checkpoint),
+            resources=Resources(args.replica_cpus, args.replica_gpus, args.editor_cpus, args.editor_gpus),
         )
+        token = os.environ.get("EDITSTREAM_HTTP_TOKEN") or None
+        http = commands.HttpOptions(args.http_host, args.http_port, token) if args.http else None
+        return commands.serve(config, args.address, http)
+    if args.command == "scale":
+        counts = {"replica": args.replicas, "editor": args.editors, "evaluator": args.evaluators}
+        counts = {k: v for k, v in counts.items() if v is not None}
+        if not counts:
+            print("give at least one of --replicas, --editors, --evaluators", file=sys.stderr)
+            return 2
+        return commands.scale(url, args.namespace, counts, args.wait)
     if args.command == "feed":
         return commands.feed_file(url, args.namespace, args.source, args.rate, args.limit)
     if args.command == "retract":
@@ -444,6 +467,28 @@ def _add_system(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
     p.add_argument("--run-dir", default="runs/serve", help="where the Arrow logs go")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--editors", type=int, default=1, help="editor workers (default 1)")
+    p.add_argument("--evaluators", type=int, default=1, help="evaluators (default 1; 0 for none)")
+    p.add_argument("--replica-cpus", type=float, default=0.0, help="CPUs each replica reserves (default 0)")
+    p.add_argument(
+        "--replica-gpus", type=float, default=None, help="GPUs per replica (default: 1 if the cluster has GPUs, else 0)"
+    )
+    p.add_argument("--editor-cpus", type=float, default=0.0, help="CPUs each editor reserves (default 0)")
+    p.add_argument("--editor-gpus", type=float, default=0.0, help="GPUs per editor (default 0)")
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="serve HTTP (Ray Serve): OpenAI /v1/completions, POST /facts, GET /status; "
+        "bearer token from $EDITSTREAM_HTTP_TOKEN if set",
+    )
+    p.add_argument("--http-host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    p = sub.add_parser("scale", help="change the number of replicas/editors/evaluators of a running `serve`")
+    common(p)
+    p.add_argument("--replicas", type=int, default=None, help="wanted replicas (new ones replay the journal first)")
+    p.add_argument("--editors", type=int, default=None, help="wanted editor workers")
+    p.add_argument("--evaluators", type=int, default=None, help="wanted evaluators")
+    p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the replicas to be ready (0: return)")
     p = sub.add_parser("feed", help="send facts from a file (JSON, JSONL, benchmark file) or '-' (stdin JSONL)")
     common(p)
     p.add_argument("source", help="file path, dataset alias (counterfact, zsre), or - for JSON lines on stdin")

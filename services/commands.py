@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ import ray
 
 from editstream.data import load_edits, read_records
 from editstream.edits import EditRequest
-from services.demo import feed, method_options
-from services.store import RedisStore, connect
+from services.demo import feed
+from services.store import RedisStore, connect, status
 from services.system import System, SystemConfig
 
 log = logging.getLogger(__name__)
@@ -32,42 +33,71 @@ def ray_connect(address: str | None, namespace: str) -> None:
         ray.init(num_cpus=os.cpu_count(), namespace=namespace, include_dashboard=False, log_to_driver=False)
 
 
+@dataclass
+class HttpOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+
+
 def serve(
-    redis_url: str,
-    namespace: str,
-    method: str,
-    model: str,
-    replicas: int,
-    run_dir: str,
-    address: str | None,
-    checkpoint: str | None,
-    status_every_s: float = 10.0,
+    config: SystemConfig, address: str | None, http: HttpOptions | None = None, status_every_s: float = 10.0
 ) -> int:
-    """Run the pipeline until interrupted; supervise actors and print status lines."""
-    ray_connect(address, namespace)
-    system = System(
-        SystemConfig(
-            redis_url=redis_url,
-            run_dir=run_dir,
-            method=method,
-            model=model,
-            namespace=namespace,
-            replicas=replicas,
-            method_options=method_options(method, checkpoint),
-        )
-    ).start()
-    store = RedisStore(connect(redis_url), namespace)
+    """Run the pipeline until interrupted: apply `scale` requests, replace lost actors, print status."""
+    ray_connect(address, config.namespace)
+    system = System(config).start()
+    store = system.store
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"serving {method} on {model}: {replicas} replicas; facts stream {store.keys.facts}; Ctrl-C stops")
+    url = ""
+    if http is not None:
+        from services.gateway import start_http
+
+        url = start_http(config.redis_url, config.namespace, config.model, http.host, http.port, http.token)
+    print(
+        f"serving {config.method} on {config.model}: {config.replicas} replicas, {config.editors} editors; "
+        f"facts stream {store.keys.facts}{'; HTTP ' + url if url else ''}; Ctrl-C stops",
+        flush=True,
+    )
+    last_status = time.time()
     try:
-        while not stop.wait(status_every_s):
-            system.supervise()
-            print(status_line(status(store)), flush=True)
+        while not stop.wait(1.0):
+            store.mark_serving({"pid": os.getpid(), "time": time.time(), "http": url})
+            system.reconcile()
+            if time.time() - last_status >= status_every_s:
+                last_status = time.time()
+                system.supervise()
+                print(status_line(status(store)), flush=True)
     finally:
+        store.r.delete(store.keys.serving)
+        if url:
+            from ray import serve as ray_serve
+
+            ray_serve.shutdown()
         system.stop()
     return 0
+
+
+def scale(redis_url: str, namespace: str, counts: dict[str, int], wait_s: float) -> int:
+    """Ask the running `serve` loop for new actor counts; wait until the replicas are ready."""
+    store = RedisStore(connect(redis_url), namespace)
+    if store.serving() is None:
+        print(f"no `editstream serve` is running for namespace {namespace!r}; nothing to scale", file=sys.stderr)
+        return 2
+    store.set_desired(counts)
+    print("asked for " + ", ".join(f"{n} {k}s" for k, n in counts.items()), flush=True)
+    if "replica" not in counts or wait_s <= 0:
+        return 0
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        ready = [n for n, b in store.replica_heartbeats().items() if b.get("ready") and time.time() - b["time"] < 10]
+        if len(ready) == counts["replica"]:
+            print(f"{len(ready)} replicas ready: {', '.join(sorted(ready))}")
+            return 0
+        time.sleep(0.5)
+    print(f"replicas not all ready after {wait_s:.0f} s; `editstream status` shows where they are", file=sys.stderr)
+    return 1
 
 
 def read_feed(source: str) -> list[EditRequest]:
@@ -108,20 +138,6 @@ def ask(namespace: str, prompt: str, replica: str, min_version: int, max_new_tok
     (answer,) = ray.get(handle.call.remote("ask", [prompt], max_new_tokens, min_version))
     print(json.dumps(answer, indent=2))
     return 0
-
-
-def status(store: RedisStore) -> dict[str, Any]:
-    now_ms = time.time() * 1000
-    recent = store.r.xrevrange(store.keys.journal, count=1000)
-    last_10s = sum(1 for _, f in recent if now_ms - float(f[b"at"]) <= 10_000)
-    return {
-        "journal": store.last_seq(),
-        "facts_stream": store.facts_size(),
-        "ingest_lag": store.ingest_lag(),
-        "dlq": store.dlq_size(),
-        "edits_per_s_10s": round(last_10s / 10, 1),
-        "replicas": store.replica_heartbeats(),
-    }
 
 
 def status_line(s: dict[str, Any]) -> str:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from editstream.arrowlog import read_log
 from editstream.monitoring import AlarmThresholds, alarms, by_version, recent, retention_by_age, throughput
-from services.commands import status
-from services.store import RedisStore
+from services.store import RedisStore, status
 
 
 def render(store: RedisStore | None, run_dir: Path, thresholds: AlarmThresholds) -> str:

@@ -7,6 +7,7 @@ with stored artifacts: no recomputation. Queries may carry `min_version` (read-y
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -52,6 +53,8 @@ class ReplicaService:
         self._beat = 0.0
         self.metrics = Metrics(name)
         self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
+        self.catch_up_to = self.store.last_seq()  # the journal as it stood when this replica started
+        self.ready = self.catch_up_to == 0
         self.edit_log: ArrowLog | None = None
         self._logged_up_to = 0  # after a restart, the replayed entries were logged by the earlier run
         if run_dir:  # one file series per namespace and replica: a restart continues its own series
@@ -89,6 +92,9 @@ class ReplicaService:
             if entry.seq > self._logged_up_to:
                 blob = blobs.get(payload["edit_id"]) if payload["op"] == "edit" else None
                 events.append(self._event(entry, now_ms, len(blob) if blob else 0))
+        if not self.ready and self.replica.version >= self.catch_up_to:
+            self.ready = True
+            log.info("%s caught up with the journal at seq %d: ready for queries", self.name, self.catch_up_to)
         if events and self.edit_log is not None:
             self.edit_log.append(events)
         if done:
@@ -133,10 +139,7 @@ class ReplicaService:
             self.wait_version(min_version, timeout_s)
         with self._lock:
             answers = self.replica.generate(prompts, max_new_tokens)
-        return [
-            {"prompt": a.prompt, "text": a.text, "fired": a.fired, "version": a.version, "replica": self.name}
-            for a in answers
-        ]
+        return [{**dataclasses.asdict(a), "replica": self.name} for a in answers]
 
     def score(self, contexts: list[str], answers: list[str], edited: bool = True) -> dict:
         """Teacher-forced argmax at answer tokens (for evaluators), with the version scored at."""
@@ -151,6 +154,7 @@ class ReplicaService:
                 "version": self.replica.version,
                 "digest": self.replica.digest(),
                 "edits": len(self.replica.method.active_edit_ids()),
+                "ready": self.ready,
                 "apply_busy_s": round(self.busy_s, 3),
             }
 

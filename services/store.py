@@ -8,7 +8,9 @@ Keys (namespace `editstream` by default):
   <ns>:seq            last assigned seq (counter)
   <ns>:artifacts      "<method>:<edit_id>" -> artifact bytes (safetensors) (hash)
   <ns>:announce       "an artifact is stored" notifications (stream)
-  <ns>:replicas       replica name -> JSON heartbeat {version, digest, time} (hash)
+  <ns>:replicas       replica name -> JSON heartbeat {version, digest, ready, time} (hash)
+  <ns>:desired        kind (replica, editor, evaluator) -> wanted count, set by `editstream scale` (hash)
+  <ns>:serving        a running `editstream serve` loop's heartbeat (string with a TTL)
 Dedup, seq assignment and journal append happen in one Lua script, so they are atomic.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,8 @@ class Keys:
     artifacts: str
     announce: str
     replicas: str
+    desired: str
+    serving: str
 
     @classmethod
     def for_namespace(cls, ns: str = "editstream") -> Keys:
@@ -63,6 +68,8 @@ class Keys:
             f"{ns}:artifacts",
             f"{ns}:announce",
             f"{ns}:replicas",
+            f"{ns}:desired",
+            f"{ns}:serving",
         )
 
 
@@ -154,6 +161,23 @@ class RedisStore:
     def replica_heartbeats(self) -> dict[str, dict[str, Any]]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self.keys.replicas).items()}
 
+    def forget_replica(self, name: str) -> None:
+        self.r.hdel(self.keys.replicas, name)
+
+    def desired(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self.keys.desired).items()}
+
+    def set_desired(self, counts: dict[str, int]) -> None:
+        if counts:
+            self.r.hset(self.keys.desired, mapping={k: int(v) for k, v in counts.items()})
+
+    def mark_serving(self, info: dict[str, Any], ttl_s: int = 30) -> None:
+        self.r.set(self.keys.serving, json.dumps(info), ex=ttl_s)
+
+    def serving(self) -> dict[str, Any] | None:
+        raw = self.r.get(self.keys.serving)
+        return json.loads(raw) if raw else None
+
     def ingest_lag(self, group: str = "ingest") -> int | None:
         """Entries in the facts stream not yet delivered to the ingest group, plus those pending."""
         try:
@@ -207,3 +231,18 @@ class GroupReader:
     def ack(self, entry_ids: list) -> None:
         if entry_ids:
             self.r.xack(self.stream, self.group, *entry_ids)
+
+
+def status(store: RedisStore) -> dict[str, Any]:
+    """What `editstream status` and `GET /status` show: journal, lag, DLQ, edits/s, replicas."""
+    now_ms = time.time() * 1000
+    recent = store.r.xrevrange(store.keys.journal, count=1000)
+    last_10s = sum(1 for _, f in recent if now_ms - float(f[b"at"]) <= 10_000)
+    return {
+        "journal": store.last_seq(),
+        "facts_stream": store.facts_size(),
+        "ingest_lag": store.ingest_lag(),
+        "dlq": store.dlq_size(),
+        "edits_per_s_10s": round(last_10s / 10, 1),
+        "replicas": store.replica_heartbeats(),
+    }

@@ -23,6 +23,8 @@ import ray
 from editstream.errors import ConfigError
 from editstream.methods import method_class
 from services.loop import Loop
+from services.placement import Resources, actor_options
+from services.store import RedisStore, connect
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class SystemConfig:
     evaluators: int = 1
     eval_budget: float = 0.1
     editor_threads: int = 0  # torch threads per editor; 0: this node's cores shared among the editors
-    replica_gpus: float = 0.0
+    resources: Resources = field(default_factory=Resources)
     method_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,24 +82,25 @@ class System:
     def __init__(self, config: SystemConfig) -> None:
         self.config = config
         self.actors: dict[str, Any] = {}
-        self._next_replica = 0
+        self._next: dict[str, int] = {}
+        self.store = RedisStore(connect(config.redis_url), config.namespace)
 
-    def _spawn(self, name: str, kind: str, kwargs: dict[str, Any], num_gpus: float = 0.0) -> Any:
+    def _spawn(self, name: str, kind: str, kwargs: dict[str, Any]) -> Any:
+        options = actor_options(kind, self.config.resources, ray.cluster_resources())
         actor = (
             ray.remote(Host)
             .options(
                 name=f"{self.config.namespace}:{name}",
-                num_cpus=0,
-                num_gpus=num_gpus,
                 max_restarts=-1,
                 max_task_retries=-1,
                 max_concurrency=4,
                 # idle OpenMP threads sleep instead of spinning: actors share cores with each other
                 runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+                **options,
             )
             .remote(kind, kwargs)
         )
-        self.actors[name] = (kind, kwargs, num_gpus, actor)
+        self.actors[name] = (kind, kwargs, actor)
         return actor
 
     def _common(self) -> dict[str, Any]:
@@ -119,92 +122,128 @@ class System:
             "started": time.time(),
         }
         (Path(c.run_dir) / "run.json").write_text(json.dumps(info, indent=2))
+        self.store.set_desired({"replica": c.replicas, "editor": c.editors, "evaluator": c.evaluators})
         self._spawn("ingest", "ingest", {**self._common(), "consumer": "ingest-0"})
-        for i in range(c.editors):
-            self._spawn(
-                f"editor-{i}",
-                "editor",
-                {
-                    **self._common(),
-                    "method": c.method,
-                    "model": c.model,
-                    "consumer": f"editor-{i}",
-                    "method_options": c.method_options,
-                    "threads": c.editor_threads or max(1, (os.cpu_count() or 2) // c.editors),
-                },
-            )
+        for _ in range(c.editors):
+            self.add("editor", wait=False)
         for _ in range(c.replicas):
-            self.add_replica(wait=False)
-        for i in range(c.evaluators):
-            self._spawn(
-                f"evaluator-{i}",
-                "evaluator",
-                {
-                    **self._common(),
-                    "run_dir": c.run_dir,
-                    "method": c.method,
-                    "replicas": self.replica_handles(),
-                    "budget": c.eval_budget,
-                    "name": f"evaluator-{i}",
-                    "seed": i,
-                },
-            )
+            self.add("replica", wait=False)
+        for _ in range(c.evaluators):
+            self.add("evaluator", wait=False)
         ray.get([a.ping.remote() for *_, a in self.actors.values()])
         return self
 
-    # --- replicas ----------------------------------------------------------------------------------
+    # --- the actor set -----------------------------------------------------------------------------
+    def names(self, kind: str) -> list[str]:
+        return [n for n, (k, *_) in self.actors.items() if k == kind]
+
+    def handle(self, name: str) -> Any:
+        return self.actors[name][2]
+
     def replica_names(self) -> list[str]:
-        return [n for n, (kind, *_) in self.actors.items() if kind == "replica"]
+        return self.names("replica")
 
     def replica_handles(self) -> list[Any]:
-        return [self.actors[n][3] for n in self.replica_names()]
+        return [self.handle(n) for n in self.replica_names()]
 
-    def add_replica(self, wait: bool = True) -> str:
+    def _kwargs(self, kind: str, name: str) -> dict[str, Any]:
         c = self.config
-        name = f"replica-{self._next_replica}"
-        self._next_replica += 1
-        actor = self._spawn(
-            name,
-            "replica",
-            {
+        model = {"method": c.method, "model": c.model, "method_options": c.method_options}
+        if kind == "editor":
+            threads = c.editor_threads or max(1, (os.cpu_count() or 2) // max(1, c.editors))
+            return {**self._common(), **model, "consumer": name, "threads": threads}
+        if kind == "replica":
+            return {**self._common(), **model, "name": name, "run_dir": c.run_dir}
+        if kind == "evaluator":
+            seed = int(name.rsplit("-", 1)[1])
+            return {
                 **self._common(),
-                "method": c.method,
-                "model": c.model,
-                "name": name,
-                "method_options": c.method_options,
                 "run_dir": c.run_dir,
-            },
-            num_gpus=c.replica_gpus,
-        )
+                "method": c.method,
+                "replicas": self.replica_handles(),
+                "budget": c.eval_budget,
+                "name": name,
+                "seed": seed,
+            }
+        raise ValueError(f"cannot add actors of kind {kind!r}")
+
+    def add(self, kind: str, wait: bool = True) -> str:
+        """Start one more editor, replica or evaluator (a new replica replays the journal first)."""
+        self._next[kind] = self._next.get(kind, 0) + 1
+        name = f"{kind}-{self._next[kind] - 1}"
+        actor = self._spawn(name, kind, self._kwargs(kind, name))
         if wait:
             ray.get(actor.ping.remote())
-        self._update_evaluators()
+        if kind == "replica":
+            self._update_evaluators()
         return name
 
-    def remove_replica(self, name: str | None = None) -> str:
-        name = name or self.replica_names()[-1]
+    def remove(self, kind: str, name: str | None = None) -> str:
+        """Stop the newest actor of `kind` (or `name`); an editor's unacked work is claimed by the others."""
+        name = name or self.names(kind)[-1]
         *_, actor = self.actors.pop(name)
-        self._update_evaluators()
+        if kind == "replica":
+            self._update_evaluators()
+            self.store.forget_replica(name)
+        try:
+            ray.get(actor.stop.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            log.warning("%s did not stop cleanly", name)
         ray.kill(actor)
         return name
 
+    def add_replica(self, wait: bool = True) -> str:
+        return self.add("replica", wait)
+
+    def remove_replica(self, name: str | None = None) -> str:
+        return self.remove("replica", name)
+
+    def scale(self, kind: str, count: int) -> list[str]:
+        """Add or remove actors of `kind` until there are `count`; returns the names changed."""
+        if kind not in ("replica", "editor", "evaluator"):
+            raise ConfigError(f"can scale replicas, editors or evaluators, not {kind!r}")
+        minimum = 1 if kind in ("replica", "editor") else 0
+        if count < minimum:
+            raise ConfigError(f"{kind}s: {count} is below the minimum of {minimum}")
+        if kind == "editor" and count != 1 and method_class(self.config.method).sequential:
+            raise ConfigError(f"method {self.config.method!r} needs exactly one editor, not {count}")
+        changed = []
+        while len(self.names(kind)) < count:
+            changed.append(self.add(kind))
+        while len(self.names(kind)) > count:
+            changed.append(self.remove(kind))
+        if changed:
+            log.info("scaled %ss to %d: %s", kind, count, ", ".join(changed))
+        return changed
+
+    def reconcile(self) -> list[str]:
+        """Apply the desired counts that `editstream scale` wrote to Redis."""
+        changed = []
+        for kind, count in self.store.desired().items():
+            if count != len(self.names(kind)):
+                try:
+                    changed += self.scale(kind, count)
+                except ConfigError as e:
+                    log.error("ignoring desired %s count: %s", kind, e)
+                    self.store.set_desired({kind: len(self.names(kind))})
+        return changed
+
     def _update_evaluators(self) -> None:
         handles = self.replica_handles()
-        for kind, *_, actor in self.actors.values():
-            if kind == "evaluator":
-                actor.call.remote("set_replicas", handles)
+        for name in self.names("evaluator"):
+            self.handle(name).call.remote("set_replicas", handles)
 
     # --- health and state ----------------------------------------------------------------------
     def supervise(self, timeout_s: float = 5.0) -> list[str]:
         """Recreate actors that no longer answer; returns their names."""
         replaced = []
-        for name, (kind, kwargs, gpus, actor) in list(self.actors.items()):
+        for name, (kind, kwargs, actor) in list(self.actors.items()):
             try:
                 ray.get(actor.ping.remote(), timeout=timeout_s)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 log.warning("actor %s is gone; starting a new one", name)
                 ray.kill(actor, no_restart=True)
-                self._spawn(name, kind, kwargs, gpus)
+                self._spawn(name, kind, kwargs)
                 replaced.append(name)
         if any(self.actors[n][0] == "replica" for n in replaced):
             self._update_evaluators()
@@ -223,7 +262,7 @@ class System:
 
     def wait_for_evaluation(self, rounds: int = 1, timeout_s: float = 60.0) -> bool:
         """Wait until every evaluator finished `rounds` probe rounds."""
-        names = [n for n, (kind, *_) in self.actors.items() if kind == "evaluator"]
+        names = self.names("evaluator")
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if all(self.call(n, "stats")["rounds"] >= rounds for n in names):
@@ -236,7 +275,7 @@ class System:
         return ray.get(handle.call.remote("ask", prompts, max_new_tokens, min_version))
 
     def call(self, name: str, method: str, *args: Any) -> Any:
-        return ray.get(self.actors[name][3].call.remote(method, *args))
+        return ray.get(self.handle(name).call.remote(method, *args))
 
     def stop(self) -> None:
         ray.get([a.stop.remote() for *_, a in self.actors.values()])

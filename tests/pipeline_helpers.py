@@ -49,7 +49,7 @@ def wait_journal(store: RedisStore, at_least: int, timeout_s: float = 120) -> No
 
 
 def kill9(system: System, name: str) -> None:
-    pid = ray.get(system.actors[name][3].pid.remote())
+    pid = ray.get(system.handle(name).pid.remote())
     os.kill(pid, signal.SIGKILL)
 
 
