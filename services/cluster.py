@@ -3,7 +3,8 @@
 For development and tests: every node is a real raylet with its own resources (CPUs, GPUs, and the
 `editstream_*` slot resources of `services/placement.py`), started with `ray start --block` in a
 process of its own, so one node can be lost on purpose (`stop_node`: SIGKILL to its raylet and
-everything under it, as when a machine dies) while the others run on.
+everything under it, as when a machine dies) while the others run on. Ray's token authentication
+is on with a fresh token per cluster; a driver joins with `client_env` in its environment.
 The cluster is described by a YAML file (`cluster/local.yaml`):
 
     nodes:
@@ -17,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -79,11 +81,14 @@ class LocalCluster:
         if not nodes:
             raise ConfigError("a cluster needs at least a head node")
         self.specs = list(nodes)
-        self.env = {**os.environ, **DEV_ENV, **(env or {})}
+        # Ray token authentication on, with a token of this cluster's own: drivers need `client_env`
+        self.client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.env = {**os.environ, **DEV_ENV, **self.client_env, **(env or {})}
         # Ray's socket paths must stay short: a short directory under /tmp, not pytest's long tmp_path
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="esray-", dir="/tmp")
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        self.stopped: set[str] = set()  # nodes lost on purpose
         self.ray = str(Path(sys.executable).with_name("ray"))
 
     @property
@@ -107,7 +112,7 @@ class LocalCluster:
     def add_node(self, spec: NodeSpec, timeout_s: float = 120) -> None:
         self.specs.append(spec)
         self._start_node(spec)
-        self._wait_nodes(len(self.procs), timeout_s)
+        self._wait_nodes(len(self.procs) - len(self.stopped), timeout_s)
 
     def _start_node(self, spec: NodeSpec, head: bool = False) -> None:
         args = [
@@ -116,7 +121,7 @@ class LocalCluster:
             "--block",
             f"--num-cpus={spec.cpus}",
             f"--num-gpus={spec.gpus}",
-            f"--resources={json.dumps(spec.resources, sort_keys=True)}",
+            f"--resources={json.dumps(self.resources(spec), sort_keys=True)}",
             f"--object-store-memory={spec.object_store_mb * 1024 * 1024}",
             "--disable-usage-stats",
         ]
@@ -129,12 +134,19 @@ class LocalCluster:
             args, stdout=logfile, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
 
+    @staticmethod
+    def resources(spec: NodeSpec) -> dict[str, float]:
+        """The node's resources plus a marker `esnode_<name>` (to find or pin to a node by name)."""
+        return {**spec.resources, f"esnode_{spec.name}": 1.0}
+
     def _wait_nodes(self, count: int, timeout_s: float) -> None:
         """Wait until `count` of our nodes logged that their Ray runtime started."""
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             started = 0
             for name, proc in self.procs.items():
+                if name in self.stopped:
+                    continue
                 text = self._log(name).read_text(errors="replace")
                 if proc.poll() is not None:
                     raise RuntimeError(f"ray node {name} exited with {proc.returncode}: {text[-2000:]}")
@@ -148,7 +160,7 @@ class LocalCluster:
         return Path(self.temp_dir) / f"node-{name}.log"
 
     def alive_names(self) -> list[str]:
-        return [n for n, p in self.procs.items() if p.poll() is None]
+        return [n for n, p in self.procs.items() if p.poll() is None and n not in self.stopped]
 
     def alive(self) -> list[NodeSpec]:
         names = set(self.alive_names())
@@ -157,6 +169,7 @@ class LocalCluster:
     def stop_node(self, name: str) -> None:
         """Lose a node at once: SIGKILL its raylet, workers and agents (the GCS declares it dead)."""
         proc = self.procs[name]
+        self.stopped.add(name)
         _kill_tree(proc.pid)
         proc.wait(timeout=30)
         log.warning("killed ray node %s", name)
@@ -185,3 +198,17 @@ def _kill_tree(pid: int) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(procs, timeout=10)
+
+
+def node_name() -> str:
+    """The calling actor's node: its `esnode_<name>` marker on a local cluster, else host/node-id."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            marks = [k[len("esnode_") :] for k in node["Resources"] if k.startswith("esnode_")]
+            return marks[0] if marks else f"{node.get('NodeManagerHostname', '?')}/{node_id[:8]}"
+    return node_id[:8]

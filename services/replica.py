@@ -21,6 +21,7 @@ from editstream.artifacts import Artifact
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
 from editstream.replica import Replica
+from services.cluster import node_name
 from services.metrics import Metrics
 from services.store import RedisStore, connect
 
@@ -53,6 +54,7 @@ class ReplicaService:
         self._beat = 0.0
         self.metrics = Metrics(name)
         self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
+        self.node = node_name()
         self.catch_up_to = self.store.last_seq()  # the journal as it stood when this replica started
         self.ready = self.catch_up_to == 0
         self.edit_log: ArrowLog | None = None
@@ -155,6 +157,7 @@ class ReplicaService:
                 "digest": self.replica.digest(),
                 "edits": len(self.replica.method.active_edit_ids()),
                 "ready": self.ready,
+                "node": self.node,
                 "apply_busy_s": round(self.busy_s, 3),
             }
 

@@ -108,10 +108,12 @@ def redis_server(tmp_path):
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local():
+    """One local Ray instance, started on first use and kept for later tests (the cluster test
+    shuts it down to join its own cluster; the next test that needs it starts it again)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
