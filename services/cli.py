@@ -275,6 +275,67 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_cluster(args: argparse.Namespace) -> int:
+    from services.cluster import LocalCluster, load_spec
+    from services.redis_server import RedisServer
+
+    cluster, server = None, None
+    address = args.address
+    if not address:
+        cluster = LocalCluster(load_spec(args.cluster)).start()
+        os.environ.update(cluster.client_env)  # before Ray is imported: it reads its auth mode then
+        address = cluster.address
+    import ray
+
+    from editstream.bench.provenance import provenance
+    from services import bench_cluster as bc
+    from services.demo import method_options
+    from services.system import System, SystemConfig
+
+    try:
+        server = RedisServer().start()
+        ray.init(address=address, namespace="bench-cluster", log_to_driver=False)
+        config = SystemConfig(
+            redis_url=server.url,
+            run_dir=args.run_dir,
+            method=args.method,
+            model=args.model,
+            namespace="bench-cluster",
+            replicas=1,
+            editors=1,
+            evaluators=0,
+            editor_threads=args.editor_threads,
+            method_options=method_options(args.method, args.checkpoint),
+        )
+        system = System(config).start()
+        doc: dict = {"method": args.method, "model": args.model, "ray_address": address}
+        if cluster:
+            doc["cluster"] = [vars(s) for s in cluster.specs]
+        counts = [int(c) for c in args.replicas.split(",")]
+        doc["queries"] = bc.query_throughput(system, system.store, counts, args.seconds, args.clients, args.edits)
+        editors = [int(c) for c in args.editors.split(",")]
+        doc["editors"] = {
+            **bc.edit_throughput(system, system.store, editors, args.facts),
+            "threads_per_editor": args.editor_threads,
+        }
+        doc.update(provenance())
+        system.stop()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if server:
+            server.stop()
+        if cluster:
+            cluster.stop()
+    if args.out:
+        out = Path(args.out) / f"cluster-{args.method}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2))
+        log.info("wrote %s", out)
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
 def parse_options(items: list[str]) -> dict:
     """KEY=VALUE method options; VALUE is read as JSON when it parses (numbers, true), else a string."""
     out = {}
@@ -359,6 +420,25 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--run-dir", default="runs/bench-pipeline")
     pl.add_argument("--out", default="bench/results")
     pl.set_defaults(func=_bench_pipeline)
+
+    cl = bench.add_parser(
+        "cluster", help="on a multi-node Ray cluster: query throughput vs replicas, edit throughput vs editors"
+    )
+    cl.add_argument("--cluster", default="cluster/local.yaml", help="local cluster file to start (see cluster/)")
+    cl.add_argument("--address", default=None, help="an existing Ray cluster instead of starting --cluster")
+    cl.add_argument("--method", default="recipe")
+    cl.add_argument("--model", default=EMBEDDED_LLM)
+    cl.add_argument("--checkpoint", default=None)
+    cl.add_argument("--replicas", default="1,2,4", help="replica counts for the query-throughput points")
+    cl.add_argument("--editors", default="1,2", help="editor counts for the edit-throughput points")
+    cl.add_argument("--seconds", type=float, default=30.0, help="query load per point")
+    cl.add_argument("--clients", type=int, default=2, help="concurrent query clients per replica")
+    cl.add_argument("--edits", type=int, default=100, help="edits stored before the query points")
+    cl.add_argument("--facts", type=int, default=300, help="facts per edit-throughput point")
+    cl.add_argument("--editor-threads", type=int, default=1, help="torch threads per editor (fixed across points)")
+    cl.add_argument("--run-dir", default="runs/bench-cluster")
+    cl.add_argument("--out", default="bench/results")
+    cl.set_defaults(func=_bench_cluster)
 
 
 def _demo(args: argparse.Namespace) -> int:
