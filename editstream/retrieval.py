@@ -1,7 +1,12 @@
-"""A removable vector index of edit keys: faiss inner product under an ID map, keyed by edit_id.
+"""Removable vector indexes of edit keys, keyed by edit_id: exact inner-product search.
 
-Flat search is exact and supports `remove_ids`, which supersede and retract need; keys are small
-(the retriever projects to `key_dim`), so a flat scan over 100k keys stays in the low milliseconds.
+* `KeyIndex`: faiss flat inner product under an ID map (CPU). Flat search is exact and supports
+  `remove_ids`, which supersede and retract need; keys are small (the retriever projects to
+  `key_dim`), so a flat scan over 100k keys stays in the low milliseconds.
+* `TensorKeyIndex`: the same as one matrix product on the model's device (a GPU replica keeps its
+  keys in GPU memory next to the model: no host round trip per query). Rows live in a preallocated
+  tensor that doubles when full; a removed row is masked and reused.
+`make_index` picks the tensor index on CUDA and faiss on the CPU.
 """
 
 from __future__ import annotations
@@ -52,3 +57,65 @@ class KeyIndex:
             return torch.full((len(q),), float("-inf")), [None] * len(q)
         scores, ids = self._index.search(q, 1)
         return torch.from_numpy(scores[:, 0].copy()), [self._by_int.get(int(i)) for i in ids[:, 0]]
+
+
+class TensorKeyIndex:
+    """Edit keys in one tensor on `device`; same interface and results as `KeyIndex`."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu", capacity: int = 1024) -> None:
+        self.dim = dim
+        self.device = torch.device(device)
+        self._keys = torch.zeros(capacity, dim, device=self.device)
+        self._live = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self._by_edit: dict[str, int] = {}
+        self._by_row: dict[int, str] = {}
+        self._free: list[int] = []
+        self._used = 0  # rows ever handed out (the search scans only these)
+
+    def __len__(self) -> int:
+        return len(self._by_edit)
+
+    def __contains__(self, edit_id: str) -> bool:
+        return edit_id in self._by_edit
+
+    def add(self, edit_id: str, key: torch.Tensor) -> None:
+        if edit_id in self._by_edit:
+            return
+        if self._free:
+            row = self._free.pop()
+        else:
+            if self._used == len(self._keys):
+                self._grow()
+            row, self._used = self._used, self._used + 1
+        self._keys[row] = key.detach().reshape(self.dim).to(self._keys)
+        self._live[row] = True
+        self._by_edit[edit_id] = row
+        self._by_row[row] = edit_id
+
+    def _grow(self) -> None:
+        n = len(self._keys)
+        self._keys = torch.cat([self._keys, torch.zeros_like(self._keys)])
+        self._live = torch.cat([self._live, torch.zeros(n, dtype=torch.bool, device=self.device)])
+
+    def remove(self, edit_id: str) -> None:
+        row = self._by_edit.pop(edit_id, None)
+        if row is None:
+            return
+        del self._by_row[row]
+        self._live[row] = False
+        self._free.append(row)
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+        """Best score and edit_id per query row; (-inf, None) where the index is empty."""
+        q = queries.detach().to(self._keys).reshape(-1, self.dim)
+        if not self._by_edit:
+            return torch.full((len(q),), float("-inf")), [None] * len(q)
+        scores = q @ self._keys[: self._used].T
+        scores.masked_fill_(~self._live[: self._used], float("-inf"))
+        best, rows = scores.max(dim=1)
+        return best.cpu(), [self._by_row.get(int(r)) for r in rows.tolist()]
+
+
+def make_index(dim: int, device: torch.device | str = "cpu") -> KeyIndex | TensorKeyIndex:
+    """The tensor index on a CUDA device (keys beside the model), faiss on the CPU."""
+    return TensorKeyIndex(dim, device) if torch.device(device).type == "cuda" else KeyIndex(dim)

@@ -24,7 +24,7 @@ from editstream.methods.recipe.checkpoint import load_checkpoint
 from editstream.methods.recipe.network import RecipeNet, embed_ids, target_token_ids
 from editstream.models import LoadedEncoder, LoadedLM, load_encoder
 from editstream.prefix import soft_prefix
-from editstream.retrieval import KeyIndex
+from editstream.retrieval import make_index
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class RecipeRetrieval:
     def __init__(self, net: RecipeNet, encoder: LoadedEncoder) -> None:
         self.net = net
         self.encoder = encoder
-        self.index = KeyIndex(net.config.key_dim)
+        self.index = make_index(net.config.key_dim, next(net.parameters()).device)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encoder.encode(list(texts)).to(next(self.net.parameters()).device)
