@@ -15,6 +15,8 @@ METHODS: dict[str, str] = {
     "recipe": "editstream.methods.recipe.method:Recipe",
     "ft": "editstream.methods.ft:FineTune",
     "scen": "editstream.methods.scen.method:Scen",
+    "rome": "editstream.methods.rome.method:Rome",
+    "memit": "editstream.methods.rome.method:Memit",
 }
 
 

@@ -10,6 +10,7 @@ into windows of `window` tokens and run through the model up to the highest laye
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -105,12 +106,12 @@ def _measure(
         with torch.no_grad():
             for i in tqdm(range(0, len(windows), batch), desc=f"key statistics, layers {layers}", unit="batch"):
                 chunk = torch.tensor(windows[i : i + batch], device=lm.device)
-                try:
+                with contextlib.suppress(_Stop):
                     model(input_ids=chunk, use_cache=False)
-                except _Stop:
-                    pass
     finally:
         for h in handles:
             h.remove()
-    log.info("key statistics of layers %s from %d tokens (%d layers deep)", layers, counts[top], len(decoder_layers(model)))
+    log.info(
+        "key statistics of layers %s from %d tokens (%d layers deep)", layers, counts[top], len(decoder_layers(model))
+    )
     return {layer: ((sums[layer] / counts[layer]).float(), counts[layer]) for layer in layers}

@@ -1,0 +1,1 @@
+"""ROME and MEMIT: rank-one / low-rank rewrites of MLP output matrices, with key statistics."""
