@@ -20,12 +20,12 @@ EVAL_SCHEMA = pa.schema(
         ("time", pa.timestamp("ms", tz="UTC")),
         ("replica", pa.string()),
         ("version", pa.int64()),  # replica version (edits applied) when probed
-        ("kind", pa.string()),  # reliability | generality | locality
+        ("kind", pa.string()),  # reliability | generality | locality | perplexity
         ("edit_id", pa.string()),  # the probed edit (empty for locality)
         ("edit_seq", pa.int64()),
         ("age_edits", pa.int64()),  # version - edit_seq
         ("age_s", pa.float64()),  # seconds since the edit entered the stream
-        ("score", pa.float64()),  # token accuracy (or agreement for locality)
+        ("score", pa.float64()),  # token accuracy (agreement for locality; the value for perplexity)
         ("fired", pa.bool_()),  # whether an edit fired on the probe
         ("method", pa.string()),
     ],

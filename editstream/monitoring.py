@@ -58,6 +58,7 @@ class AlarmThresholds:
     locality: float = 0.9
     min_age: int = 10
     min_probes: int = 20
+    perplexity_rise: float = 2.0  # general ability: recent perplexity above this times the first measured
 
 
 def alarms(evals: pa.Table, thresholds: AlarmThresholds = AlarmThresholds()) -> list[str]:
@@ -77,6 +78,15 @@ def alarms(evals: pa.Table, thresholds: AlarmThresholds = AlarmThresholds()) -> 
         value = sum(loc[-200:]) / len(loc[-200:])
         if value < thresholds.locality:
             out.append(f"LOCALITY {value:.2f} < {thresholds.locality}")
+    ppl = [
+        r["score"]
+        for r in evals.select(["kind", "version", "score"]).sort_by("version").to_pylist()
+        if r["kind"] == "perplexity"
+    ]
+    if len(ppl) >= 2:
+        value = sum(ppl[-3:]) / len(ppl[-3:])
+        if value > thresholds.perplexity_rise * ppl[0]:
+            out.append(f"PERPLEXITY {value:.1f} > {thresholds.perplexity_rise} x {ppl[0]:.1f} (general ability lost)")
     return out
 
 

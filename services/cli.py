@@ -336,6 +336,46 @@ def _bench_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_forgetting(args: argparse.Namespace) -> int:
+    import ray
+
+    from editstream.bench.provenance import provenance
+    from editstream.data import load_edits
+    from editstream.report import write_report
+    from services import bench_study as st
+    from services.redis_server import RedisServer
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_root = Path(args.run_dir)
+    facts = load_edits(args.data, seed=args.seed, limit=args.facts)
+    timing = {}
+    if not args.analyse_only:
+        with RedisServer() as server:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            try:
+                timing = st.run_study(server.url, run_root, methods, facts, args.budget, args.timeout)
+            finally:
+                ray.shutdown()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for m in methods:
+        results[m] = {**st.analyse(st.load_eval(run_root / m), len(facts), args.bin), **timing.get(m, {})}
+        report = write_report(run_root / m)
+        for png in report.parent.glob("*.png"):
+            (out / f"{m}-{png.name}").write_bytes(png.read_bytes())
+    title = f"{len(facts)} CounterFact edits streamed through {', '.join(methods)} (SmolLM2-135M)"
+    st.plot(results, out / "study.png", title)
+    doc = {"facts": len(facts), "data": args.data, "seed": args.seed, "methods": results, **provenance()}
+    (out / "study.json").write_text(json.dumps(doc, indent=2))
+    for m, r in results.items():
+        print(
+            f"{m:>8}: retention of old edits below 0.8 from {r['gradual_phase_from_edits']} edits; "
+            f"collapse from {r['collapse_from_edits']}; alarm by {r['alarm_first_fired_by_edits']}"
+        )
+    return 0
+
+
 def parse_options(items: list[str]) -> dict:
     """KEY=VALUE method options; VALUE is read as JSON when it parses (numbers, true), else a string."""
     out = {}
@@ -440,6 +480,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     cl.add_argument("--out", default="bench/results")
     cl.set_defaults(func=_bench_cluster)
 
+    fg = bench.add_parser(
+        "forgetting", help="the forgetting study: one CounterFact stream through several methods, measured live"
+    )
+    fg.add_argument("--methods", default="rome,memit,recipe", help="methods, comma-separated")
+    fg.add_argument("--data", default="counterfact", help="edit split alias or file")
+    fg.add_argument("--facts", type=int, default=1000, help="facts streamed (first N after the seeded shuffle)")
+    fg.add_argument("--seed", type=int, default=0)
+    fg.add_argument("--budget", type=float, default=0.2, help="evaluator time budget (share of its wall time)")
+    fg.add_argument("--bin", type=int, default=50, help="edits per bin of the curves")
+    fg.add_argument("--timeout", type=float, default=7200, help="seconds to wait for all methods")
+    fg.add_argument("--run-dir", default="runs/forgetting", help="Arrow logs, one directory per method")
+    fg.add_argument("--out", default="bench/results/forgetting", help="study.json, study.png and report PNGs")
+    fg.add_argument("--analyse-only", action="store_true", help="re-analyse the logs in --run-dir, run nothing")
+    fg.set_defaults(func=_bench_forgetting)
+
 
 def _demo(args: argparse.Namespace) -> int:
     from services.demo import DemoOptions, print_summary, run_demo
@@ -517,6 +572,8 @@ def _system(args: argparse.Namespace) -> int:
         return commands.scale(url, args.namespace, counts, args.wait)
     if args.command == "feed":
         return commands.feed_file(url, args.namespace, args.source, args.rate, args.limit)
+    if args.command == "rollback":
+        return commands.rollback(url, args.namespace, args.to_version, args.wait)
     if args.command == "retract":
         return commands.retract(url, args.namespace, args.edit_id)
     if args.command == "ask":
@@ -608,6 +665,10 @@ def _add_system(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-version", type=int, default=0, help="wait until the replica applied this seq")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or auto)")
+    p = sub.add_parser("rollback", help="remove every edit after version K on every replica (retracts, newest first)")
+    common(p)
+    p.add_argument("--to-version", type=int, required=True, help="the journal seq to return to (0: no edits)")
+    p.add_argument("--wait", type=float, default=300.0, help="seconds to wait until replicas applied it (0: return)")
     p = sub.add_parser("retract", help="queue the removal of an edit by its edit_id")
     common(p)
     p.add_argument("edit_id")

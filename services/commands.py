@@ -128,6 +128,55 @@ def retract(redis_url: str, namespace: str, edit_id: str) -> int:
     return 0
 
 
+def rollback_plan(store: RedisStore, to_version: int) -> tuple[list[str], list[str]]:
+    """The edit_ids to retract, newest first, so that the edits after `to_version` are gone; and the
+    retracts after `to_version` of edits at or before it (a retract cannot undo those)."""
+    entries = store.journal_after(to_version, count=10**9)
+    retracted = {e.payload["retracts"] for e in entries if e.payload["op"] == "retract"}
+    after = [e.payload["edit_id"] for e in entries if e.payload["op"] == "edit"]
+    undo = [
+        e.payload["edit_id"] for e in entries if e.payload["op"] == "edit" and e.payload["edit_id"] not in retracted
+    ]
+    lost = sorted(retracted - set(after))
+    return list(reversed(undo)), lost
+
+
+def rollback(redis_url: str, namespace: str, to_version: int, wait_s: float) -> int:
+    """Queue retracts of every edit after `to_version`, newest first; wait until replicas applied them."""
+    store = RedisStore(connect(redis_url), namespace)
+    last = store.last_seq()
+    if not 0 <= to_version <= last:
+        print(f"--to-version {to_version} is outside the journal (0..{last})", file=sys.stderr)
+        return 2
+    undo, lost = rollback_plan(store, to_version)
+    if lost:
+        print(
+            f"{len(lost)} edits at or before version {to_version} were retracted after it ({', '.join(lost[:5])}"
+            f"{'...' if len(lost) > 5 else ''}); a rollback cannot bring them back: re-send them as facts",
+            file=sys.stderr,
+        )
+    if not undo:
+        print(f"nothing to roll back: no edit after version {to_version} is in effect")
+        return 0
+    pipe = store.r.pipeline(transaction=False)
+    for edit_id in undo:
+        pipe.xadd(store.keys.facts, {"op": "retract", "retracts": edit_id})
+    pipe.execute()
+    print(f"queued {len(undo)} retracts (newest edit first) to roll back to version {to_version}", flush=True)
+    if wait_s <= 0:
+        return 0
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        journal = store.last_seq()
+        beats = store.replica_heartbeats()
+        if journal >= last + len(undo) and beats and all(b["version"] >= journal for b in beats.values()):
+            print(f"every replica applied the rollback (now at version {journal})")
+            return 0
+        time.sleep(0.5)
+    print(f"replicas had not applied the rollback after {wait_s:.0f} s; see `editstream status`", file=sys.stderr)
+    return 1
+
+
 def ask(namespace: str, prompt: str, replica: str, min_version: int, max_new_tokens: int, address: str | None) -> int:
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace=namespace, log_to_driver=False)
     try:

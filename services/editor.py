@@ -73,17 +73,26 @@ class Editor:
         self.computed += len(artifacts)
 
     def _compute_in_order(self, entries: list) -> None:
-        """Sequential methods: compute each edit on top of this editor's own edited copy, then apply it."""
-        for entry in entries:
-            if entry.seq <= self.version:
-                continue  # replayed after a restart: already in this copy
+        """Sequential methods: compute each edit on top of this editor's own edited copy, then apply it.
+        Methods that solve several edits jointly (`batch_edits`, e.g. MEMIT) get each run of
+        consecutive edits at once."""
+        pending = [e for e in entries if e.seq > self.version]  # the rest were replayed after a restart
+        i = 0
+        while i < len(pending):
+            entry = pending[i]
             if entry.payload["op"] == "retract":
                 self.method.remove(entry.payload["retracts"])
-            else:
-                (artifact,) = self.method.compute([edit_from_payload(entry.payload)])
-                self._store([artifact], [entry.seq])
+                self.version, i = entry.seq, i + 1
+                continue
+            j = i + 1
+            while self.method.batch_edits and j < len(pending) and pending[j].payload["op"] == "edit":
+                j += 1
+            group = pending[i:j]
+            artifacts = self.method.compute([edit_from_payload(e.payload) for e in group])
+            self._store(artifacts, [e.seq for e in group])
+            for artifact in artifacts:
                 self.method.apply(artifact)
-            self.version = entry.seq
+            self.version, i = group[-1].seq, j
 
     def _rebuild(self) -> None:
         """After a restart, re-apply the stored artifacts of the journal prefix this editor finished."""

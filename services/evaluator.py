@@ -2,7 +2,10 @@
 
 Each round samples earlier edits (their prompts: reliability; their paraphrases: generality) and
 unrelated prompts (locality, scored against the unedited model's answers, cached once), scores
-them on one replica, and appends the records. It spends at most `budget` of wall time probing
+them on one replica, and appends the records. Every `general_every` rounds it also measures the
+replica's perplexity on fixed accurate passages (`hallucination/wiki_accurate.json` when the data
+directory is there): kind `perplexity`, the general-ability probe that shows a collapsing model.
+It spends at most `budget` of wall time probing
 (e.g. 0.1 = 10%), sleeping the rest, so evaluation never starves serving.
 """
 
@@ -18,6 +21,7 @@ from typing import Any
 import ray
 
 from editstream.arrowlog import EVAL_SCHEMA, ArrowLog
+from editstream.data import DEFAULT_DATA_DIR, read_records
 from editstream.metrics import agreement, token_accuracy
 from editstream.probes import LOCALITY_POOL
 from services.metrics import Metrics
@@ -41,6 +45,8 @@ class Evaluator:
         budget: float = 0.1,
         seed: int = 0,
         name: str = "evaluator-0",
+        general_every: int = 3,
+        general_texts: int = 16,
     ) -> None:
         self.store = RedisStore(connect(redis_url), namespace)
         self.replicas = list(replicas)
@@ -53,6 +59,8 @@ class Evaluator:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self.metrics = Metrics(name)
+        self.general_every = general_every
+        self.general = general_passages(general_texts) if general_every else []
 
     def set_replicas(self, replicas: list) -> None:
         self.replicas = list(replicas)
@@ -98,25 +106,14 @@ class Evaluator:
         res = self._score(replica, contexts, answers)
         now = time.time()
         rows: list[dict[str, Any]] = []
+        if self.general and self.rounds % self.general_every == 0:
+            g = ray.get(replica.call.remote("perplexity", self.general))
+            rows.append(self._row(now, state["name"], g["version"], "perplexity", None, g["perplexity"], False))
         for (kind, entry), ctx, pred, ids, fired, version in zip(
             meta, contexts, res["predicted"], res["answer_ids"], res["fired"], res["version"], strict=True
         ):
             score = agreement(pred, base[ctx]) if kind == "locality" else token_accuracy(pred, ids)
-            rows.append(
-                {
-                    "time": int(now * 1000),
-                    "replica": state["name"],
-                    "version": version,
-                    "kind": kind,
-                    "edit_id": entry.payload["edit_id"] if entry else "",
-                    "edit_seq": entry.seq if entry else 0,
-                    "age_edits": version - entry.seq if entry else 0,
-                    "age_s": now - entry.at_ms / 1000 if entry else 0.0,
-                    "score": score,
-                    "fired": fired is not None,
-                    "method": self.method,
-                }
-            )
+            rows.append(self._row(now, state["name"], version, kind, entry, score, fired is not None))
         with self._lock:
             if self._closed.is_set():
                 return 0
@@ -129,6 +126,21 @@ class Evaluator:
         spent = time.time() - started
         self._closed.wait(spent * (1 / self.budget - 1) if self.budget < 1 else 0)  # stay within the budget
         return len(rows)
+
+    def _row(self, now: float, replica: str, version: int, kind: str, entry, score: float, fired: bool) -> dict:
+        return {
+            "time": int(now * 1000),
+            "replica": replica,
+            "version": version,
+            "kind": kind,
+            "edit_id": entry.payload["edit_id"] if entry else "",
+            "edit_seq": entry.seq if entry else 0,
+            "age_edits": version - entry.seq if entry else 0,
+            "age_s": now - entry.at_ms / 1000 if entry else 0.0,
+            "score": score,
+            "fired": fired,
+            "method": self.method,
+        }
 
     def _score(self, replica, contexts: list[str], answers: list[str]) -> dict[str, list]:
         """Score in small calls, so that a query never waits behind more than `call_size` probes."""
@@ -149,3 +161,12 @@ class Evaluator:
 
     def stats(self) -> dict:
         return {"rounds": self.rounds, "name": self.name}
+
+
+def general_passages(n: int) -> list[str]:
+    """The first `n` accurate Wikipedia passages of the benchmark data, or none if it is absent."""
+    path = DEFAULT_DATA_DIR / "hallucination" / "wiki_accurate.json"
+    if not path.is_file():
+        log.info("no %s: evaluators skip the perplexity probe", path)
+        return []
+    return [r["text"] for r in read_records(path)[:n]]

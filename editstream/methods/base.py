@@ -40,6 +40,7 @@ class EditMethod(ABC):
 
     name: ClassVar[str]
     sequential: ClassVar[bool] = False  # True: each edit is computed on top of the earlier ones
+    batch_edits: ClassVar[bool] = False  # sequential methods: True if compute solves a batch jointly
 
     def __init__(self, lm: LoadedLM) -> None:
         self.lm = lm

@@ -142,5 +142,7 @@ class Recipe(EditMethod):
         prefix_mask = torch.zeros(len(prompts), hit_prefix.shape[1], dtype=torch.long, device=device)
         prefix[rows] = hit_prefix
         prefix_mask[rows] = hit_mask
+        used = prefix_mask.any(dim=0)  # slots no row uses (short targets) are dropped: an all-ones
+        prefix, prefix_mask = prefix[:, used], prefix_mask[:, used]  # mask keeps attention on its fast path
         with soft_prefix(self.lm.model, prefix, prefix_mask):
             yield plan

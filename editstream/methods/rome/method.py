@@ -62,7 +62,6 @@ class LocateEdit(EditMethod):
     """Shared by ROME and MEMIT: keys, target values, covariance, and adding/removing the factors."""
 
     sequential = True
-    multi_layer = False
 
     def __init__(self, lm: LoadedLM, config: RomeConfig) -> None:
         super().__init__(lm)
@@ -247,7 +246,7 @@ class LocateEdit(EditMethod):
 
     def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
         out: list[Artifact] = []
-        size = self.config.batch if self.multi_layer else 1
+        size = self.config.batch if self.batch_edits else 1
         with torch.enable_grad():
             for i in range(0, len(edits), size):
                 changes = [ch for a in out for ch in self._changes(a)]
@@ -299,7 +298,7 @@ class Memit(LocateEdit):
     """A batch of edits spread over a range of layers, solved jointly (per-edit rank-one factors)."""
 
     name = "memit"
-    multi_layer = True
+    batch_edits = True
 
     def default_layers(self, n: int) -> list[int]:
         top = n // 6 + 1

@@ -61,8 +61,10 @@ def second_moments(
     out, todo = {}, []
     for layer in layers:
         path = _cache_path(lm, layer, corpus_hash, sample_size)
-        if path.is_file():
-            out[layer] = load_file(str(path))["mom2"].to(lm.device)
+        width = key_module(lm.model, layer).weight.shape  # a cache entry of another shape is stale
+        cached = load_file(str(path))["mom2"] if path.is_file() else None
+        if cached is not None and cached.shape[0] in width:
+            out[layer] = cached.to(lm.device)
         else:
             todo.append(layer)
     if todo:

@@ -1,0 +1,159 @@
+"""The forgetting study, live: one CounterFact stream through several methods at once.
+
+Every method gets its own system (namespace, 1 replica, 1 editor, 1 evaluator) and the same facts
+in the same order. The evaluators log retention of earlier edits, locality and perplexity on
+accurate Wikipedia passages (general ability) as the edits pile up. `analyse` reads a run's Arrow
+log and finds, in bins of edits applied, where old-edit retention starts to fall (gradual phase),
+where general ability collapses (perplexity above `collapse_rise` times its start, or locality
+below `collapse_locality`: catastrophic phase), and at which edit count the monitor's alarm first
+fires. `plot` draws the methods side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from editstream.arrowlog import read_log
+from editstream.edits import EditRequest
+from editstream.monitoring import AlarmThresholds, alarms
+from services.demo import feed
+from services.system import System, SystemConfig
+
+log = logging.getLogger(__name__)
+
+
+def run_study(
+    redis_url: str, out_dir: Path, methods: list[str], facts: list[EditRequest], budget: float, timeout_s: float
+) -> dict[str, Any]:
+    """Stream `facts` into one system per method; returns per-method {applied, seconds}."""
+    systems = {}
+    for m in methods:
+        config = SystemConfig(
+            redis_url=redis_url,
+            run_dir=str(out_dir / m),
+            method=m,
+            namespace=f"study-{m}",
+            replicas=1,
+            editors=1,
+            evaluators=1,
+            eval_budget=budget,
+        )
+        systems[m] = System(config).start()
+    started = time.time()
+    feeders = [
+        threading.Thread(target=feed, args=(s.store, facts, 0.0), kwargs={"progress": False}) for s in systems.values()
+    ]
+    for t in feeders:
+        t.start()
+    for t in feeders:
+        t.join()
+    done: dict[str, Any] = {}
+    try:
+        while len(done) < len(systems) and time.time() - started < timeout_s:
+            for m, s in systems.items():
+                version = s.replica_states()[0]["version"]
+                if m not in done and version >= len(facts):
+                    done[m] = {"applied": version, "seconds": round(time.time() - started, 1)}
+                    log.info("%s: all %d edits applied after %.0f s", m, version, time.time() - started)
+            time.sleep(30)
+            log.info("progress: %s", {m: s.replica_states()[0]["version"] for m, s in systems.items()})
+        for s in systems.values():
+            s.wait_for_evaluation(rounds=s.call("evaluator-0", "stats")["rounds"] + 1, timeout_s=120)
+    finally:
+        for m, s in systems.items():
+            done.setdefault(m, {"applied": s.replica_states()[0]["version"], "seconds": None, "timed_out": True})
+            s.stop()
+    return done
+
+
+def _bins(rows: list[dict], n: int, width: int) -> list[dict]:
+    out = []
+    for lo in range(0, n + 1, width):
+        scores = [r["score"] for r in rows if lo <= r["version"] < lo + width]
+        if scores:
+            out.append({"edits": lo + width // 2, "n": len(scores), "value": round(sum(scores) / len(scores), 4)})
+    return out
+
+
+def analyse(
+    evals: pa.Table,
+    n: int,
+    width: int = 50,
+    min_age: int = 10,
+    gradual_below: float = 0.8,
+    collapse_rise: float = 3.0,
+    collapse_locality: float = 0.5,
+) -> dict[str, Any]:
+    """Curves by edits applied and the edit counts where each phase starts (None: it did not)."""
+    rows = evals.select(["kind", "version", "age_edits", "score"]).to_pylist()
+    old = [r for r in rows if r["kind"] == "reliability" and r["age_edits"] >= min_age]
+    curves = {
+        "retention_old": _bins(old, n, width),
+        "reliability_all": _bins([r for r in rows if r["kind"] == "reliability"], n, width),
+        "generality": _bins([r for r in rows if r["kind"] == "generality"], n, width),
+        "locality": _bins([r for r in rows if r["kind"] == "locality"], n, width),
+        "perplexity": _bins([r for r in rows if r["kind"] == "perplexity"], n, width),
+    }
+    ppl = curves["perplexity"]
+    base_ppl = ppl[0]["value"] if ppl else None
+    gradual = next((b["edits"] for b in curves["retention_old"] if b["value"] < gradual_below), None)
+    by_ppl = next((b["edits"] for b in ppl if base_ppl and b["value"] > collapse_rise * base_ppl), None)
+    by_loc = next((b["edits"] for b in curves["locality"] if b["value"] < collapse_locality), None)
+    collapse = min((x for x in (by_ppl, by_loc) if x is not None), default=None)
+    alarm_at, alarm_text = None, []
+    for edge in range(width, n + width, width):
+        fired = alarms(evals.filter(pc.less(evals["version"], edge)), AlarmThresholds())
+        if fired:
+            alarm_at, alarm_text = edge, fired
+            break
+    return {
+        "curves": curves,
+        "perplexity_start": base_ppl,
+        "gradual_phase_from_edits": gradual,
+        "collapse_from_edits": collapse,
+        "alarm_first_fired_by_edits": alarm_at,
+        "alarm": alarm_text,
+        "thresholds": {
+            "gradual": f"retention of edits >= {min_age} old below {gradual_below}",
+            "collapse": f"perplexity above {collapse_rise}x its start or locality below {collapse_locality}",
+        },
+    }
+
+
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("retention_old", "retention of edits >= 10 edits old"),
+        ("locality", "locality (agreement with the unedited model)"),
+        ("perplexity", "perplexity on accurate Wikipedia passages"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for method, res in results.items():
+            pts = res["curves"][key]
+            ax.plot([p["edits"] for p in pts], [p["value"] for p in pts], marker=".", label=method)
+        ax.set_xlabel("edits applied")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if key == "perplexity":
+            ax.set_yscale("log")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_eval(run_dir: Path) -> pa.Table:
+    return read_log(run_dir, "eval")
