@@ -30,9 +30,17 @@ log = logging.getLogger(__name__)
 
 
 def run_study(
-    redis_url: str, out_dir: Path, methods: list[str], facts: list[EditRequest], budget: float, timeout_s: float
+    redis_url: str,
+    out_dir: Path,
+    methods: list[str],
+    facts: list[EditRequest],
+    budget: float,
+    timeout_s: float,
+    weight_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Stream `facts` into one system per method; returns per-method {applied, seconds}."""
+    """Stream `facts` into one system per method; returns per-method {applied, seconds}.
+    `weight_options` go to the weight-editing methods (rome, memit); editors get one thread each,
+    so the methods' editors share the cores instead of oversubscribing them."""
     systems = {}
     for m in methods:
         config = SystemConfig(
@@ -44,6 +52,8 @@ def run_study(
             editors=1,
             evaluators=1,
             eval_budget=budget,
+            editor_threads=1,
+            method_options=dict(weight_options or {}) if m in ("rome", "memit") else {},
         )
         systems[m] = System(config).start()
     started = time.time()
@@ -74,11 +84,16 @@ def run_study(
 
 
 def _bins(rows: list[dict], n: int, width: int) -> list[dict]:
+    """Mean score per range of `width` edits applied, placed at the mean edit count of its probes."""
     out = []
     for lo in range(0, n + 1, width):
-        scores = [r["score"] for r in rows if lo <= r["version"] < lo + width]
-        if scores:
-            out.append({"edits": lo + width // 2, "n": len(scores), "value": round(sum(scores) / len(scores), 4)})
+        inside = [r for r in rows if lo <= r["version"] < lo + width]
+        if inside:
+            mean = sum(r["score"] for r in inside) / len(inside)
+            at = sum(r["version"] for r in inside) / len(inside)
+            out.append(
+                {"edits": round(at, 1), "range": [lo, lo + width - 1], "n": len(inside), "value": round(mean, 4)}
+            )
     return out
 
 
@@ -103,9 +118,10 @@ def analyse(
     }
     ppl = curves["perplexity"]
     base_ppl = ppl[0]["value"] if ppl else None
-    gradual = next((b["edits"] for b in curves["retention_old"] if b["value"] < gradual_below), None)
-    by_ppl = next((b["edits"] for b in ppl if base_ppl and b["value"] > collapse_rise * base_ppl), None)
-    by_loc = next((b["edits"] for b in curves["locality"] if b["value"] < collapse_locality), None)
+    # each phase: the first bin (by its first edit count) where the measure crosses its threshold
+    gradual = next((b["range"][0] for b in curves["retention_old"] if b["value"] < gradual_below), None)
+    by_ppl = next((b["range"][0] for b in ppl if base_ppl and b["value"] > collapse_rise * base_ppl), None)
+    by_loc = next((b["range"][0] for b in curves["locality"] if b["value"] < collapse_locality), None)
     collapse = min((x for x in (by_ppl, by_loc) if x is not None), default=None)
     alarm_at, alarm_text = None, []
     for edge in range(width, n + width, width):

@@ -353,7 +353,8 @@ def _bench_forgetting(args: argparse.Namespace) -> int:
         with RedisServer() as server:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             try:
-                timing = st.run_study(server.url, run_root, methods, facts, args.budget, args.timeout)
+                options = parse_options(args.option)
+                timing = st.run_study(server.url, run_root, methods, facts, args.budget, args.timeout, options)
             finally:
                 ray.shutdown()
     out = Path(args.out)
@@ -366,7 +367,14 @@ def _bench_forgetting(args: argparse.Namespace) -> int:
             (out / f"{m}-{png.name}").write_bytes(png.read_bytes())
     title = f"{len(facts)} CounterFact edits streamed through {', '.join(methods)} (SmolLM2-135M)"
     st.plot(results, out / "study.png", title)
-    doc = {"facts": len(facts), "data": args.data, "seed": args.seed, "methods": results, **provenance()}
+    doc = {
+        "facts": len(facts),
+        "data": args.data,
+        "seed": args.seed,
+        "weight_method_options": parse_options(args.option),
+        "methods": results,
+        **provenance(),
+    }
     (out / "study.json").write_text(json.dumps(doc, indent=2))
     for m, r in results.items():
         print(
@@ -493,6 +501,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     fg.add_argument("--run-dir", default="runs/forgetting", help="Arrow logs, one directory per method")
     fg.add_argument("--out", default="bench/results/forgetting", help="study.json, study.png and report PNGs")
     fg.add_argument("--analyse-only", action="store_true", help="re-analyse the logs in --run-dir, run nothing")
+    fg.add_argument(
+        "--option", action="append", default=[], help="KEY=VALUE for rome and memit (e.g. steps=10), repeatable"
+    )
     fg.set_defaults(func=_bench_forgetting)
 
 
