@@ -165,3 +165,15 @@ def test_three_node_cluster_survives_losing_a_worker_node(redis_server, tmp_path
         cluster.stop()
         serve_log.close()
     assert serve.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+@pytest.mark.redis
+def test_scale_needs_a_running_serve_and_records_the_wanted_counts(redis_server):
+    from services.commands import scale
+
+    store = RedisStore(connect(redis_server.url), "sc")
+    assert scale(redis_server.url, "sc", {"replica": 3}, wait_s=0) == 2  # nobody would act on it
+    assert store.desired() == {}
+    store.mark_serving({"pid": 1})
+    assert scale(redis_server.url, "sc", {"replica": 3, "editor": 2}, wait_s=0) == 0
+    assert store.desired() == {"replica": 3, "editor": 2}
