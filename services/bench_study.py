@@ -123,12 +123,13 @@ def analyse(
     by_ppl = next((b["range"][0] for b in ppl if base_ppl and b["value"] > collapse_rise * base_ppl), None)
     by_loc = next((b["range"][0] for b in curves["locality"] if b["value"] < collapse_locality), None)
     collapse = min((x for x in (by_ppl, by_loc) if x is not None), default=None)
-    alarm_at, alarm_text = None, []
-    for edge in range(width, n + width, width):
+    alarm_at, alarm_text, first_by_kind = None, [], {}
+    for edge in range(width, n + 2 * width, width):  # the monitor's alarms as they stood at each edit count
         fired = alarms(evals.filter(pc.less(evals["version"], edge)), AlarmThresholds())
-        if fired:
+        if fired and alarm_at is None:
             alarm_at, alarm_text = edge, fired
-            break
+        for text in fired:
+            first_by_kind.setdefault(text.split()[0], {"by_edits": edge, "alarm": text})
     return {
         "curves": curves,
         "perplexity_start": base_ppl,
@@ -136,6 +137,7 @@ def analyse(
         "collapse_from_edits": collapse,
         "alarm_first_fired_by_edits": alarm_at,
         "alarm": alarm_text,
+        "alarms_first_fired": first_by_kind,
         "thresholds": {
             "gradual": f"retention of edits >= {min_age} old below {gradual_below}",
             "collapse": f"perplexity above {collapse_rise}x its start or locality below {collapse_locality}",
@@ -173,3 +175,12 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
 
 def load_eval(run_dir: Path) -> pa.Table:
     return read_log(run_dir, "eval")
+
+
+def applied_span(run_dir: Path) -> dict[str, Any]:
+    """From the run's edits log: edits applied and seconds from the first fact's ingest to the last apply."""
+    edits = read_log(run_dir, "edits")
+    if not edits.num_rows:
+        return {"applied": 0, "seconds": None}
+    seconds = (pc.max(edits["applied_ms"]).as_py() - pc.min(edits["ingest_ms"]).as_py()) / 1000
+    return {"applied": pc.max(edits["seq"]).as_py(), "seconds": round(seconds, 1)}

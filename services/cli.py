@@ -361,7 +361,11 @@ def _bench_forgetting(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for m in methods:
-        results[m] = {**st.analyse(st.load_eval(run_root / m), len(facts), args.bin), **timing.get(m, {})}
+        results[m] = {
+            **st.analyse(st.load_eval(run_root / m), len(facts), args.bin),
+            **st.applied_span(run_root / m),
+            **({"timed_out": True} if timing.get(m, {}).get("timed_out") else {}),
+        }
         report = write_report(run_root / m)
         for png in report.parent.glob("*.png"):
             (out / f"{m}-{png.name}").write_bytes(png.read_bytes())
