@@ -92,17 +92,14 @@ class LocateEdit(EditMethod):
     def _contexts(self, edit: EditRequest) -> list[str]:
         return [edit.prompt] + [f"{p} {edit.prompt}" for p in PREFIXES[: self.config.contexts]]
 
-    def _positions(self, contexts: list[str], subject: str | None, width: int, lengths: list[int]) -> list[int]:
-        """Per left-padded row: the index of the subject's last token (else the prompt's last token)."""
-        tok, out = self.lm.tokenizer, []
-        for ctx, n in zip(contexts, lengths, strict=True):
-            prompt_len = len(tok(ctx, add_special_tokens=False)["input_ids"])
-            pos = prompt_len - 1
-            if subject and subject in ctx:
-                head = ctx[: ctx.rindex(subject) + len(subject)]
-                pos = max(1, len(tok(head, add_special_tokens=False)["input_ids"]) - 1)
-            out.append(width - n + pos)
-        return out
+    def _subject_index(self, text: str, subject: str | None) -> int:
+        """Index, among `text`'s own tokens, of the subject's last token (else of the last token);
+        never 0, whose state is an attention sink on this model family."""
+        tok = self.lm.tokenizer
+        if subject and subject in text:
+            head = text[: text.rindex(subject) + len(subject)]
+            return max(1, len(tok(head, add_special_tokens=False)["input_ids"]) - 1)
+        return len(tok(text, add_special_tokens=False)["input_ids"]) - 1
 
     def _key_contexts(self, edit: EditRequest) -> list[str]:
         """Where k* is read: the prompt itself ("prompt"), or also behind the prefixes ("mean", as published;
@@ -143,7 +140,7 @@ class LocateEdit(EditMethod):
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
-        pos = [self._positions([t], s, width, [len(r)])[0] for t, s, r in zip(texts, subjects, rows, strict=True)]
+        pos = [width - len(r) + self._subject_index(t, s) for t, s, r in zip(texts, subjects, rows, strict=True)]
         dev = self.lm.device
         return ids.to(dev), mask.to(dev), torch.tensor(pos, device=dev)
 
@@ -174,8 +171,7 @@ class LocateEdit(EditMethod):
         pos_list = []
         for text, answer, subject in zip(texts, batch.answer_ids, subjects, strict=True):
             length = len(tok(text, add_special_tokens=False)["input_ids"])
-            (p,) = self._positions([text], subject, length, [length])
-            pos_list.append(ids.shape[1] - len(answer) - length + p)
+            pos_list.append(ids.shape[1] - len(answer) - length + self._subject_index(text, subject))
         pos = torch.tensor(pos_list, device=dev)
         row_owner = torch.tensor(owner + list(range(len(edits))), device=dev)
         inp = capture_layer_input(model, layer, ids, mask)
