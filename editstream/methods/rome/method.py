@@ -32,7 +32,7 @@ from editstream.errors import ConfigError
 from editstream.methods.base import EditMethod
 from editstream.methods.rome.stats import DEFAULT_CORPUS, second_moments
 from editstream.methods.rome.weights import delta, key_module, param_name, temporarily_added
-from editstream.methods.scen.layers import _Stop, capture_layer_input, decoder_layers, run_from
+from editstream.methods.scen.layers import _Stop, capture_layer_input, decoder_layers, positions, run_from
 from editstream.metrics import encode_pairs
 from editstream.models import LoadedLM
 from editstream.probes import PREFIXES
@@ -124,7 +124,7 @@ class LocateEdit(EditMethod):
         handle = key_module(self.lm.model, layer).register_forward_pre_hook(hook)
         try:
             with torch.no_grad(), contextlib.suppress(_Stop):
-                self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
         finally:
             handle.remove()
         owner = torch.tensor([g for g, (contexts, _) in enumerate(groups) for _ in contexts], device=box["k"].device)
@@ -337,7 +337,7 @@ class Memit(LocateEdit):
         handle = decoder_layers(self.lm.model)[layer].register_forward_hook(hook)
         try:
             with contextlib.suppress(_Stop):
-                self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
         finally:
             handle.remove()
         return box["h"]

@@ -47,6 +47,12 @@ class LayerInput:
     kwargs: dict[str, Any]
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (left padding): models with
+    absolute position embeddings (GPT-2) see a padded row as they see it alone."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def capture_layer_input(model: nn.Module, layer: int, input_ids: torch.Tensor, mask: torch.Tensor) -> LayerInput:
     """Run the model up to decoder layer `layer` (no grad) and return that layer's input."""
     box: dict[str, Any] = {}
@@ -59,7 +65,7 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: torch.Tensor, m
     handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
     except _Stop:
         pass
     finally:
