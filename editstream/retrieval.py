@@ -18,21 +18,28 @@ import numpy as np
 import torch
 
 
-class KeyIndex:
-    """Edit keys by edit_id, searchable by inner product; add and remove are idempotent."""
+class _EditSlots:
+    """edit_id -> slot (a faiss id or a tensor row): what both indexes count and look up."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self._ids = itertools.count(1)
         self._by_edit: dict[str, int] = {}
-        self._by_int: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self._by_edit)
 
     def __contains__(self, edit_id: str) -> bool:
         return edit_id in self._by_edit
+
+
+class KeyIndex(_EditSlots):
+    """Edit keys by edit_id, searchable by inner product; add and remove are idempotent."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._ids = itertools.count(1)
+        self._by_int: dict[int, str] = {}
 
     def add(self, edit_id: str, key: torch.Tensor) -> None:
         if edit_id in self._by_edit:
@@ -59,24 +66,17 @@ class KeyIndex:
         return torch.from_numpy(scores[:, 0].copy()), [self._by_int.get(int(i)) for i in ids[:, 0]]
 
 
-class TensorKeyIndex:
+class TensorKeyIndex(_EditSlots):
     """Edit keys in one tensor on `device`; same interface and results as `KeyIndex`."""
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", capacity: int = 1024) -> None:
-        self.dim = dim
+        super().__init__(dim)
         self.device = torch.device(device)
         self._keys = torch.zeros(capacity, dim, device=self.device)
         self._live = torch.zeros(capacity, dtype=torch.bool, device=self.device)
-        self._by_edit: dict[str, int] = {}
         self._by_row: dict[int, str] = {}
         self._free: list[int] = []
         self._used = 0  # rows ever handed out (the search scans only these)
-
-    def __len__(self) -> int:
-        return len(self._by_edit)
-
-    def __contains__(self, edit_id: str) -> bool:
-        return edit_id in self._by_edit
 
     def add(self, edit_id: str, key: torch.Tensor) -> None:
         if edit_id in self._by_edit:
