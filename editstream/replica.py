@@ -108,9 +108,10 @@ class Replica:
             return self.method.query_context(prompts)
         return EditMethod.query_context(self.method, prompts)  # the base model only
 
-    def perplexity(self, texts: Sequence[str], max_tokens: int = 64) -> float:
-        """Perplexity of the model as edited on `texts` (each cut to `max_tokens`): the general-ability
-        probe. Weight edits are always in effect; retrieval methods see no edit prompt (none is asked)."""
+    def nll(self, texts: Sequence[str], max_tokens: int = 64) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood of `texts` (each cut to `max_tokens`) and the
+        number of tokens predicted: perplexity = exp(sum / count), the general-ability probe. Weight
+        edits are always in effect; retrieval methods see no edit prompt (none is asked)."""
         tok, dev = self.lm.tokenizer, self.lm.device
         total, count = 0.0, 0
         with torch.inference_mode():
@@ -121,7 +122,7 @@ class Replica:
                 logits = self.lm.model(input_ids=ids).logits[0, :-1]
                 total += torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:], reduction="sum").item()
                 count += ids.shape[1] - 1
-        return float(torch.tensor(total / max(count, 1)).exp())
+        return total, count
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, edited: bool = True) -> list[Answer]:
         """Greedy continuation of each prompt (batched, KV-cached), with the edits in effect."""

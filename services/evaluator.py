@@ -2,16 +2,17 @@
 
 Each round samples earlier edits (their prompts: reliability; their paraphrases: generality) and
 unrelated prompts (locality, scored against the unedited model's answers, cached once), scores
-them on one replica, and appends the records. Every `general_every` rounds it also measures the
-replica's perplexity on fixed accurate passages (`hallucination/wiki_accurate.json` when the data
-directory is there): kind `perplexity`, the general-ability probe that shows a collapsing model.
-It spends at most `budget` of wall time probing
-(e.g. 0.1 = 10%), sleeping the rest, so evaluation never starves serving.
+them on one replica, and appends the records. Every `general_every` rounds, when the replica has
+caught up with the journal, it also measures the replica's perplexity on fixed accurate passages
+(`hallucination/wiki_accurate.json` when the data directory is there): kind `perplexity`, the
+general-ability probe that shows a collapsing model. It spends at most `budget` of wall time
+probing (e.g. 0.1 = 10%), sleeping the rest, so evaluation never starves serving.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -106,9 +107,10 @@ class Evaluator:
         res = self._score(replica, contexts, answers)
         now = time.time()
         rows: list[dict[str, Any]] = []
-        if self.general and self.rounds % self.general_every == 0:
-            g = ray.get(replica.call.remote("perplexity", self.general))
-            rows.append(self._row(now, state["name"], g["version"], "perplexity", None, g["perplexity"], False))
+        # the perplexity probe holds the replica for a while: only when it has nothing to apply
+        if self.general and self.rounds % self.general_every == 0 and state["version"] >= self.store.last_seq():
+            version, ppl = self._perplexity(replica)
+            rows.append(self._row(now, state["name"], version, "perplexity", None, ppl, False))
         for (kind, entry), ctx, pred, ids, fired, version in zip(
             meta, contexts, res["predicted"], res["answer_ids"], res["fired"], res["version"], strict=True
         ):
@@ -141,6 +143,14 @@ class Evaluator:
             "fired": fired,
             "method": self.method,
         }
+
+    def _perplexity(self, replica) -> tuple[int, float]:
+        """Perplexity on the general passages, in calls of `call_size` passages (short lock holds)."""
+        total, count, version = 0.0, 0, 0
+        for i in range(0, len(self.general), self.call_size):
+            res = ray.get(replica.call.remote("nll", self.general[i : i + self.call_size]))
+            total, count, version = total + res["nll"], count + res["tokens"], res["version"]
+        return version, math.exp(total / max(count, 1))
 
     def _score(self, replica, contexts: list[str], answers: list[str]) -> dict[str, list]:
         """Score in small calls, so that a query never waits behind more than `call_size` probes."""

@@ -149,10 +149,11 @@ class ReplicaService:
             preds, ids, fired = self.replica.predict(contexts, answers, edited=edited)
             return {"predicted": preds, "answer_ids": ids, "fired": fired, "version": self.replica.version}
 
-    def perplexity(self, texts: list[str]) -> dict:
-        """The general-ability probe (for evaluators), with the version it was measured at."""
+    def nll(self, texts: list[str]) -> dict:
+        """Summed NLL and token count on `texts` (the evaluators' perplexity probe), with the version."""
         with self._lock:
-            return {"perplexity": self.replica.perplexity(texts), "version": self.replica.version}
+            total, count = self.replica.nll(texts)
+            return {"nll": total, "tokens": count, "version": self.replica.version}
 
     def state(self) -> dict:
         with self._lock:
