@@ -415,6 +415,13 @@ def quality_table(docs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _method_args(p: argparse.ArgumentParser) -> None:
+    """--method, --model, --checkpoint: the same three for every command that runs the system."""
+    p.add_argument("--method", default="recipe", help="editing method (default recipe)")
+    p.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
+    p.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (quality: the lifelong-editing protocol)")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -453,9 +460,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", default="bench/results", help="directory for the JSON results ('' for none)")
     c.set_defaults(func=_bench_cost)
     pl = bench.add_parser("pipeline", help="edit latency at a rate, sustained ingest, query latency under load")
-    pl.add_argument("--method", default="recipe")
-    pl.add_argument("--model", default=EMBEDDED_LLM)
-    pl.add_argument("--checkpoint", default=None)
+    _method_args(pl)
     pl.add_argument("--rate", type=float, default=50.0, help="facts/s for the latency run")
     pl.add_argument("--latency-facts", type=int, default=1000, help="facts in the latency run")
     pl.add_argument("--sustained", type=int, default=10000, help="facts in the sustained-ingest run")
@@ -478,9 +483,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     cl.add_argument("--cluster", default="cluster/local.yaml", help="local cluster file to start (see cluster/)")
     cl.add_argument("--address", default=None, help="an existing Ray cluster instead of starting --cluster")
-    cl.add_argument("--method", default="recipe")
-    cl.add_argument("--model", default=EMBEDDED_LLM)
-    cl.add_argument("--checkpoint", default=None)
+    _method_args(cl)
     cl.add_argument("--replicas", default="1,2,4", help="replica counts for the query-throughput points")
     cl.add_argument("--editors", default="1,2", help="editor counts for the edit-throughput points")
     cl.add_argument("--seconds", type=float, default=30.0, help="query load per point")
@@ -544,10 +547,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=2, help="model replicas (default 2)")
     p.add_argument("--rate", type=float, default=50.0, help="facts per second to feed (0: as fast as possible)")
     p.add_argument("--run-dir", default=None, help="where logs go (default runs/demo-<time>)")
-    p.add_argument("--method", default="recipe", help="editing method (default recipe)")
-    p.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
+    _method_args(p)
     p.add_argument("--redis-url", default=None, help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
-    p.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
     p.add_argument("--json", action="store_true", help="print one JSON summary to stdout")
     p.set_defaults(func=_demo)
 
@@ -641,9 +642,7 @@ def _add_system(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the pipeline (local Ray, or a cluster via --address / RAY_ADDRESS)")
     common(p)
     p.add_argument("--replicas", type=int, default=2, help="model replicas (default 2)")
-    p.add_argument("--method", default="recipe", help="editing method (default recipe)")
-    p.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
-    p.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
+    _method_args(p)
     p.add_argument("--run-dir", default="runs/serve", help="where the Arrow logs go")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
     p.add_argument("--editors", type=int, default=1, help="editor workers (default 1)")

@@ -20,7 +20,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import psutil
 import yaml
 
 from editstream.errors import ConfigError
+from services.redis_server import free_port
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,6 @@ def load_spec(path: str | Path) -> list[NodeSpec]:
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: node names must be unique, got {names}")
     return specs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:
@@ -158,13 +152,6 @@ class LocalCluster:
 
     def _log(self, name: str) -> Path:
         return Path(self.temp_dir) / f"node-{name}.log"
-
-    def alive_names(self) -> list[str]:
-        return [n for n, p in self.procs.items() if p.poll() is None and n not in self.stopped]
-
-    def alive(self) -> list[NodeSpec]:
-        names = set(self.alive_names())
-        return [s for s in self.specs if s.name in names]
 
     def stop_node(self, name: str) -> None:
         """Lose a node at once: SIGKILL its raylet, workers and agents (the GCS declares it dead)."""

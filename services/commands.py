@@ -91,9 +91,9 @@ def scale(redis_url: str, namespace: str, counts: dict[str, int], wait_s: float)
         return 0
     deadline = time.time() + wait_s
     while time.time() < deadline:
-        ready = [n for n, b in store.replica_heartbeats().items() if b.get("ready") and time.time() - b["time"] < 10]
+        ready = store.ready_replicas()
         if len(ready) == counts["replica"]:
-            print(f"{len(ready)} replicas ready: {', '.join(sorted(ready))}")
+            print(f"{len(ready)} replicas ready: {', '.join(ready)}")
             return 0
         time.sleep(0.5)
     print(f"replicas not all ready after {wait_s:.0f} s; `editstream status` shows where they are", file=sys.stderr)

@@ -103,9 +103,7 @@ class Gateway:
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     def _ready_replicas(self) -> list[str]:
-        now = time.time()
-        beats = self.store.replica_heartbeats()
-        return sorted(n for n, b in beats.items() if b.get("ready") and now - b.get("time", 0) <= self.stale_s)
+        return self.store.ready_replicas(self.stale_s)
 
     def _handle(self, name: str) -> Any:
         if name not in self._handles:

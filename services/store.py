@@ -161,6 +161,12 @@ class RedisStore:
     def replica_heartbeats(self) -> dict[str, dict[str, Any]]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self.keys.replicas).items()}
 
+    def ready_replicas(self, stale_s: float = 10.0) -> list[str]:
+        """Replicas that caught up with the journal and sent a heartbeat within `stale_s`."""
+        now = time.time()
+        beats = self.replica_heartbeats()
+        return sorted(n for n, b in beats.items() if b.get("ready") and now - b.get("time", 0) <= stale_s)
+
     def forget_replica(self, name: str) -> None:
         self.r.hdel(self.keys.replicas, name)
 

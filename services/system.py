@@ -192,12 +192,6 @@ class System:
         ray.kill(actor)
         return name
 
-    def add_replica(self, wait: bool = True) -> str:
-        return self.add("replica", wait)
-
-    def remove_replica(self, name: str | None = None) -> str:
-        return self.remove("replica", name)
-
     def scale(self, kind: str, count: int) -> list[str]:
         """Add or remove actors of `kind` until there are `count`; returns the names changed."""
         if kind not in ("replica", "editor", "evaluator"):

@@ -17,8 +17,9 @@ import pytest
 import ray
 
 from editstream.demo_facts import demo_facts
-from services.cluster import LocalCluster, NodeSpec, free_port, load_spec
+from services.cluster import LocalCluster, NodeSpec, load_spec
 from services.placement import Resources, actor_options
+from services.redis_server import free_port
 from services.store import RedisStore, connect
 from tests.pipeline_helpers import assert_exactly_once, feed_in_thread, wait_journal
 

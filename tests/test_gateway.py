@@ -9,8 +9,8 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from services.cluster import free_port
 from services.gateway import cut_at_stop, fields_of
+from services.redis_server import free_port
 from services.system import System, SystemConfig
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray]

@@ -149,7 +149,7 @@ class LocateEdit(EditMethod):
         makes the model say the target, and that output's original value on the bare prompt; both
         (n, d_model). All edits are optimised in one batch (separable losses); lower layers run once."""
         c, model, dev, tok = self.config, self.lm.model, self.lm.device, self.lm.tokenizer
-        texts, answers, owner, subjects, kl_rows, bare_rows = [], [], [], [], [], []
+        texts, answers, owner, subjects, bare_rows = [], [], [], [], []
         for n, e in enumerate(edits):
             subject = e.subject if e.subject and e.subject in e.prompt else None
             contexts = self._contexts(e)
@@ -158,14 +158,13 @@ class LocateEdit(EditMethod):
             answers += [e.target] * len(contexts)
             owner += [n] * len(contexts)
             subjects += [subject] * len(contexts)
-            kl_rows.append(0)  # set below, once every rewrite row is placed
         n_rw = len(texts)
         for n, e in enumerate(edits):  # one "<subject> is a" row per edit, after all rewrite rows
             subject = subjects[bare_rows[n]]
             subjects.append(subject)
             texts.append(f"{subject} is a" if subject else e.prompt)
             answers.append("x")
-            kl_rows[n] = n_rw + n
+        kl_rows = [n_rw + n for n in range(len(edits))]
         batch = encode_pairs(tok, texts, answers)
         ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
         pos_list = []
