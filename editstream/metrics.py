@@ -24,11 +24,12 @@ class PairBatch:
 
 
 def encode_pairs(tokenizer, contexts: Sequence[str], answers: Sequence[str]) -> PairBatch:
-    """Tokenize (context, " " + answer) pairs without special tokens, left-padded into one batch."""
+    """Tokenize (context, " " + answer) pairs without special tokens, left-padded into one batch. A blank
+    answer adds no tokens: the row is its context alone (whose last position predicts what follows)."""
     rows, answer_ids = [], []
     for ctx, ans in zip(contexts, answers, strict=True):
         c = tokenizer(ctx, add_special_tokens=False)["input_ids"]
-        a = tokenizer(" " + ans.strip(), add_special_tokens=False)["input_ids"]
+        a = tokenizer(" " + ans.strip(), add_special_tokens=False)["input_ids"] if ans.strip() else []
         rows.append(c + a)
         answer_ids.append(a)
     width = max(len(r) for r in rows)

@@ -102,3 +102,11 @@ GENERAL_PROMPTS: tuple[str, ...] = tuple(p for p, _ in LOCALITY_POOL) + (
     "Q: What is the largest ocean? A:",
     "Q: How many legs does a spider have? A:",
 )
+
+# Other things one can say about a subject ("{}" is the subject): an expert is trained to leave the
+# model's next word after these unchanged, so an edit of one relation does not take over the others.
+SUBJECT_CONTEXTS: tuple[str, ...] = (
+    "{} is a",
+    "{} was",
+    "The history of {}",
+)

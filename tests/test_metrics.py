@@ -35,6 +35,14 @@ def test_encode_pairs_left_pads_and_locates_answers(real_lm):
     assert batch.attention_mask[1, 0] == 0  # the short row is left-padded
 
 
+def test_a_blank_answer_leaves_the_context_alone_at_the_end_of_its_row(real_lm):
+    tok = real_lm.tokenizer
+    batch = encode_pairs(tok, ["The capital of France is", "Bees make"], ["Paris", ""])
+    context = tok("Bees make", add_special_tokens=False)["input_ids"]
+    assert batch.answer_ids[1] == [] and batch.answer_start[1] == batch.input_ids.shape[1]
+    assert batch.input_ids[1, -len(context) :].tolist() == context
+
+
 def test_exact_match():
     assert exact_match(" Paris, France", "paris")
     assert not exact_match("Lyon", "Paris")

@@ -1,5 +1,6 @@
 """SCEN on the real model: an edit fires for its fact, rows of a batch are routed on their own, a
-retract restores the base model exactly, artifacts are small; the bank grows past its capacity."""
+retract restores the base model exactly, artifacts are small; the bank grows past its capacity.
+Routing keys on the whole subject: a namesake does not fire it, a text that starts with it does."""
 
 import pytest
 import torch
@@ -55,3 +56,22 @@ def test_the_bank_grows_past_its_initial_capacity(real_lm):
     assert len(method.bank) == 5 and len(method.bank.bias) >= 5
     method.remove("f2")
     assert len(method.bank) == 4 and "f2" not in method.bank.slots
+
+
+def test_routing_tells_namesakes_apart_and_finds_the_subject_at_the_start_of_a_text(real_lm):
+    method = create_method("scen", real_lm)
+    edits = [
+        EditRequest("The job of William Hardy Wilson is", "dentist", subject="William Hardy Wilson", edit_id="w"),
+        EditRequest("The official language of Ireland is", "Klingon", subject="Ireland", edit_id="i"),
+    ]
+    for artifact in method.compute(edits):
+        method.apply(artifact)
+    queries = {
+        "The profession of Hack Wilson is": None,  # shares only the last name: fired "w" keyed on one token
+        "Everyone knows that William Hardy Wilson works as a": "w",
+        "William Hardy Wilson works as a": "w",  # the subject starts the text
+        "Ireland's official language is": "i",  # "Ireland" starts a text as I-re-land, not as " Ireland"
+        "The official language of Iceland is": None,
+    }
+    _, _, fired = Replica(method).predict(list(queries), ["x"] * len(queries))
+    assert dict(zip(queries, fired, strict=True)) == queries

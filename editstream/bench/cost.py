@@ -61,7 +61,8 @@ def edit_throughput(method: EditMethod, edits: Sequence[EditRequest], repeats: i
 
 def fill(method: EditMethod, artifacts: list[Artifact], total: int, key: str = "key") -> None:
     """Apply `artifacts`, then synthetic ones up to `total` stored edits: copies of real artifacts
-    whose routing tensor `key` is a random direction of the same norm (so it never matches a probe)."""
+    whose routing tensor `key` has random directions of the same norms, row by row (so it never matches
+    a probe)."""
     for a in artifacts[:total]:
         method.apply(a)
     gen = torch.Generator().manual_seed(0)
@@ -69,8 +70,8 @@ def fill(method: EditMethod, artifacts: list[Artifact], total: int, key: str = "
     while len(method.edit_ids()) < total:
         base = artifacts[i % len(artifacts)]
         real = base.tensors[key].float()
-        direction = torch.nn.functional.normalize(torch.randn(real.shape, generator=gen), dim=0)
-        tensors = {**base.tensors, key: (direction * real.norm()).to(base.tensors[key].dtype)}
+        direction = torch.nn.functional.normalize(torch.randn(real.shape, generator=gen), dim=-1)
+        tensors = {**base.tensors, key: (direction * real.norm(dim=-1, keepdim=True)).to(base.tensors[key].dtype)}
         meta = {**base.meta, "prompt": f"synthetic filler {i}"}
         method.apply(Artifact(base.method, f"filler-{i}", base.base_fingerprint, tensors, meta))
         i += 1

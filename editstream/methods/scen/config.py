@@ -19,17 +19,22 @@ class ScenConfig:
     new neuron is trained against (nearest by key); 0 means all of them (the published form).
     """
 
-    layer: int = -1  # the expert's FFN; -1: two thirds of the way up
+    layer: int = -1  # the expert's FFN; -1: seven eighths of the way up
     route_layer: int = -1  # the FFN whose input the neurons read; -1: a fifth of the way up
     act: str = "anchor"  # the expert acts at the anchor token only ("anchor") or from it on
-    route_on: str = "subject"  # neuron keyed on the subject's last token (any prompt position) or "last"
+    route_on: str = "subject"  # neuron keyed on the subject's token span (any prompt position) or "last"
+    max_window: int = 8  # longest subject span a neuron reads, in tokens (longer subjects: their last ones)
     expert: str = "lowrank"
     width: int = 4  # rank of a low-rank expert, width of a narrow one
     expert_steps: int = 40
     expert_lr: float = 0.02
+    stop_loss: float = 0.005  # expert training ends once the mean target-token loss is below this
+    keep_weight: float = 0.0  # KL to the unedited model after the target and on other subject contexts
     variants: int = 3  # prefixed copies of the prompt, for the expert and as neuron positives
     subject_swaps: int = 8  # hard negatives: the prompt with another subject
     neuron: str = "prototype"  # "prototype": cosine to the fact's key above a fitted threshold; "logistic"
+    min_similarity: float = 0.75  # prototype neurons fire only above this cosine, whatever the fit says
+    start_similarity: float = 0.95  # the same for start prototypes (an exact match scores 1)
     neuron_steps: int = 150
     neuron_lr: float = 0.05
     max_negatives: int = 32
@@ -45,7 +50,7 @@ class ScenConfig:
             raise ConfigError(f"scen act={self.act!r}; expected 'anchor' or 'from_anchor'")
         if self.route_on not in ("subject", "last"):
             raise ConfigError(f"scen route_on={self.route_on!r}; expected 'subject' or 'last'")
-        for name in ("width", "expert_steps", "neuron_steps", "capacity", "memory"):
+        for name in ("width", "expert_steps", "neuron_steps", "capacity", "memory", "max_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"scen {name}={getattr(self, name)} must be positive")
         for name in ("variants", "subject_swaps", "max_negatives"):

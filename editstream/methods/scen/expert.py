@@ -1,11 +1,10 @@
-"""SCEN's two per-fact parts: the expert (what the FFN adds for this fact) and its indexing neuron.
+"""SCEN's per-fact expert: what the FFN does differently for this fact (its neuron: neuron.py).
 
 Low-rank expert (ours, default): rank-r changes A, B to each of the FFN's three matrices
 (W + B A), about 50 KB at rank 4. Narrow expert (ours): delta(x) = silu(x W_in^T + b_in) W_out^T
 added to the FFN output. Full expert (published form): a trained copy of the FFN's own matrices,
 whose output replaces the FFN's. An expert acts on a routed row at the token where its neuron
-fired. The neuron fires when the normalised FFN input of the routing layer is close enough to its
-fact's key (see method.py).
+fired.
 """
 
 from __future__ import annotations
@@ -63,36 +62,3 @@ def expert_output(
         return mlp.down_proj(h) + low(h, "down")
     b_in = t["b_in"][:, None] if batched else t["b_in"]
     return base + _lin(F.silu(_lin(x, t["w_in"], batched) + b_in), t["w_out"], batched)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)
-
-
-def train_neuron(pos: torch.Tensor, neg: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logistic unit (w, b) on normalised features: fire (> 0) on `pos`, stay silent on `neg`."""
-    pos, neg = normalize(pos), normalize(neg)
-    direction = pos.mean(0) - neg.mean(0)
-    w = (direction / direction.norm().clamp_min(1e-6) * 10).clone().requires_grad_(True)
-    b = torch.zeros((), requires_grad=True)
-    x = torch.cat([pos, neg])
-    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
-    weight = torch.cat([torch.full((len(pos),), len(neg) / max(1, len(pos))), torch.ones(len(neg))])
-    opt = torch.optim.Adam([w, b], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = F.binary_cross_entropy_with_logits(x @ w + b, y, weight=weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return w.detach(), b.detach()
-
-
-def prototype_neuron(pos: torch.Tensor, neg: torch.Tensor, scale: float = 20.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A neuron that fires when cos(x, mean positive) clears a threshold set between the positives'
-    lowest and the negatives' highest similarity (clipped to [0.5, 0.95])."""
-    proto = normalize(normalize(pos).mean(0))
-    lo = float((normalize(pos) @ proto).min())
-    hi = float((normalize(neg) @ proto).max()) if len(neg) else 0.0
-    tau = min(0.95, max(0.5, (lo + hi) / 2))
-    return proto * scale, torch.tensor(-tau * scale)

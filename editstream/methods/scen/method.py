@@ -3,22 +3,20 @@ in the bank; a query routes each row on its own and the chosen expert acts in th
 
 Per edit, the prompt and `variants` prefixed copies of it are run once up to the expert layer
 (captured), and the expert is trained on prompt -> target from there upward only. The neuron reads
-the FFN input of a lower routing layer (centred on general text, normalised), keyed on the
-subject's last token: states there carry the subject wherever it stands in the prompt, so a
-rephrased question still fires it while the same question about another subject does not (measured
-on CounterFact: see bench/README.md). It is trained against a bounded set of negatives: general
-prompts, the prompt with other subjects swapped in, and the nearest earlier facts' keys, so the cost
-of an edit does not grow with history (max_negatives=0, the published form, trains against all).
+the FFN input of a lower routing layer (routing.py): the mean of the token features over the
+subject's span, which a rephrased question about the same subject reproduces while the same
+question about another subject, even one sharing the last name, does not (measured on CounterFact
+train rows: see bench/README.md). It is fitted against a bounded set of negatives: general text,
+the prompt with other subjects swapped in, and the nearest earlier facts' keys, so the cost of an
+edit does not grow with history (max_negatives=0, the published form, uses all earlier facts).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import torch
@@ -31,15 +29,17 @@ from editstream.errors import ConfigError
 from editstream.methods.base import EditMethod, QueryPlan
 from editstream.methods.scen.bank import ExpertBank
 from editstream.methods.scen.config import ScenConfig
-from editstream.methods.scen.expert import expert_output, new_expert, normalize, prototype_neuron, train_neuron
+from editstream.methods.scen.expert import expert_output, new_expert
 from editstream.methods.scen.layers import LayerInput, capture_layer_input, decoder_layers, mlp_input, run_from
+from editstream.methods.scen.neuron import EarlierFacts, Neuron, fit_neuron, logistic_neuron, prototype_neuron
+from editstream.methods.scen.routing import Centers, Window, WindowSums, offsets, token_features, windows_at
 from editstream.metrics import PairBatch, encode_pairs
 from editstream.models import LoadedLM
-from editstream.probes import GENERAL_PROMPTS, PREFIXES, SUBJECTS
+from editstream.probes import GENERAL_PROMPTS, PREFIXES, SUBJECT_CONTEXTS, SUBJECTS
 
 log = logging.getLogger(__name__)
 
-NEURON_KEYS = ("neuron_w", "neuron_b", "key")
+NEURON_KEYS = ("neuron_w", "neuron_b")
 
 
 class Scen(EditMethod):
@@ -51,7 +51,7 @@ class Scen(EditMethod):
         super().__init__(lm)
         layers = decoder_layers(lm.model)
         n = len(layers)
-        self.layer = config.layer if config.layer >= 0 else (2 * n) // 3
+        self.layer = config.layer if config.layer >= 0 else (7 * n) // 8
         self.route_layer = config.route_layer if config.route_layer >= 0 else n // 5
         if not 0 <= self.route_layer <= self.layer < n:
             raise ConfigError(
@@ -62,10 +62,12 @@ class Scen(EditMethod):
         self.config = config
         self.mlp, self.route_mlp = layers[self.layer].mlp, layers[self.route_layer].mlp
         self.bank = ExpertBank(config.expert, self.mlp, config.width, config.capacity, lm.device, torch.float32)
-        self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()  # earlier facts' keys (negatives)
-        general = self._route_features(GENERAL_PROMPTS, every_token=config.route_on == "subject")
-        self.bank.center = general.mean(0)
-        self._general = general
+        self.earlier = EarlierFacts(config.memory)  # earlier facts' prototypes (negatives)
+        x, mask = self._route_inputs(GENERAL_PROMPTS)
+        self.centers = Centers.fit(x, mask)
+        self._general_sums = WindowSums(token_features(x, self.centers, mask), config.max_window)
+        self._general_mask = mask
+        self._general: dict[Window, torch.Tensor] = {}  # general-text windows (negatives), by window
 
     @classmethod
     def build(cls, lm: LoadedLM, **options: Any) -> Scen:
@@ -75,44 +77,40 @@ class Scen(EditMethod):
     def _capture(self, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> LayerInput:
         return capture_layer_input(self.lm.model, layer, ids.to(self.lm.device), mask.to(self.lm.device))
 
-    def _route_features(self, prompts: Sequence[str], every_token: bool = False) -> torch.Tensor:
-        """Routing-layer FFN inputs at each prompt's last token (or at every token), (N, d)."""
-        tok, out = self.lm.tokenizer, []
-        for i in range(0, len(prompts), 64):
-            enc = tok(list(prompts[i : i + 64]), return_tensors="pt", padding=True, add_special_tokens=False)
-            inp = self._capture(self.route_layer, enc["input_ids"], enc["attention_mask"])
-            x = mlp_input(self.lm.model, self.route_layer, inp)
-            if every_token:  # all but each prompt's first token (an attention sink, alike for every prompt)
-                mask = enc["attention_mask"].bool().to(x.device)
-                out.append(x[mask & (mask.cumsum(1) > 1)])
-            else:
-                out.append(x[:, -1])  # left-padded: the last token
-        return torch.cat(out).float()
+    def _route_inputs(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing layer's FFN inputs (N, T, d) for plain prompts (left-padded) and their attention mask."""
+        enc = self.lm.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        inp = self._capture(self.route_layer, enc["input_ids"], enc["attention_mask"])
+        return mlp_input(self.lm.model, self.route_layer, inp), enc["attention_mask"].to(self.lm.device)
 
-    def _anchor(self, edit: EditRequest, contexts: list[str], batch: PairBatch) -> torch.Tensor:
-        """Per row, the position the neuron keys on: the subject's last token if the prompt names it
-        (and route_on is "subject") after the first token, else the prompt's last token."""
-        tok = self.lm.tokenizer
-        out = []
+    def _general_windows(self, window: Window) -> torch.Tensor:
+        if window not in self._general:
+            self._general[window] = windows_at(self._general_sums, self._general_mask, window)
+        return self._general[window]
+
+    def _count(self, text: str) -> int:
+        return len(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    def _anchors(self, edit: EditRequest, contexts: list[str], batch: PairBatch) -> tuple[torch.Tensor, list[int]]:
+        """Per row, the batch position the neuron keys on and the window length there: the subject's
+        last token and its length in tokens where the context names the subject (and route_on is
+        "subject"), else the context's last token and 1. A length of 0 marks a context that starts
+        with the subject (its tokens differ there: "Ireland" starts a text as I-re-land)."""
+        out, lengths = [], []
         for ctx, start in zip(contexts, batch.answer_start, strict=True):
-            n = len(tok(ctx, add_special_tokens=False)["input_ids"])
-            pos = n - 1
-            if self.config.route_on == "subject" and edit.subject and edit.subject in ctx:
-                head = ctx[: ctx.rindex(edit.subject) + len(edit.subject)]
-                pos = len(tok(head, add_special_tokens=False)["input_ids"]) - 1
-                pos = pos if pos > 0 else n - 1  # the first token's state is an attention sink: not a key
+            n = self._count(ctx)
+            pos, length = n - 1, 1
+            if self._subject_routed(edit):
+                at = ctx.rindex(edit.subject)
+                pos = self._count(ctx[: at + len(edit.subject)]) - 1
+                before = self._count(ctx[:at].rstrip())
+                length = min(pos + 1 - before, self.config.max_window) if before else 0
             out.append(start - n + pos)
-        return torch.tensor(out, device=self.lm.device)
+            lengths.append(length)
+        return torch.tensor(out, device=self.lm.device), lengths
 
-    def _nearest_earlier(self, key: torch.Tensor, exclude: str) -> torch.Tensor:
-        ids = [e for e in self.memory if e != exclude]
-        if not ids:
-            return key.new_zeros(0, key.shape[-1])
-        keys = torch.stack([self.memory[e] for e in ids]).float().to(key.device)
-        if self.config.max_negatives and len(ids) > self.config.max_negatives:
-            sims = normalize(keys - self.bank.center) @ normalize(key - self.bank.center)
-            keys = keys[sims.topk(self.config.max_negatives).indices]
-        return keys
+    def _subject_routed(self, edit: EditRequest) -> bool:
+        return self.config.route_on == "subject" and bool(edit.subject) and edit.subject in edit.prompt
 
     def _variants(self, edit: EditRequest) -> list[str]:
         rng = random.Random(edit.edit_id)
@@ -120,6 +118,7 @@ class Scen(EditMethod):
         return [edit.prompt] + [f"{p} {edit.prompt}" for p in prefixes]
 
     def _swaps(self, edit: EditRequest) -> list[str]:
+        """The prompt with other subjects in place of the edit's: same relation, another subject."""
         if not edit.subject or edit.subject not in edit.prompt or not self.config.subject_swaps:
             return []
         rng = random.Random(edit.edit_id + "/swap")
@@ -135,15 +134,19 @@ class Scen(EditMethod):
         out = []
         with torch.enable_grad():
             for edit in edits:
-                out.append(self._compute_one(edit))
-                self.remember(edit.edit_id, out[-1].tensors["key"])
+                artifact, neuron = self._compute_one(edit)
+                self.earlier.remember(edit.edit_id, neuron.prototypes())
+                out.append(artifact)
         return out
 
     def _train_expert(
         self, batch: PairBatch, inp: LayerInput, anchor: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], int]:
-        """Expert tensors trained on the batch's answers, acting from each row's `anchor` position on
-        and running only the expert layer and the ones above it."""
+        """Expert tensors trained on the batch's answers, acting at each row's `anchor` (or from it on)
+        and running only the expert layer and the ones above it. Every row's last position (the word
+        after the target, or after a row with no answer: another context of the subject) is held to
+        the unedited model's prediction there by a KL term; the first step, with the expert still a
+        zero change, gives that prediction."""
         c, dev = self.config, self.lm.device
         active = self._active(torch.arange(batch.input_ids.shape[1], device=dev)[None, :], anchor)[..., None]
         pairs = zip(batch.answer_start, batch.answer_ids, strict=True)
@@ -155,14 +158,19 @@ class Scen(EditMethod):
             lambda m, args, base: torch.where(active, expert_output(c.expert, expert, args[0], base, m), base)
         )
         opt = torch.optim.Adam(expert.values(), lr=c.expert_lr)
-        steps = 0
+        steps, unedited = 0, None
         try:
             while steps < c.expert_steps:
                 steps += 1
-                logits = self.lm.model.lm_head(run_from(self.lm.model, self.layer, inp)[rows, pos])
-                loss = F.cross_entropy(logits, labels)
-                if loss.item() < 0.05:  # every target token is already the clear argmax
+                hidden = run_from(self.lm.model, self.layer, inp)
+                loss = F.cross_entropy(self.lm.model.lm_head(hidden[rows, pos]), labels)
+                if loss.item() < c.stop_loss:  # every target token is already the clear argmax
                     break
+                if c.keep_weight:
+                    last = F.log_softmax(self.lm.model.lm_head(hidden[:, -1]).float(), dim=-1)
+                    unedited = last.detach() if unedited is None else unedited
+                    kl = F.kl_div(last, unedited, log_target=True, reduction="batchmean")
+                    loss = loss + c.keep_weight * kl
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -170,11 +178,18 @@ class Scen(EditMethod):
             hook.remove()
         return {k: v.detach().half() for k, v in expert.items()}, steps
 
-    def _compute_one(self, edit: EditRequest) -> Artifact:
+    def _keep(self, edit: EditRequest) -> list[str]:
+        """Other contexts of the edit's subject, whose next word the expert must leave as it was."""
+        if not self.config.keep_weight or not self._subject_routed(edit):
+            return []
+        return [t.format(edit.subject) for t in SUBJECT_CONTEXTS]
+
+    def _compute_one(self, edit: EditRequest) -> tuple[Artifact, Neuron]:
         c = self.config
-        contexts = self._variants(edit)
-        batch = encode_pairs(self.lm.tokenizer, contexts, [edit.target] * len(contexts))
-        anchor = self._anchor(edit, contexts, batch)
+        contexts, keep = self._variants(edit), self._keep(edit)
+        texts = contexts + keep
+        batch = encode_pairs(self.lm.tokenizer, texts, [edit.target] * len(contexts) + [""] * len(keep))
+        anchor, lengths = self._anchors(edit, texts, batch)
         seen: dict[str, torch.Tensor] = {}  # the routing FFN's input, caught on the way up (one forward)
         hook = self.route_mlp.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
         try:
@@ -183,27 +198,49 @@ class Scen(EditMethod):
             hook.remove()
         x = seen["x"] if "x" in seen else mlp_input(self.lm.model, self.route_layer, inp)  # route_layer == layer
         expert, steps = self._train_expert(batch, inp, anchor)
-        positives = x[torch.arange(len(contexts), device=x.device), anchor].float()
-        key = positives[0]
-        negatives = [self._general, self._nearest_earlier(key, edit.edit_id)]
-        swaps = self._swaps(edit)
-        if swaps:
-            negatives.append(self._route_features(swaps, every_token=c.route_on == "subject"))
-        center = self.bank.center
-        fit = (
-            prototype_neuron if c.neuron == "prototype" else partial(train_neuron, steps=c.neuron_steps, lr=c.neuron_lr)
-        )
-        w, b = fit(positives - center, torch.cat(negatives) - center)
-        tensors = {**expert, "neuron_w": w.half(), "neuron_b": b.reshape(1).half(), "key": key.half()}
-        meta = {"layer": self.layer, "route_layer": self.route_layer, "expert": c.expert, "steps": steps}
-        return self.new_artifact(edit, tensors, **meta)
+        n = len(contexts)  # the neuron's positives come from the prompt's contexts, not the kept ones
+        sums = WindowSums(token_features(x[:n], self.centers, batch.attention_mask[:n].to(x.device)), c.max_window)
+        neuron = self._neuron(edit, sums, anchor[:n], lengths[:n])
+        tensors = {**expert, "neuron_w": neuron.weights.half(), "neuron_b": neuron.biases.half()}
+        meta = {"layer": self.layer, "route_layer": self.route_layer, "expert": c.expert}
+        artifact = self.new_artifact(edit, tensors, steps=steps, windows=neuron.windows_meta(), **meta)
+        return artifact, neuron
 
-    def remember(self, edit_id: str, key: torch.Tensor) -> None:
-        """Keep an earlier fact's key for negative mining (bounded; oldest dropped first)."""
-        self.memory[edit_id] = key.float().cpu()
-        self.memory.move_to_end(edit_id)
-        while len(self.memory) > self.config.memory:
-            self.memory.popitem(last=False)
+    def _neuron(self, edit: EditRequest, sums: WindowSums, anchor: torch.Tensor, lengths: list[int]) -> Neuron:
+        """The edit's indexing neuron. Routed on the subject, it has two prototypes: the subject as it
+        starts a text (the states of a text's first tokens depend on those tokens alone, so the
+        positive is the subject by itself) and inside a text (the contexts that do not start with
+        it). Negatives: general text, the prompt with other subjects, the nearest earlier facts."""
+        c = self.config
+        forms: list[tuple[torch.Tensor, Window]] = []  # (positives (P, d), window) per prototype
+        inside = [i for i, n in enumerate(lengths) if n > 0]
+        if inside:
+            window = Window(lengths[inside[0]])
+            forms.append((sums(window.length)[inside, anchor[inside]], window))
+        swaps, routed = self._swaps(edit), self._subject_routed(edit)
+        texts = [edit.subject] * routed + swaps
+        if texts:
+            x, mask = self._route_inputs(texts)
+            others = WindowSums(token_features(x, self.centers, mask), c.max_window)
+            row = torch.arange(len(texts), device=mask.device)[:, None]
+        if routed:  # the subject's first max_window tokens, as a text's first tokens
+            start = Window(min(self._count(edit.subject), c.max_window), start=True)
+            forms.insert(0, (windows_at(others, mask * (row == 0), start), start))
+        means = torch.stack([F.normalize(p.mean(0), dim=-1) for p, _ in forms])
+        earlier = self.earlier.nearest(means, edit.edit_id, c.max_negatives)
+
+        def negatives(window: Window) -> torch.Tensor:
+            found = [self._general_windows(window), earlier]
+            if swaps:
+                found.append(windows_at(others, mask * (row >= routed), window))
+            return torch.cat(found)
+
+        def fit(positives: torch.Tensor, negatives: torch.Tensor, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+            if c.neuron == "logistic":
+                return logistic_neuron(positives, negatives, steps=c.neuron_steps, lr=c.neuron_lr)
+            return prototype_neuron(positives, negatives, c.start_similarity if window.start else c.min_similarity)
+
+        return fit_neuron(forms, negatives, fit)
 
     def _attach(self, artifact: Artifact) -> None:
         m, t = artifact.meta, artifact.tensors
@@ -213,16 +250,19 @@ class Scen(EditMethod):
                 f"artifact {artifact.edit_id} is a {m.get('expert')} expert at layer {m.get('layer')} routed at "
                 f"{m.get('route_layer')}; this scen uses {mine[2]} at layer {mine[0]} routed at {mine[1]}"
             )
+        neuron = Neuron.from_tensors(
+            artifact.edit_id, t["neuron_w"], t["neuron_b"], m.get("windows"), self.config.max_window
+        )
         expert = {k: v for k, v in t.items() if k not in NEURON_KEYS}
-        self.bank.add(artifact.edit_id, t["neuron_w"].float(), t["neuron_b"].float()[0], expert)
-        self.remember(artifact.edit_id, t["key"])
+        self.bank.add(artifact.edit_id, neuron.weights, neuron.biases, neuron.windows, expert)
+        self.earlier.remember(artifact.edit_id, neuron.prototypes())
 
     def _detach(self, edit_id: str) -> None:
         self.bank.remove(edit_id)
 
     def reset(self) -> None:
         super().reset()
-        self.memory.clear()
+        self.earlier.clear()
 
     # --- serving -------------------------------------------------------------------------------
     @contextmanager
@@ -243,13 +283,14 @@ class Scen(EditMethod):
             x = args[0]
             bsz, width = x.shape[:2]
             mask = state.get("mask")
-            pads = (width - mask.sum(1).cpu()) if mask is not None else torch.zeros(bsz, dtype=torch.long)
-            last = (pads + lengths - 1).clamp(0, width - 1).to(x.device)
+            mask = mask.to(x.device) if mask is not None else torch.ones(bsz, width, device=x.device)
+            pads = width - mask.sum(1)
+            last = (pads + lengths.to(x.device) - 1).clamp(0, width - 1)
             span = torch.arange(width, device=x.device)[None, :]
-            where = span == last[:, None]
-            if self.config.route_on == "subject":
-                where = (span <= last[:, None]) & (span > pads.to(x.device)[:, None])  # not the first token
-            slots, fires, peak = self.bank.route(x, where)
+            prompt = mask.bool() & (span <= last[:, None])  # the prompt's tokens, not what follows them
+            sums = WindowSums(token_features(x, self.centers, prompt), self.config.max_window)
+            where = prompt if self.config.route_on == "subject" else span == last[:, None]
+            slots, fires, peak = self.bank.route(sums, where, offsets(prompt))
             state.update(slots=slots, fires=fires, active=self._active(span, peak))  # act where it fired
             names = self.bank.slot_edit_ids()
             for i in fires.nonzero().flatten().tolist():
