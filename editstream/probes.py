@@ -106,7 +106,17 @@ GENERAL_PROMPTS: tuple[str, ...] = tuple(p for p, _ in LOCALITY_POOL) + (
 # Other things one can say about a subject ("{}" is the subject): an expert is trained to leave the
 # model's next word after these unchanged, so an edit of one relation does not take over the others.
 SUBJECT_CONTEXTS: tuple[str, ...] = (
-    "{} is a",
-    "{} was",
     "The history of {}",
+    "A photograph of {}",
+    "Here is a short biography of {}:",
+)
+
+# Held-out prompts about an edited subject that ask for something other than the edited relation
+# (none is used in training): the quality benchmark's subject-locality probes, teacher-forced on the
+# edit's target, so an edit that leaks its target into every sentence about the subject scores low.
+SUBJECT_PROBES: tuple[str, ...] = (
+    "{} is famous for",
+    "Tell me about {}.",
+    "The story of {} began in",
+    "Most people know {} as",
 )

@@ -404,13 +404,13 @@ def parse_options(items: list[str]) -> dict:
 
 def quality_table(docs: list[dict]) -> str:
     """The benchmark rows of several methods as one aligned text table."""
-    head = f"{'method':<10} {'T':>6} {'n':>6} {'reliability':>12} {'generality':>11} {'locality':>9}"
+    head = f"{'method':<10} {'T':>6} {'n':>6} {'reliability':>12} {'generality':>11} {'locality':>9} {'subj loc':>9}"
     lines = [head, "-" * len(head)]
     for doc in docs:
         for row in doc["rows"]:
             lines.append(
                 f"{doc['method']:<10} {row['T']:>6} {row['n']:>6} {row['reliability']:>12.3f} "
-                f"{row['generality']:>11.3f} {row['locality']:>9.3f}"
+                f"{row['generality']:>11.3f} {row['locality']:>9.3f} {row.get('subject_locality', float('nan')):>9.3f}"
             )
     return "\n".join(lines)
 

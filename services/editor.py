@@ -50,7 +50,13 @@ class Editor:
         else:
             self.method.compute([EditRequest("warm-up prompt", "warm-up", edit_id="warm-up")])  # first call is slow
         self.reader = GroupReader(
-            self.store.r, self.store.keys.journal, f"editors-{method}", consumer, batch, block_ms, claim_idle_ms
+            self.store.r,
+            self.store.keys.journal,
+            f"editors-{method}",
+            consumer,
+            min(batch, self.method.editor_batch),
+            block_ms,
+            claim_idle_ms,
         )
 
     def step(self) -> int:

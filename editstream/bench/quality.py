@@ -3,8 +3,12 @@
 Edits are shuffled with a seed, cut into chunks of T; each chunk's T edits are applied one after
 another to a fresh (unedited) model, then all T are scored: reliability (prompt -> target),
 generality (paraphrase -> target) as teacher-forced token accuracy, locality as agreement with
-the unedited model's argmax on the locality prompt + answer. Retention by edit age comes from the
-largest T: each edit's reliability against how many edits came after it.
+the unedited model's argmax on the locality prompt + answer. Subject locality is the same agreement
+on held-out prompts about the edited subject that ask about something else (probes.SUBJECT_PROBES,
+teacher-forced on the edit's target): it falls when an edit answers its target to every sentence
+about the subject. For methods that report which edit served a row, retrieval_own_* is how often it
+was the edit being asked about. Retention by edit age comes from the largest T: each edit's
+reliability against how many edits came after it.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from tqdm import tqdm
 
 from editstream.edits import EditRequest
 from editstream.metrics import agreement, mean, token_accuracy
+from editstream.probes import SUBJECT_PROBES
 from editstream.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -31,38 +36,75 @@ class ChunkScores:
     reliability: list[float]
     generality: list[float]
     locality: list[float]
+    subject_locality: list[float]
     fired_on_prompt: list[bool]
     fired_on_locality: list[bool]
+    own_on_prompt: list[bool]
+    own_on_paraphrase: list[bool]
+
+    @classmethod
+    def empty(cls) -> ChunkScores:
+        return cls([], [], [], [], [], [], [], [])
 
 
-def score_chunk(replica: Replica, edits: Sequence[EditRequest], base_locality: dict[str, list[int]]) -> ChunkScores:
+Probe = tuple[str, str, str]  # (edit id, context, answer)
+
+
+def locality_probes(edits: Sequence[EditRequest]) -> list[Probe]:
+    """Each edit's first locality probe (unrelated prompt + answer)."""
+    return [(e.edit_id, e.locality[0].prompt, e.locality[0].answer) for e in edits if e.locality]
+
+
+def subject_probes(edits: Sequence[EditRequest]) -> list[Probe]:
+    """Held-out prompts about each edit's subject, teacher-forced on its target."""
+    return [(e.edit_id, t.format(e.subject), e.target) for e in edits if e.subject for t in SUBJECT_PROBES]
+
+
+def _predict(replica: Replica, probes: Sequence[Probe], edited: bool = True) -> tuple[list[list[int]], list]:
+    if not probes:
+        return [], []
+    preds, _, fired = replica.predict([c for _, c, _ in probes], [a for _, _, a in probes], edited=edited)
+    return preds, fired
+
+
+def unedited_predictions(replica: Replica, edits: Sequence[EditRequest]) -> dict[tuple[str, str], list[int]]:
+    """The unedited model's argmax on every locality and subject probe, keyed by (edit id, context);
+    computed once per run."""
+    probes = locality_probes(edits) + subject_probes(edits)
+    preds, _ = _predict(replica, probes, edited=False)
+    return {(i, c): p for (i, c, _), p in zip(probes, preds, strict=True)}
+
+
+def _agreement(replica: Replica, probes: Sequence[Probe], base: dict[tuple[str, str], list[int]]):
+    preds, fired = _predict(replica, probes)
+    return [agreement(p, base[(i, c)]) for (i, c, _), p in zip(probes, preds, strict=True)], fired
+
+
+def score_chunk(replica: Replica, edits: Sequence[EditRequest], base: dict[tuple[str, str], list[int]]) -> ChunkScores:
     """Score every edit of a chunk after all of them were applied."""
-    prompts = [e.prompt for e in edits]
-    targets = [e.target for e in edits]
-    preds, ids, fired = replica.predict(prompts, targets)
+    preds, ids, fired = replica.predict([e.prompt for e in edits], [e.target for e in edits])
     rel = [token_accuracy(p, a) for p, a in zip(preds, ids, strict=True)]
-    with_para = [(e.paraphrases[0], e.target) for e in edits if e.paraphrases]
-    gen = []
+    with_para = [e for e in edits if e.paraphrases]
+    gen, para_fired = [], []
     if with_para:
-        p2, a2, _ = replica.predict([c for c, _ in with_para], [t for _, t in with_para])
+        p2, a2, para_fired = replica.predict([e.paraphrases[0] for e in with_para], [e.target for e in with_para])
         gen = [token_accuracy(p, a) for p, a in zip(p2, a2, strict=True)]
-    with_loc = [e for e in edits if e.locality]
-    loc, loc_fired = [], []
-    if with_loc:
-        probes = [e.locality[0] for e in with_loc]
-        p3, _, f3 = replica.predict([p.prompt for p in probes], [p.answer for p in probes])
-        loc = [agreement(p, base_locality[e.edit_id]) for p, e in zip(p3, with_loc, strict=True)]
-        loc_fired = [f is not None for f in f3]
-    return ChunkScores(rel, gen, loc, [f is not None for f in fired], loc_fired)
-
-
-def unedited_locality(replica: Replica, edits: Sequence[EditRequest]) -> dict[str, list[int]]:
-    """The unedited model's argmax on each edit's locality probe (computed once per run)."""
-    with_loc = [e for e in edits if e.locality]
-    preds, _, _ = replica.predict(
-        [e.locality[0].prompt for e in with_loc], [e.locality[0].answer for e in with_loc], edited=False
+    loc, loc_fired = _agreement(replica, locality_probes(edits), base)
+    subject_loc, _ = _agreement(replica, subject_probes(edits), base)
+    return ChunkScores(
+        reliability=rel,
+        generality=gen,
+        locality=loc,
+        subject_locality=subject_loc,
+        fired_on_prompt=[f is not None for f in fired],
+        fired_on_locality=[f is not None for f in loc_fired],
+        own_on_prompt=[f == e.edit_id for f, e in zip(fired, edits, strict=True)],
+        own_on_paraphrase=[f == e.edit_id for f, e in zip(para_fired, with_para, strict=True)],
     )
-    return {e.edit_id: p for e, p in zip(with_loc, preds, strict=True)}
+
+
+def _rate(flags: Sequence[bool]) -> float:
+    return round(mean([float(x) for x in flags]), 4)
 
 
 def age_bucket(age: int) -> str:
@@ -75,7 +117,7 @@ def age_bucket(age: int) -> str:
 def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Sequence[int]) -> dict[str, Any]:
     """Rows per T (means over all scored edits), retention by age for the largest T, edit throughput."""
     method = replica.method
-    base_loc = unedited_locality(replica, edits)
+    base = unedited_predictions(replica, edits)
     rows, retention = [], []
     compute_s, computed, artifact_bytes = 0.0, 0, 0
     largest = max((t for t in chunk_sizes if t <= len(edits)), default=None)
@@ -84,7 +126,7 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
         if not chunks:
             log.warning("T=%d skipped: only %d edits", T, len(edits))
             continue
-        agg = ChunkScores([], [], [], [], [])
+        agg = ChunkScores.empty()
         ages: dict[str, list[float]] = {}
         for chunk in tqdm(chunks, desc=f"{method.name} T={T}", leave=False):
             method.reset()
@@ -96,9 +138,9 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
             artifact_bytes += sum(a.nbytes for a in artifacts)
             for seq, artifact in enumerate(artifacts, start=1):
                 replica.apply(seq, artifact)
-            scores = score_chunk(replica, chunk, base_loc)
-            for field in ("reliability", "generality", "locality", "fired_on_prompt", "fired_on_locality"):
-                getattr(agg, field).extend(getattr(scores, field))
+            scores = score_chunk(replica, chunk, base)
+            for field in fields(ChunkScores):
+                getattr(agg, field.name).extend(getattr(scores, field.name))
             if largest == T:
                 for i, r in enumerate(scores.reliability):
                     ages.setdefault(age_bucket(T - 1 - i), []).append(r)
@@ -110,8 +152,11 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
                 "reliability": round(mean(agg.reliability), 4),
                 "generality": round(mean(agg.generality), 4),
                 "locality": round(mean(agg.locality), 4),
-                "retrieval_fired_on_prompt": round(mean([float(x) for x in agg.fired_on_prompt]), 4),
-                "retrieval_fired_on_locality": round(mean([float(x) for x in agg.fired_on_locality]), 4),
+                "subject_locality": round(mean(agg.subject_locality), 4),
+                "retrieval_fired_on_prompt": _rate(agg.fired_on_prompt),
+                "retrieval_fired_on_locality": _rate(agg.fired_on_locality),
+                "retrieval_own_on_prompt": _rate(agg.own_on_prompt),
+                "retrieval_own_on_paraphrase": _rate(agg.own_on_paraphrase),
             }
         )
         log.info("%s T=%d: %s", method.name, T, rows[-1])

@@ -41,6 +41,9 @@ class EditMethod(ABC):
     name: ClassVar[str]
     sequential: ClassVar[bool] = False  # True: each edit is computed on top of the earlier ones
     batch_edits: ClassVar[bool] = False  # sequential methods: True if compute solves a batch jointly
+    # Journal entries an editor takes at a time. Methods that spend seconds per edit take few, so a
+    # burst of facts is shared among parallel editors instead of queueing behind the first one.
+    editor_batch: ClassVar[int] = 128
 
     def __init__(self, lm: LoadedLM) -> None:
         self.lm = lm

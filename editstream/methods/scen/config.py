@@ -26,10 +26,11 @@ class ScenConfig:
     max_window: int = 8  # longest subject span a neuron reads, in tokens (longer subjects: their last ones)
     expert: str = "lowrank"
     width: int = 4  # rank of a low-rank expert, width of a narrow one
-    expert_steps: int = 40
+    expert_steps: int = 25  # at most; most CounterFact edits stop earlier, on stop_loss
     expert_lr: float = 0.02
     stop_loss: float = 0.005  # expert training ends once the mean target-token loss is below this
-    keep_weight: float = 0.0  # KL to the unedited model after the target and on other subject contexts
+    after_weight: float = 1.0  # KL to the unedited model on the word after the target (no echoing)
+    keep_weight: float = 0.0  # KL to the unedited model after other contexts of the subject (other relations)
     variants: int = 3  # prefixed copies of the prompt, for the expert and as neuron positives
     subject_swaps: int = 8  # hard negatives: the prompt with another subject
     neuron: str = "prototype"  # "prototype": cosine to the fact's key above a fitted threshold; "logistic"
@@ -53,6 +54,6 @@ class ScenConfig:
         for name in ("width", "expert_steps", "neuron_steps", "capacity", "memory", "max_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"scen {name}={getattr(self, name)} must be positive")
-        for name in ("variants", "subject_swaps", "max_negatives"):
+        for name in ("variants", "subject_swaps", "max_negatives", "after_weight", "keep_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"scen {name}={getattr(self, name)} must be >= 0")

@@ -46,6 +46,7 @@ class Scen(EditMethod):
     """Per-fact experts on one FFN, each behind an indexing neuron."""
 
     name = "scen"
+    editor_batch = 1  # about a second per fact: parallel editors take one fact at a time
 
     def __init__(self, lm: LoadedLM, config: ScenConfig) -> None:
         super().__init__(lm)
@@ -144,9 +145,9 @@ class Scen(EditMethod):
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Expert tensors trained on the batch's answers, acting at each row's `anchor` (or from it on)
         and running only the expert layer and the ones above it. Every row's last position (the word
-        after the target, or after a row with no answer: another context of the subject) is held to
-        the unedited model's prediction there by a KL term; the first step, with the expert still a
-        zero change, gives that prediction."""
+        after the target, weighted by after_weight, or after a row with no answer, another context of
+        the subject, by keep_weight) is held to the unedited model's prediction there by a KL term;
+        the first step, with the expert still a zero change, gives that prediction."""
         c, dev = self.config, self.lm.device
         active = self._active(torch.arange(batch.input_ids.shape[1], device=dev)[None, :], anchor)[..., None]
         pairs = zip(batch.answer_start, batch.answer_ids, strict=True)
@@ -158,6 +159,7 @@ class Scen(EditMethod):
             lambda m, args, base: torch.where(active, expert_output(c.expert, expert, args[0], base, m), base)
         )
         opt = torch.optim.Adam(expert.values(), lr=c.expert_lr)
+        kept = torch.tensor([c.after_weight if a else c.keep_weight for a in batch.answer_ids], device=dev)
         steps, unedited = 0, None
         try:
             while steps < c.expert_steps:
@@ -166,11 +168,11 @@ class Scen(EditMethod):
                 loss = F.cross_entropy(self.lm.model.lm_head(hidden[rows, pos]), labels)
                 if loss.item() < c.stop_loss:  # every target token is already the clear argmax
                     break
-                if c.keep_weight:
+                if kept.any():
                     last = F.log_softmax(self.lm.model.lm_head(hidden[:, -1]).float(), dim=-1)
                     unedited = last.detach() if unedited is None else unedited
-                    kl = F.kl_div(last, unedited, log_target=True, reduction="batchmean")
-                    loss = loss + c.keep_weight * kl
+                    kl = F.kl_div(last, unedited, log_target=True, reduction="none").sum(-1)
+                    loss = loss + (kept * kl).sum() / len(kl)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -1,0 +1,55 @@
+"""The quality benchmark on the real model: the unedited model agrees with itself on every probe,
+SCEN edits score on their own prompts and are the ones that fire for them; subject probes are built
+for every edit that names its subject."""
+
+import pytest
+
+from editstream.bench.quality import run_quality, subject_probes
+from editstream.edits import EditRequest, LocalityProbe
+from editstream.methods import create_method
+from editstream.probes import SUBJECT_PROBES
+from editstream.replica import Replica
+
+EDITS = [
+    EditRequest(
+        "The Eiffel Tower is located in the city of",
+        "Rome",
+        edit_id="eiffel",
+        subject="The Eiffel Tower",
+        paraphrases=("Where is the Eiffel Tower? It is in the city of",),
+        locality=(LocalityProbe("The capital of Japan is", "Tokyo"),),
+    ),
+    EditRequest(
+        "The mother tongue of Danielle Darrieux is",
+        "English",
+        edit_id="darrieux",
+        subject="Danielle Darrieux",
+        paraphrases=("Danielle Darrieux grew up speaking",),
+        locality=(LocalityProbe("Bees make", "honey"),),
+    ),
+]
+
+
+def test_subject_probes_cover_every_edit_with_a_subject():
+    probes = subject_probes([*EDITS, EditRequest("No subject here is", "x", edit_id="bare")])
+    assert len(probes) == len(EDITS) * len(SUBJECT_PROBES)
+    assert {i for i, _, _ in probes} == {"eiffel", "darrieux"}
+    assert all(answer in ("Rome", "English") for _, _, answer in probes)
+
+
+@pytest.mark.parametrize("name", ["none", "scen"])
+def test_quality_rows(real_lm, name):
+    method = create_method(name, real_lm)
+    try:
+        (row,) = run_quality(Replica(method), EDITS, [len(EDITS)])["rows"]
+    finally:
+        method.reset()
+    assert row["n"] == len(EDITS)
+    if name == "none":  # nothing edited: every probe agrees with the unedited model, nothing fires
+        assert row["locality"] == row["subject_locality"] == 1.0
+        assert row["retrieval_own_on_prompt"] == row["retrieval_fired_on_locality"] == 0.0
+        assert row["reliability"] < 0.5
+    else:
+        assert row["reliability"] == 1.0 and row["retrieval_own_on_prompt"] == 1.0
+        assert row["locality"] == 1.0 and row["retrieval_fired_on_locality"] == 0.0
+        assert 0.0 <= row["subject_locality"] <= 1.0
