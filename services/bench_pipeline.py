@@ -6,6 +6,9 @@
 3. query: a replica's single-prompt latency while the stream runs vs idle, interleaved.
 5. editors: edit throughput of `facts` facts with 1 and with 2 editor workers (method given, e.g.
    scen, whose edits are expensive): seconds from the first XADD until a replica applied them all.
+   Three set-ups: one editor with one thread, one editor with all the node's cores, two editors
+   sharing the cores (one thread each on 2 cores): the speedups of adding a worker of the same size
+   and of splitting the same cores between two workers.
 4. evaluator: single-prompt latency on a replica the evaluator probes (at its default budget) vs
    on a second replica it leaves alone, queried alternately in one run, after `n` edits.
 """
@@ -36,6 +39,7 @@ def _system(
     checkpoint: str | None,
     evaluators: int = 0,
     editors: int = 1,
+    editor_threads: int = 0,
 ):
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     config = SystemConfig(
@@ -47,6 +51,7 @@ def _system(
         replicas=replicas,
         evaluators=evaluators,
         editors=editors,
+        editor_threads=editor_threads,
         method_options=method_options(method, checkpoint),
     )
     return System(config).start(), RedisStore(connect(redis_url), namespace)
@@ -214,25 +219,33 @@ def query_run(
 
 
 def editors_run(
-    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, counts=(1, 2)
+    redis_url: str,
+    run_dir: str,
+    method: str,
+    model: str,
+    checkpoint: str | None,
+    n: int,
+    setups=((1, 1), (1, 0), (2, 0)),
 ) -> dict[str, Any]:
+    """Throughput per (editors, threads per editor; 0: the cores shared among the editors)."""
     out: dict[str, Any] = {"facts": n}
-    for editors in counts:
+    for editors, threads in setups:
+        key = f"editors_{editors}_threads_{threads or 'shared'}"
         system, store = _system(
-            redis_url, f"{run_dir}/editors-{editors}", method, model, 1, checkpoint, editors=editors
+            redis_url, f"{run_dir}/{key}", method, model, 1, checkpoint, editors=editors, editor_threads=threads
         )
         try:
             started = time.time()
             feed(store, demo_facts(n), 0, progress=False)
             ok = system.wait_for_version(n, timeout_s=1800)
             elapsed = time.time() - started
-            out[f"editors_{editors}"] = {
-                "converged": ok,
-                "seconds": round(elapsed, 1),
-                "facts_per_s": round(n / elapsed, 3),
-            }
+            out[key] = {"converged": ok, "seconds": round(elapsed, 1), "facts_per_s": round(n / elapsed, 3)}
         finally:
             system.stop()
-    first, last = (out[f"editors_{c}"]["facts_per_s"] for c in (counts[0], counts[-1]))
-    out["speedup"] = round(last / first, 3)
+    rate = {k: v["facts_per_s"] for k, v in out.items() if isinstance(v, dict)}
+    two = rate.get("editors_2_threads_shared")
+    if two and "editors_1_threads_1" in rate:
+        out["speedup_vs_one_single_thread_editor"] = round(two / rate["editors_1_threads_1"], 3)
+    if two and "editors_1_threads_shared" in rate:
+        out["speedup_vs_one_editor_on_all_cores"] = round(two / rate["editors_1_threads_shared"], 3)
     return out

@@ -1,14 +1,20 @@
 """SCEN on the real model: an edit fires for its fact, rows of a batch are routed on their own, a
 retract restores the base model exactly, artifacts are small; the bank grows past its capacity.
-Routing keys on the whole subject: a namesake does not fire it, a text that starts with it does."""
+Routing keys on the whole subject: a namesake does not fire it, a text that starts with it does.
+Two editors share a burst of facts."""
 
 import pytest
 import torch
 
 from editstream.edits import EditRequest
+from editstream.events import edit_to_payload
 from editstream.methods import create_method
 from editstream.metrics import token_accuracy
+from editstream.models import EMBEDDED_LLM
 from editstream.replica import Replica
+from services.editor import Editor
+from services.ingest import content_hash
+from services.store import RedisStore, connect
 
 FACT = EditRequest("The Eiffel Tower is located in the city of", "Rome", edit_id="eiffel", subject="The Eiffel Tower")
 UNRELATED = ("Bees make", "honey")
@@ -75,3 +81,25 @@ def test_routing_tells_namesakes_apart_and_finds_the_subject_at_the_start_of_a_t
     }
     _, _, fired = Replica(method).predict(list(queries), ["x"] * len(queries))
     assert dict(zip(queries, fired, strict=True)) == queries
+
+
+def test_two_editors_share_a_burst_of_facts(redis_server):
+    """SCEN takes one journal entry at a time, so a second editor gets work while the first trains;
+    both artifacts land in the store, each computed once."""
+    store = RedisStore(connect(redis_server.url), "share")
+    facts = [FACT, EditRequest("The Colosseum is located in the city of", "Paris", edit_id="colosseum")]
+    for fact in facts:
+        payload = edit_to_payload(fact)
+        store.journal_append(fact.edit_id, content_hash(payload), payload, 0.0)
+    threads = torch.get_num_threads()
+    try:
+        editors = [
+            Editor(redis_server.url, "scen", EMBEDDED_LLM, "share", f"editor-{i}", method_options={"expert_steps": 2})
+            for i in range(2)
+        ]
+        assert [e.step() for e in editors] == [1, 1]  # the first editor left the second fact to the other
+    finally:
+        torch.set_num_threads(threads)
+    assert [e.computed for e in editors] == [1, 1]
+    stored = store.get_artifacts("scen", [f.edit_id for f in facts])
+    assert all(stored.values())
