@@ -21,7 +21,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from editstream.artifacts import Artifact
 from editstream.edits import EditRequest
+from editstream.methods.base import EditMethod
 from editstream.metrics import agreement, mean, token_accuracy
 from editstream.probes import SUBJECT_PROBES
 from editstream.replica import Replica
@@ -103,6 +105,17 @@ def score_chunk(replica: Replica, edits: Sequence[EditRequest], base: dict[tuple
     )
 
 
+def _compute(method: EditMethod, chunk: Sequence[EditRequest], piece: int = 32) -> list[Artifact]:
+    """Artifacts of a chunk, with a progress bar over pieces of it when the method computes each edit
+    on its own (sequential and batch-solving methods get the whole chunk at once)."""
+    if method.sequential or len(chunk) <= piece:
+        return method.compute(chunk)
+    out = []
+    for i in tqdm(range(0, len(chunk), piece), desc=f"{method.name} compute", unit="piece", leave=False):
+        out += method.compute(chunk[i : i + piece])
+    return out
+
+
 def _rate(flags: Sequence[bool]) -> float:
     return round(mean([float(x) for x in flags]), 4)
 
@@ -132,7 +145,7 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
             method.reset()
             replica.version = 0
             started = time.perf_counter()
-            artifacts = method.compute(chunk)
+            artifacts = _compute(method, chunk)
             compute_s += time.perf_counter() - started
             computed += len(chunk)
             artifact_bytes += sum(a.nbytes for a in artifacts)
