@@ -6,7 +6,7 @@ Per edit, the prompt and `variants` prefixed copies of it are run once up to the
 the FFN input of a lower routing layer (routing.py): the mean of the token features over the
 subject's span, which a rephrased question about the same subject reproduces while the same
 question about another subject, even one sharing the last name, does not (measured on CounterFact
-train rows: see bench/README.md). It is fitted against a bounded set of negatives: general text,
+train rows; README, SCEN). It is fitted against a bounded set of negatives: general text,
 the prompt with other subjects swapped in, and the nearest earlier facts' keys, so the cost of an
 edit does not grow with history (max_negatives=0, the published form, uses all earlier facts).
 """

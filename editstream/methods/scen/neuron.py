@@ -4,7 +4,7 @@ A prototype neuron fires when a query's window feature (routing.py) has cosine w
 positives above a threshold: midway between the positives' lowest and the negatives' highest
 cosine, but at least a floor (measured on CounterFact train rows: 0.75 inside a text; 0.95 for a
 start prototype, whose exact match scores 1) and at most 0.95. A logistic neuron (a trained linear
-unit) is the alternative; it over-fired on CounterFact (bench/README.md). Negatives are general text,
+unit) is the alternative; it over-fired on CounterFact (README, SCEN). Negatives are general text,
 the prompt with other subjects swapped in, and the prototypes of the `max_negatives` nearest earlier
 facts, so fitting costs the same at any history length (max_negatives=0, the published form, uses
 every earlier fact).

@@ -4,11 +4,11 @@ Each token's FFN input is centred on general text and normalised. The first toke
 sink: its state is nearly the same for every prompt (cosine 0.97 between different tokens at layer
 6), so it is centred on the mean first-token state instead, which leaves what tells tokens apart
 (a first "Thomas" then has cosine 0.63 with a later " Thomas", 0.1-0.2 with other names).
-Padding counts as zero. A neuron keyed on
-a subject of L tokens reads, at each position, the normalised mean of the L token features ending
-there, so it matches the whole subject span and not only its last token: keyed on the last token
-alone, "Hack Wilson" fired the neuron of "William Hardy Wilson" (CounterFact train rows; numbers in
-bench/README.md). Window sums come from one cumulative sum, so every window length costs the same.
+Padding counts as zero. A neuron keyed on a subject of L tokens reads, at each position, the
+normalised mean of the L token features ending there, so it matches the whole subject span and not
+only its last token: keyed on the last token alone, "Hack Wilson" fired the neuron of "William
+Hardy Wilson" (a CounterFact train row, now held by a test in tests/test_scen.py). Window sums come
+from one cumulative sum, so every window length costs the same.
 """
 
 from __future__ import annotations
