@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tqdm import tqdm
@@ -35,18 +35,14 @@ AGE_BUCKETS = (0, 1, 10, 100, 1000, 10000)
 
 @dataclass
 class ChunkScores:
-    reliability: list[float]
-    generality: list[float]
-    locality: list[float]
-    subject_locality: list[float]
-    fired_on_prompt: list[bool]
-    fired_on_locality: list[bool]
-    own_on_prompt: list[bool]
-    own_on_paraphrase: list[bool]
-
-    @classmethod
-    def empty(cls) -> ChunkScores:
-        return cls([], [], [], [], [], [], [], [])
+    reliability: list[float] = field(default_factory=list)
+    generality: list[float] = field(default_factory=list)
+    locality: list[float] = field(default_factory=list)
+    subject_locality: list[float] = field(default_factory=list)
+    fired_on_prompt: list[bool] = field(default_factory=list)
+    fired_on_locality: list[bool] = field(default_factory=list)
+    own_on_prompt: list[bool] = field(default_factory=list)
+    own_on_paraphrase: list[bool] = field(default_factory=list)
 
 
 Probe = tuple[str, str, str]  # (edit id, context, answer)
@@ -139,7 +135,7 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
         if not chunks:
             log.warning("T=%d skipped: only %d edits", T, len(edits))
             continue
-        agg = ChunkScores.empty()
+        agg = ChunkScores()
         ages: dict[str, list[float]] = {}
         for chunk in tqdm(chunks, desc=f"{method.name} T={T}", leave=False):
             method.reset()
@@ -152,8 +148,8 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
             for seq, artifact in enumerate(artifacts, start=1):
                 replica.apply(seq, artifact)
             scores = score_chunk(replica, chunk, base)
-            for field in fields(ChunkScores):
-                getattr(agg, field.name).extend(getattr(scores, field.name))
+            for f in fields(ChunkScores):
+                getattr(agg, f.name).extend(getattr(scores, f.name))
             if largest == T:
                 for i, r in enumerate(scores.reliability):
                     ages.setdefault(age_bucket(T - 1 - i), []).append(r)

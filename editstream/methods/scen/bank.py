@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from editstream.methods.scen.expert import expert_output, new_expert
-from editstream.methods.scen.routing import Window, WindowSums
+from editstream.methods.scen.routing import Window, WindowSums, reads_at
 
 PROTOTYPES = 2  # per neuron, at most
 
@@ -115,10 +115,7 @@ class ExpertBank:
         scores = torch.full((*where.shape, n), float("-inf"), device=where.device, dtype=self.dtype)  # (B, T, rows)
         for window, rows in self.groups().items():
             s = sums(window.length).to(self.dtype) @ keys[rows].T + bias[rows]
-            if window.start:
-                s = s.masked_fill((offsets != window.length - 1)[..., None], float("-inf"))
-            scores[..., rows] = s
-        scores = scores.masked_fill(~where[..., None], float("-inf"))
+            scores[..., rows] = s.masked_fill(~reads_at(window, where, offsets)[..., None], float("-inf"))
         best, flat = scores.flatten(1).max(-1)
         slot = torch.div(flat % n, PROTOTYPES, rounding_mode="floor")
         return slot, best > 0, torch.div(flat, n, rounding_mode="floor")

@@ -75,15 +75,13 @@ class WindowSums:
         m = self.max_window
         return F.normalize(self.cum[:, m:] - self.cum[:, m - length : self.cum.shape[1] - length], dim=-1)
 
-    def at(self, length: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Window features (N, d) of `length` ending at (rows[i], positions[i])."""
-        return self(length)[rows, positions]
+
+def reads_at(window: Window, where: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: where a prototype with `window` reads among the positions `where`: all of them, or
+    for a start window only where a text's first window.length tokens end (`offs`: offsets())."""
+    return where & (offs == window.length - 1) if window.start else where
 
 
 def windows_at(sums: WindowSums, mask: torch.Tensor, window: Window) -> torch.Tensor:
-    """Features (N, d) of `window` wherever a prototype with it reads: at every token of `mask` (B, T),
-    or for a start window where each text's first window.length tokens end."""
-    where = mask.bool()
-    if window.start:
-        where = where & (offsets(mask) == window.length - 1)
-    return sums(window.length)[where]
+    """Features (N, d) of `window` wherever a prototype with it reads in the texts of `mask` (B, T)."""
+    return sums(window.length)[reads_at(window, mask.bool(), offsets(mask))]
