@@ -1,4 +1,4 @@
-"""Loaders for the benchmark files in ../shared/data (CounterFact, ZsRE, hallucination).
+"""Loaders for the benchmark files in ../shared/data (CounterFact, ZsRE, QAEdit, hallucination).
 
 The format is detected from the records' keys; an unknown format is an error that lists the keys
 seen and the formats known.
@@ -24,6 +24,7 @@ DATASET_ALIASES = {
     "cf": "counterfact/edit.json",
     "zsre": "zsre/edit.json",
     "hallucination": "hallucination/edit.json",
+    "qaedit": "qaedit/edit.json",
     "counterfact-train": "counterfact/train.json",
     "zsre-train": "zsre/train.json",
 }
@@ -52,6 +53,17 @@ def _zsre(r: dict[str, Any]) -> EditRequest:
     )
 
 
+def _qaedit(r: dict[str, Any]) -> EditRequest:
+    return EditRequest(
+        prompt=r["prompt"],
+        target=r["target"],
+        edit_id=f"qaedit-{r['id']}",
+        subject=r.get("subject"),
+        paraphrases=(r["rephrase"],) if r.get("rephrase") else (),
+        locality=tuple(LocalityProbe(p["loc"], p["loc_ans"]) for p in r.get("locality", [])),
+    )
+
+
 def _hallucination(r: dict[str, Any]) -> EditRequest:
     return EditRequest(
         prompt=r["prompt"],
@@ -77,6 +89,7 @@ def _plain(r: dict[str, Any]) -> EditRequest:
 FORMATS: dict[str, tuple[frozenset[str], Callable[[dict[str, Any]], EditRequest]]] = {
     "counterfact": (frozenset({"case_id", "prompt", "target_new", "rephrase_prompt"}), _counterfact),
     "zsre": (frozenset({"src", "alt", "rephrase", "loc", "loc_ans"}), _zsre),
+    "qaedit": (frozenset({"id", "source", "prompt", "target", "rephrase", "locality"}), _qaedit),
     "hallucination": (frozenset({"prompt", "target_new", "locality_prompt"}), _hallucination),
     "editstream": (frozenset({"prompt", "target"}), _plain),
 }

@@ -23,6 +23,17 @@ class PairBatch:
     answer_start: list[int]  # index in input_ids of the first answer token, per row
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded into one (B, L) batch of ids, with the attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
 def encode_pairs(tokenizer, contexts: Sequence[str], answers: Sequence[str]) -> PairBatch:
     """Tokenize (context, " " + answer) pairs without special tokens, left-padded into one batch. A blank
     answer adds no tokens: the row is its context alone (whose last position predicts what follows)."""
@@ -32,15 +43,8 @@ def encode_pairs(tokenizer, contexts: Sequence[str], answers: Sequence[str]) -> 
         a = tokenizer(" " + ans.strip(), add_special_tokens=False)["input_ids"] if ans.strip() else []
         rows.append(c + a)
         answer_ids.append(a)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    starts = []
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-        starts.append(width - len(answer_ids[i]))
+    ids, mask = left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    starts = [ids.shape[1] - len(a) for a in answer_ids]
     return PairBatch(ids, mask, answer_ids, starts)
 
 

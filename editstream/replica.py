@@ -16,6 +16,7 @@ import torch
 
 from editstream.artifacts import Artifact
 from editstream.errors import OrderError
+from editstream.generation import chat_text, greedy, stop_token_ids
 from editstream.methods.base import EditMethod, QueryPlan
 from editstream.metrics import PairBatch, answer_predictions, encode_pairs, positions_to_score
 
@@ -42,6 +43,7 @@ class Replica:
         self.method = method
         self.lm = method.lm
         self.version = 0
+        self._stop_ids: torch.Tensor | None = None
 
     # --- the journal ---------------------------------------------------------------------------
     def _advance(self, seq: int) -> bool:
@@ -124,34 +126,36 @@ class Replica:
                 count += ids.shape[1] - 1
         return total, count
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, edited: bool = True) -> list[Answer]:
-        """Greedy continuation of each prompt (batched, KV-cached), with the edits in effect."""
-        tok = self.lm.tokenizer
-        dev = self.lm.device
+    def stop_token_ids(self) -> torch.Tensor:
+        """Ids of tokens whose text holds a WILD stop (".", newline), computed once per replica."""
+        if self._stop_ids is None:
+            self._stop_ids = stop_token_ids(self.lm)
+        return self._stop_ids
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 16,
+        edited: bool = True,
+        chat: bool = False,
+        until_cut: bool = False,
+    ) -> list[Answer]:
+        """Greedy continuation of each prompt (batched, KV-cached), with the edits in effect.
+
+        chat: the edit is looked up on the prompt, which the model then reads as the user turn of
+        its chat template. until_cut: stop a row at its first token holding "." or a newline (the
+        WILD cut), for probes that only need the cut answer.
+        """
+        stops = self.stop_token_ids() if until_cut else None
         with self._plan(list(prompts), edited) as plan:
-            enc = tok(plan.texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            out = torch.empty(len(prompts), 0, dtype=torch.long, device=dev)
-            past, done = None, torch.zeros(len(prompts), dtype=torch.bool, device=dev)
-            produced = torch.zeros(len(prompts), dtype=torch.long, device=dev)
-            with torch.inference_mode():
-                for _ in range(max_new_tokens):
-                    res = self.lm.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
-                    past = res.past_key_values
-                    nxt = res.logits[:, -1].argmax(-1)
-                    nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-                    out = torch.cat([out, nxt[:, None]], dim=1)
-                    produced += ~done
-                    done |= nxt == tok.eos_token_id
-                    if bool(done.all()):
-                        break
-                    ids = nxt[:, None]
-                    mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-        texts = tok.batch_decode(out, skip_special_tokens=True)
-        prompt_tokens = [len(t) for t in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+            texts = [chat_text(self.lm, t) for t in plan.texts] if chat else plan.texts
+            out = greedy(self.lm, texts, max_new_tokens, stops)
+        prompt_tokens = [len(t) for t in self.lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
         return [
-            Answer(p, t, f, self.version, n, int(k), "stop" if bool(d) else "length")
-            for p, t, f, n, k, d in zip(prompts, texts, plan.fired, prompt_tokens, produced, done, strict=True)
+            Answer(p, t, f, self.version, n, k, "stop" if d else "length")
+            for p, t, f, n, k, d in zip(
+                prompts, out.texts, plan.fired, prompt_tokens, out.produced, out.ended, strict=True
+            )
         ]
 
 

@@ -36,21 +36,28 @@ def _train_recipe(args: argparse.Namespace) -> int:
             "prompt_len": args.prompt_len,
             "target_mode": args.target_mode,
             "target_slots": args.target_slots,
+            "end_slots": args.end_slots,
         },
     )
     schedule = config_from_dict(
         TrainConfig,
         {
             "retriever_steps": args.retriever_steps,
+            "retriever_lr": args.retriever_lr,
             "generator_steps": args.steps,
             "generator_batch": args.batch,
             "generator_lr": args.lr,
             "locality_weight": args.locality_weight,
+            "continuation_weight": args.continuation_weight,
+            "continuation_tokens": args.continuation_tokens,
+            "end_text": args.end_text,
+            "subject_negatives": args.subject_negatives,
             "validate_every": args.validate_every,
             "seed": args.seed,
         },
     )
-    state = Trainer(lm, encoder, edits, Path(args.out), config, schedule).run()
+    init_from = Path(args.init_from) if args.init_from else None
+    state = Trainer(lm, encoder, edits, Path(args.out), config, schedule, init_from).run()
     print(json.dumps(state["history"][-1] if state["history"] else {}, indent=2))
     return 0
 
@@ -87,6 +94,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=16, help="generator batch size (facts per step)")
     p.add_argument("--lr", type=float, default=1e-3, help="generator learning rate")
     p.add_argument("--locality-weight", type=float, default=0.0, help="weight of the locality KL term")
+    p.add_argument(
+        "--continuation-weight",
+        type=float,
+        default=1.0,
+        help="weight of the KL, after the target, to the unedited model reading 'prompt target' (0: off)",
+    )
+    p.add_argument("--continuation-tokens", type=int, default=12, help="teacher continuation length (tokens)")
+    p.add_argument("--end-slots", type=int, default=2, help="learned prefix slots after the target (0: none)")
+    p.add_argument("--end-text", default=".\n", help="text whose token embeddings start the end slots")
+    p.add_argument(
+        "--subject-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="retriever negatives: the edit's subject in other relations' prompts, its prompt with other subjects",
+    )
+    p.add_argument("--retriever-lr", type=float, default=2e-3, help="retriever learning rate")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="warm start from this checkpoint directory (weights whose shapes agree), e.g. the packaged one",
+    )
     p.add_argument("--validate-every", type=int, default=100, help="steps between validations/exports")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_train_recipe)
@@ -112,7 +140,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
             options["encoder"] = shared_encoder
         method = create_method(name, lm, **options)
         shared_encoder = getattr(getattr(method, "retrieval", None), "encoder", shared_encoder)
-        result = run_quality(Replica(method), edits, chunk_sizes)
+        result = run_quality(Replica(method), edits, chunk_sizes, wild_tokens=args.wild_tokens, chat=args.chat)
         doc = {
             "method": name,
             "model": lm.name,
@@ -403,15 +431,28 @@ def parse_options(items: list[str]) -> dict:
 
 
 def quality_table(docs: list[dict]) -> str:
-    """The benchmark rows of several methods as one aligned text table."""
-    head = f"{'method':<10} {'T':>6} {'n':>6} {'reliability':>12} {'generality':>11} {'locality':>9} {'subj loc':>9}"
+    """The benchmark rows of several methods as one aligned text table: WILD first (answer-first,
+    exact in brackets), teacher-forced beside."""
+    cols = (
+        ("wild rel", "wild_reliability"),
+        ("(exact)", "wild_exact_reliability"),
+        ("wild gen", "wild_generality"),
+        ("(exact)", "wild_exact_generality"),
+        ("retrieved", "reliability_retrieved"),
+        ("wild loc", "wild_locality"),
+        ("subj loc", "subject_locality"),
+        ("echo", "echo"),
+        ("fluency", "fluency"),
+        ("tf rel", "reliability"),
+        ("tf gen", "generality"),
+        ("tf loc", "locality"),
+    )
+    head = f"{'method':<10} {'T':>5} {'n':>5} " + " ".join(f"{name:>9}" for name, _ in cols)
     lines = [head, "-" * len(head)]
     for doc in docs:
         for row in doc["rows"]:
-            lines.append(
-                f"{doc['method']:<10} {row['T']:>6} {row['n']:>6} {row['reliability']:>12.3f} "
-                f"{row['generality']:>11.3f} {row['locality']:>9.3f} {row.get('subject_locality', float('nan')):>9.3f}"
-            )
+            values = " ".join(f"{row[key]:>9.3f}" if row.get(key) is not None else f"{'-':>9}" for _, key in cols)
+            lines.append(f"{doc['method']:<10} {row['T']:>5} {row['n']:>5} {values}")
     return "\n".join(lines)
 
 
@@ -444,6 +485,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="method option, e.g. expert=full (repeatable)",
     )
     q.add_argument("--tag", default="", help="suffix for the result file name, e.g. 'published'")
+    q.add_argument(
+        "--wild-tokens",
+        type=int,
+        default=50,
+        help="new tokens of the WILD greedy generations (cut at the first '.', newline or end); 0: teacher-forced only",
+    )
+    q.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also score the chat form (question as the user turn); default: when the prompts are questions",
+    )
     q.set_defaults(func=_bench_quality)
     c = bench.add_parser("cost", help="edit throughput vs the encoder, query latency with many edits, memory/edit")
     c.add_argument("--method", default="recipe", choices=("recipe", "scen"), help="which method's costs")

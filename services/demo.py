@@ -22,6 +22,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
+from editstream import wild
 from editstream.arrowlog import read_log
 from editstream.demo_facts import demo_facts
 from editstream.edits import EditRequest
@@ -122,10 +123,12 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         last = store.last_seq()
         converged = system.wait_for_version(last, timeout_s=opts.timeout_s)
         done_s = time.time()
-        after = system.ask([f.prompt for f in show], min_version=last)
-        para = system.ask([f.paraphrases[0] for f in show if f.paraphrases], min_version=last)
-        if not system.wait_for_evaluation(rounds=1, timeout_s=120):
-            log.warning("the evaluator finished no probe round in 120 s; eval/ may be empty (see Ray's worker logs)")
+        after = system.ask([f.prompt for f in show], min_version=last, max_new_tokens=24)
+        para = system.ask([f.paraphrases[0] for f in show if f.paraphrases], min_version=last, max_new_tokens=24)
+        chat = system.ask([f.prompt for f in show], min_version=last, max_new_tokens=24, chat=True)
+        wild_scores = wild_summary(system, facts, last)
+        if not system.wait_for_evaluation(rounds=1, timeout_s=120, min_version=last):
+            log.warning("the evaluator probed no replica at the final version in 120 s (see Ray's worker logs)")
         latencies = edit_log(system, store, run_dir)
         states = system.replica_states()
         journal = store.journal_after(0, count=10**7)
@@ -154,11 +157,16 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                     "target": f.target,
                     "before": b["text"].strip(),
                     "after": a["text"].strip(),
+                    "answer": wild.cut(a["text"], f.target),
+                    "chat_answer": wild.cut(c["text"], f.target),
                     "fired": a["fired"],
                 }
-                for f, b, a in zip(show, before, after, strict=True)
+                for f, b, a, c in zip(show, before, after, chat, strict=True)
             ],
-            "paraphrase_examples": [{"prompt": p["prompt"], "after": p["text"].strip()} for p in para],
+            "paraphrase_examples": [
+                {"prompt": p["prompt"], "after": p["text"].strip(), "answer": wild.cut(p["text"])} for p in para
+            ],
+            "wild": wild_scores,
             "run_dir": str(run_dir),
             "method": opts.method,
             "model": opts.model,
@@ -167,12 +175,39 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         return summary
 
 
+def wild_summary(system: System, facts: list[EditRequest], version: int, batch: int = 32) -> dict[str, Any]:
+    """WILD scores of the run on replica-0, as a user reads the answers: greedy, cut at the first ".",
+    newline or end, answer-first and exact, on every fact's prompt and first paraphrase."""
+    rows: dict[str, list[float]] = {}
+    for name, pairs in (
+        ("reliability", [(f.prompt, f.target) for f in facts]),
+        ("generality", [(f.paraphrases[0], f.target) for f in facts if f.paraphrases]),
+    ):
+        for i in range(0, len(pairs), batch):
+            part = pairs[i : i + batch]
+            answers = system.ask([p for p, _ in part], min_version=version, max_new_tokens=50, until_cut=True)
+            for (_, target), a in zip(part, answers, strict=True):
+                answer = wild.cut(a["text"], target)
+                rows.setdefault(name, []).append(float(wild.answer_first(answer, target)))
+                rows.setdefault(f"exact_{name}", []).append(float(wild.exact(answer, target)))
+    return {k: round(statistics.fmean(v), 3) for k, v in rows.items() if v}
+
+
 def print_summary(s: dict[str, Any]) -> None:
-    print("\nWhat changed (replica-0, greedy answers):")
+    print("\nWhat changed (replica-0, greedy; the answer is cut at the first '.', newline or end, as a user reads it):")
     for ex in s["examples"]:
-        print(f"  {ex['prompt']!r}\n    before: {ex['before']!r}\n    after:  {ex['after']!r}   (edit {ex['fired']})")
+        print(
+            f"  {ex['prompt']!r}\n    before: {ex['before']!r}\n    after:  {ex['answer']!r}   "
+            f"(edit {ex['fired']}; uncut: {ex['after']!r})\n    as a chat question: {ex['chat_answer']!r}"
+        )
     for ex in s["paraphrase_examples"]:
-        print(f"  paraphrase {ex['prompt']!r} -> {ex['after']!r}")
+        print(f"  paraphrase {ex['prompt']!r} -> {ex['answer']!r}   (uncut: {ex['after']!r})")
+    w = s.get("wild") or {}
+    if w:
+        print(
+            f"\nWILD over all {s['facts']} facts (answer-first / exact): prompts {w.get('reliability')} / "
+            f"{w.get('exact_reliability')}, paraphrases {w.get('generality')} / {w.get('exact_generality')}"
+        )
     lat = s["edit_latency_ms"]
     print(
         f"\nfacts {s['facts']}, accepted {s['accepted']}, applied on every replica {s['applied']}, "

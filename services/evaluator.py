@@ -1,8 +1,10 @@
 """Evaluator: keeps probing replicas for retention of old edits and locality, into Arrow logs.
 
 Each round samples earlier edits (their prompts: reliability; their paraphrases: generality) and
-unrelated prompts (locality, scored against the unedited model's answers, cached once), scores
-them on one replica, and appends the records. Every `general_every` rounds, when the replica has
+unrelated prompts (locality), asks one replica for greedy answers and scores them as a user reads
+them (WILD: the answer cut at the first ".", newline or end; reliability and generality 1 when it
+starts with the target's words, locality 1 when it equals the unedited model's cut answer, cached
+once), and appends the records. Every `general_every` rounds, when the replica has
 caught up with the journal, it also measures the replica's perplexity on fixed accurate passages
 (`hallucination/wiki_accurate.json` when the data directory is there): kind `perplexity`, the
 general-ability probe that shows a collapsing model. It spends at most `budget` of wall time
@@ -21,9 +23,9 @@ from typing import Any
 
 import ray
 
+from editstream import wild
 from editstream.arrowlog import EVAL_SCHEMA, ArrowLog
 from editstream.data import DEFAULT_DATA_DIR, read_records
-from editstream.metrics import agreement, token_accuracy
 from editstream.probes import LOCALITY_POOL
 from services.metrics import Metrics
 from services.store import RedisStore, connect
@@ -48,6 +50,7 @@ class Evaluator:
         name: str = "evaluator-0",
         general_every: int = 3,
         general_texts: int = 16,
+        wild_tokens: int = 50,
     ) -> None:
         self.store = RedisStore(connect(redis_url), namespace)
         self.replicas = list(replicas)
@@ -55,22 +58,25 @@ class Evaluator:
         self.log = ArrowLog(Path(run_dir), "eval", EVAL_SCHEMA)
         self.probes_per_round, self.budget, self.call_size = probes_per_round, budget, call_size
         self.rng = random.Random(seed)
-        self._locality_base: dict[str, list[int]] | None = None
+        self._locality_base: dict[str, str] | None = None
         self.rounds = 0
+        self.version = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self.metrics = Metrics(name)
         self.general_every = general_every
+        self.wild_tokens = wild_tokens
         self.general = general_passages(general_texts) if general_every else []
 
     def set_replicas(self, replicas: list) -> None:
         self.replicas = list(replicas)
 
-    def _locality_reference(self, replica) -> dict[str, list[int]]:
+    def _locality_reference(self, replica) -> dict[str, str]:
+        """The unedited model's cut answers on the locality pool."""
         if self._locality_base is None:
-            prompts, answers = zip(*LOCALITY_POOL, strict=True)
-            res = ray.get(replica.call.remote("score", list(prompts), list(answers), False))
-            self._locality_base = dict(zip(prompts, res["predicted"], strict=True))
+            prompts = [p for p, _ in LOCALITY_POOL]
+            res = self._ask(replica, prompts, edited=False)
+            self._locality_base = {p: wild.cut(r["text"]) for p, r in zip(prompts, res, strict=True)}
         return self._locality_base
 
     def _sample_edits(self, version: int) -> list:
@@ -104,23 +110,25 @@ class Evaluator:
             contexts.append(prompt)
             answers.append(answer)
             meta.append(("locality", None))
-        res = self._score(replica, contexts, answers)
+        res = self._ask(replica, contexts)
         now = time.time()
         rows: list[dict[str, Any]] = []
         # the perplexity probe holds the replica for a while: only when it has nothing to apply
         if self.general and self.rounds % self.general_every == 0 and state["version"] >= self.store.last_seq():
             version, ppl = self._perplexity(replica)
             rows.append(self._row(now, state["name"], version, "perplexity", None, ppl, False))
-        for (kind, entry), ctx, pred, ids, fired, version in zip(
-            meta, contexts, res["predicted"], res["answer_ids"], res["fired"], res["version"], strict=True
-        ):
-            score = agreement(pred, base[ctx]) if kind == "locality" else token_accuracy(pred, ids)
-            rows.append(self._row(now, state["name"], version, kind, entry, score, fired is not None))
+        for (kind, entry), ctx, target, r in zip(meta, contexts, answers, res, strict=True):
+            if kind == "locality":
+                score = float(wild.same_answer(r["text"], base[ctx]))
+            else:
+                score = float(wild.answer_first(wild.cut(r["text"], target), target))
+            rows.append(self._row(now, state["name"], r["version"], kind, entry, score, r["fired"] is not None))
         with self._lock:
             if self._closed.is_set():
                 return 0
             self.log.append(rows)
             self.rounds += 1
+            self.version = max([self.version] + [r["version"] for r in rows])
         for kind, gauge in (("reliability", self.metrics.retention), ("locality", self.metrics.locality)):
             scores = [r["score"] for r in rows if r["kind"] == kind]
             if scores:
@@ -152,15 +160,13 @@ class Evaluator:
             total, count, version = total + res["nll"], count + res["tokens"], res["version"]
         return version, math.exp(total / max(count, 1))
 
-    def _score(self, replica, contexts: list[str], answers: list[str]) -> dict[str, list]:
-        """Score in small calls, so that a query never waits behind more than `call_size` probes."""
-        out: dict[str, list] = {"predicted": [], "answer_ids": [], "fired": [], "version": []}
-        for i in range(0, len(contexts), self.call_size):
-            chunk = contexts[i : i + self.call_size]
-            res = ray.get(replica.call.remote("score", chunk, answers[i : i + self.call_size], True))
-            for key in ("predicted", "answer_ids", "fired"):
-                out[key] += res[key]
-            out["version"] += [res["version"]] * len(chunk)
+    def _ask(self, replica, prompts: list[str], edited: bool = True) -> list[dict]:
+        """Greedy answers up to the WILD cut, in calls of `call_size` prompts, so that a query never
+        waits behind more than a few probes."""
+        out: list[dict] = []
+        for i in range(0, len(prompts), self.call_size):
+            chunk = prompts[i : i + self.call_size]
+            out += ray.get(replica.call.remote("ask", chunk, self.wild_tokens, 0, 30.0, False, True, edited))
         return out
 
     def flush(self) -> None:
@@ -170,7 +176,8 @@ class Evaluator:
             self.log.close()
 
     def stats(self) -> dict:
-        return {"rounds": self.rounds, "name": self.name}
+        """Rounds done, and the highest replica version a round has probed at."""
+        return {"rounds": self.rounds, "name": self.name, "version": self.version}
 
 
 def general_passages(n: int) -> list[str]:

@@ -134,13 +134,21 @@ class ReplicaService:
             return self.replica.version
 
     def ask(
-        self, prompts: list[str], max_new_tokens: int = 16, min_version: int = 0, timeout_s: float = 30.0
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 16,
+        min_version: int = 0,
+        timeout_s: float = 30.0,
+        chat: bool = False,
+        until_cut: bool = False,
+        edited: bool = True,
     ) -> list[dict]:
-        """Answers with the edit that fired and the version that answered."""
+        """Answers with the edit that fired and the version that answered (`Replica.generate` says
+        what chat, until_cut and edited do)."""
         if min_version:
             self.wait_version(min_version, timeout_s)
         with self._lock:
-            answers = self.replica.generate(prompts, max_new_tokens)
+            answers = self.replica.generate(prompts, max_new_tokens, edited=edited, chat=chat, until_cut=until_cut)
         return [{**dataclasses.asdict(a), "replica": self.name} for a in answers]
 
     def score(self, contexts: list[str], answers: list[str], edited: bool = True) -> dict:

@@ -254,19 +254,29 @@ class System:
             time.sleep(0.05)
         return False
 
-    def wait_for_evaluation(self, rounds: int = 1, timeout_s: float = 60.0) -> bool:
-        """Wait until every evaluator finished `rounds` probe rounds."""
+    def wait_for_evaluation(self, rounds: int = 1, timeout_s: float = 60.0, min_version: int = 0) -> bool:
+        """Wait until every evaluator finished `rounds` probe rounds, one of them at replica version
+        `min_version` or later (so it could sample every edit up to there)."""
         names = self.names("evaluator")
         deadline = time.time() + timeout_s
         while time.time() < deadline:
-            if all(self.call(n, "stats")["rounds"] >= rounds for n in names):
+            stats = [self.call(n, "stats") for n in names]
+            if all(s["rounds"] >= rounds and s["version"] >= min_version for s in stats):
                 return True
             time.sleep(0.2)
         return False
 
-    def ask(self, prompts: list[str], replica: int = 0, min_version: int = 0, max_new_tokens: int = 12) -> list[dict]:
+    def ask(
+        self,
+        prompts: list[str],
+        replica: int = 0,
+        min_version: int = 0,
+        max_new_tokens: int = 12,
+        chat: bool = False,
+        until_cut: bool = False,
+    ) -> list[dict]:
         handle = self.replica_handles()[replica]
-        return ray.get(handle.call.remote("ask", prompts, max_new_tokens, min_version))
+        return ray.get(handle.call.remote("ask", prompts, max_new_tokens, min_version, 30.0, chat, until_cut))
 
     def call(self, name: str, method: str, *args: Any) -> Any:
         return ray.get(self.handle(name).call.remote(method, *args))

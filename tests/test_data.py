@@ -4,23 +4,35 @@ import json
 
 import pytest
 
-from editstream.data import detect_format, load_edits
+from editstream.data import detect_format, load_edits, read_records, resolve_dataset
 from editstream.errors import DataFormatError
 
 
 @pytest.mark.parametrize(
     "name,fmt",
-    [("counterfact", "counterfact"), ("zsre", "zsre"), ("hallucination", "hallucination"), ("zsre-train", "zsre")],
+    [
+        ("counterfact", "counterfact"),
+        ("zsre", "zsre"),
+        ("hallucination", "hallucination"),
+        ("zsre-train", "zsre"),
+        ("qaedit", "qaedit"),
+    ],
 )
 def test_benchmark_files_load(name, fmt):
     edits = load_edits(name, limit=5)
     assert len(edits) == 5
     assert all(e.prompt and e.target and e.locality for e in edits)
+    assert detect_format(read_records(resolve_dataset(name))[0]) == fmt
 
 
 def test_counterfact_fields():
     e = load_edits("counterfact", limit=1)[0]
     assert e.edit_id.startswith("cf-") and e.paraphrases and e.subject in e.prompt
+
+
+def test_qaedit_has_its_five_locality_questions_and_rephrase():
+    e = load_edits("qaedit", limit=1)[0]
+    assert e.edit_id.startswith("qaedit-") and len(e.locality) == 5 and e.paraphrases
 
 
 def test_zsre_locality_prefix_is_stripped():

@@ -45,11 +45,14 @@ def test_quality_rows(real_lm, name):
     finally:
         method.reset()
     assert row["n"] == len(EDITS)
+    wild_fields = {"wild_reliability", "wild_generality", "wild_exact_reliability", "wild_exact_generality"}
+    assert wild_fields | {"wild_locality", "echo", "fluency", "subject_locality", "reliability_retrieved"} <= set(row)
     if name == "none":  # nothing edited: every probe agrees with the unedited model, nothing fires
-        assert row["locality"] == row["subject_locality"] == 1.0
+        assert row["locality"] == row["subject_locality_tf"] == 1.0
+        assert row["wild_locality"] == row["subject_locality"] == row["fluency"] == 1.0
         assert row["retrieval_own_on_prompt"] == row["retrieval_fired_on_locality"] == 0.0
-        assert row["reliability"] < 0.5
+        assert row["reliability"] < 0.5 and row["wild_reliability"] == row["reliability_retrieved"] == 0.0
     else:
         assert row["reliability"] == 1.0 and row["retrieval_own_on_prompt"] == 1.0
         assert row["locality"] == 1.0 and row["retrieval_fired_on_locality"] == 0.0
-        assert 0.0 <= row["subject_locality"] <= 1.0
+        assert all(0.0 <= row[f] <= 1.0 for f in (*wild_fields, "subject_locality", "subject_locality_tf"))

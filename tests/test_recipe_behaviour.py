@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from editstream import wild
 from editstream.demo_facts import demo_facts
 from editstream.edits import EditRequest
 from editstream.methods import create_method
@@ -73,3 +74,32 @@ def test_an_edits_own_prompt_always_fires_it(real_lm, real_encoder, trained_chec
     replica, _ = replica_with_demo_facts(real_lm, real_encoder, trained_checkpoint, 2)
     (answer,) = replica.generate(["The Eiffel Tower is located in  the city of"], max_new_tokens=3)
     assert answer.fired == "demo-1" and "Rome" in answer.text
+
+
+def test_answers_read_right_in_free_generation(edited):
+    """WILD on the real model: the greedy answer, cut as a user reads it, is the clean target on the
+    prompt, on a paraphrase and as a chat question, and does not loop (no echo)."""
+    replica, facts = edited
+    fact = facts[1]  # The Eiffel Tower is located in the city of -> Rome
+    (plain,) = replica.generate([fact.prompt], max_new_tokens=50)
+    assert wild.exact(wild.cut(plain.text, fact.target), fact.target), plain.text
+    assert not wild.echo(plain.text, fact.target), plain.text
+    answers = replica.generate([f.prompt for f in facts], max_new_tokens=50)
+    clean = [wild.answer_first(wild.cut(a.text, f.target), f.target) for a, f in zip(answers, facts, strict=True)]
+    assert (
+        mean(clean) >= 0.8 and mean([wild.echo(a.text, f.target) for a, f in zip(answers, facts, strict=True)]) <= 0.1
+    )
+    (para,) = replica.generate([fact.paraphrases[1]], max_new_tokens=50, until_cut=True)
+    assert para.fired == fact.edit_id and wild.answer_first(wild.cut(para.text), fact.target), para.text
+    (chat,) = replica.generate(["Which city is the Eiffel Tower located in?"], max_new_tokens=50, chat=True)
+    assert chat.fired == fact.edit_id and wild.contains(wild.cut(chat.text), fact.target), chat.text
+
+
+def test_other_questions_about_an_edited_subject_keep_their_answers(edited):
+    """Subject locality: after editing where the Eiffel Tower is, what it is famous for is unchanged."""
+    replica, _ = edited
+    probes = ["The Eiffel Tower was designed by", "The height of the Eiffel Tower is"]
+    before = replica.generate(probes, max_new_tokens=50, until_cut=True, edited=False)
+    after = replica.generate(probes, max_new_tokens=50, until_cut=True)
+    assert [a.fired for a in after] == [None, None]
+    assert [wild.cut(a.text) for a in after] == [wild.cut(b.text) for b in before]

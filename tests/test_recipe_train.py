@@ -2,18 +2,30 @@
 
 import json
 
+import pytest
+
 from editstream.data import load_edits
 from editstream.methods.recipe.checkpoint import load_checkpoint
 from editstream.methods.recipe.config import RecipeConfig, TrainConfig
 from editstream.methods.recipe.train import Trainer, generator_loss, retriever_loss
 
 
-def test_training_lowers_losses_and_resumes(tmp_path, tiny_lm, tiny_encoder):
+@pytest.mark.parametrize("wild", [False, True], ids=["target-only", "continuation+negatives"])
+def test_training_lowers_losses_and_resumes(tmp_path, tiny_lm, tiny_encoder, wild):
     edits = load_edits("counterfact-train", limit=80)
     config = RecipeConfig(
-        encoder="tiny-bert", key_dim=16, retriever_hidden=32, prompt_len=3, generator_hidden=64, target_slots=2
+        encoder="tiny-bert",
+        key_dim=16,
+        retriever_hidden=32,
+        prompt_len=3,
+        generator_hidden=64,
+        target_slots=2,
+        end_slots=2 if wild else 0,
     )
     schedule = TrainConfig(
+        continuation_weight=1.0 if wild else 0.0,
+        continuation_tokens=4,
+        subject_negatives=wild,
         retriever_steps=60,
         retriever_batch=32,
         generator_steps=30,
@@ -27,8 +39,8 @@ def test_training_lowers_losses_and_resumes(tmp_path, tiny_lm, tiny_encoder):
     fixed = trainer.train.subset(range(16))
 
     def losses():
-        r, _ = retriever_loss(trainer.net, fixed.r_prompt, fixed.r_para, fixed.r_loc)
-        g, _ = generator_loss(trainer.net, tiny_lm, fixed, 0.0)
+        r, _ = retriever_loss(trainer.net, fixed.r_prompt, fixed.r_para, fixed.r_loc, fixed.r_neg)
+        g, _ = generator_loss(trainer.net, tiny_lm, fixed, schedule)
         return r.item(), g.item()
 
     r0, g0 = losses()
@@ -37,6 +49,8 @@ def test_training_lowers_losses_and_resumes(tmp_path, tiny_lm, tiny_encoder):
     assert r1 < r0 and g1 < g0
     state = json.loads((tmp_path / "train_state.json").read_text())
     assert state["generator_step"] == 30 and state["history"]
+    last = state["history"][-1]
+    assert 0.0 <= last["wild_reliability"] <= 1.0 and ("retrieval_neg_reject" in last) == wild
     net, meta = load_checkpoint(tmp_path)
     assert meta["steps"]["generator_step"] == 30
 

@@ -1,5 +1,8 @@
 """The lifelong-editing quality benchmark (the protocol of ../shared/data/README.md).
 
+Scored two ways side by side: WILD (greedy generation as a user reads it; `wild_scores`, the
+primary columns) and teacher-forced (the literature's form, below).
+
 Edits are shuffled with a seed, cut into chunks of T; each chunk's T edits are applied one after
 another to a fresh (unedited) model, then all T are scored: reliability (prompt -> target),
 generality (paraphrase -> target) as teacher-forced token accuracy, locality as agreement with
@@ -22,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from editstream.artifacts import Artifact
+from editstream.bench.wild_scores import WildScores, is_question_set, score_wild_chunk, unedited_wild
 from editstream.edits import EditRequest
 from editstream.methods.base import EditMethod
 from editstream.metrics import agreement, mean, token_accuracy
@@ -123,10 +127,45 @@ def age_bucket(age: int) -> str:
     return f">={AGE_BUCKETS[-1]}"
 
 
-def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Sequence[int]) -> dict[str, Any]:
-    """Rows per T (means over all scored edits), retention by age for the largest T, edit throughput."""
+def _wild_fields(w: WildScores) -> dict[str, Any]:
+    """The WILD columns of a result row (answer-first unless named exact)."""
+    fluency, unedited = mean(w.fluency), mean(w.fluency_unedited)
+    row = {
+        "wild_reliability": round(mean(w.reliability), 4),
+        "wild_generality": round(mean(w.generality), 4),
+        "wild_exact_reliability": round(mean(w.exact_reliability), 4),
+        "wild_exact_generality": round(mean(w.exact_generality), 4),
+        "reliability_retrieved": round(mean(w.reliability_retrieved), 4),
+        "wild_locality": round(mean(w.locality), 4),
+        "subject_locality": round(mean(w.subject_locality), 4),
+        "echo": round(mean(w.echo), 4),
+        "fluency": round(fluency / unedited, 4) if unedited else None,
+        "fluency_entropy": round(fluency, 4),
+        "fluency_entropy_unedited": round(unedited, 4),
+    }
+    if w.chat_reliability:
+        row["chat_reliability"] = round(mean(w.chat_reliability), 4)
+        row["chat_generality"] = round(mean(w.chat_generality), 4)
+    return row
+
+
+def run_quality(
+    replica: Replica,
+    edits: Sequence[EditRequest],
+    chunk_sizes: Sequence[int],
+    wild_tokens: int = 50,
+    chat: bool | None = None,
+    examples: int = 8,
+) -> dict[str, Any]:
+    """Rows per T (means over all scored edits), retention by age for the largest T, edit throughput.
+
+    wild_tokens: new tokens of the WILD generations (0 skips the WILD half); chat: score the chat
+    form too (default: when the prompts are questions); examples: generations kept per T in the JSON.
+    """
     method = replica.method
     base = unedited_predictions(replica, edits)
+    chat = is_question_set(edits) if chat is None else chat
+    wild_base = unedited_wild(replica, edits, wild_tokens) if wild_tokens else None
     rows, retention = [], []
     compute_s, computed, artifact_bytes = 0.0, 0, 0
     largest = max((t for t in chunk_sizes if t <= len(edits)), default=None)
@@ -135,8 +174,9 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
         if not chunks:
             log.warning("T=%d skipped: only %d edits", T, len(edits))
             continue
-        agg = ChunkScores()
+        agg, wild_agg = ChunkScores(), WildScores()
         ages: dict[str, list[float]] = {}
+        wild_ages: dict[str, list[float]] = {}
         for chunk in tqdm(chunks, desc=f"{method.name} T={T}", leave=False):
             method.reset()
             replica.version = 0
@@ -150,9 +190,15 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
             scores = score_chunk(replica, chunk, base)
             for f in fields(ChunkScores):
                 getattr(agg, f.name).extend(getattr(scores, f.name))
+            if wild_base is not None:
+                kept = max(0, examples - len(wild_agg.examples))
+                w = score_wild_chunk(replica, chunk, wild_base, wild_tokens, chat, examples=kept)
+                wild_agg.extend(w)
             if largest == T:
                 for i, r in enumerate(scores.reliability):
                     ages.setdefault(age_bucket(T - 1 - i), []).append(r)
+                    if wild_base is not None:
+                        wild_ages.setdefault(age_bucket(T - 1 - i), []).append(w.reliability[i])
         rows.append(
             {
                 "T": T,
@@ -161,16 +207,26 @@ def run_quality(replica: Replica, edits: Sequence[EditRequest], chunk_sizes: Seq
                 "reliability": round(mean(agg.reliability), 4),
                 "generality": round(mean(agg.generality), 4),
                 "locality": round(mean(agg.locality), 4),
-                "subject_locality": round(mean(agg.subject_locality), 4),
+                "subject_locality_tf": round(mean(agg.subject_locality), 4),
                 "retrieval_fired_on_prompt": _rate(agg.fired_on_prompt),
                 "retrieval_fired_on_locality": _rate(agg.fired_on_locality),
                 "retrieval_own_on_prompt": _rate(agg.own_on_prompt),
                 "retrieval_own_on_paraphrase": _rate(agg.own_on_paraphrase),
+                **(_wild_fields(wild_agg) if wild_base is not None else {}),
+                "examples": wild_agg.examples,
             }
         )
         log.info("%s T=%d: %s", method.name, T, rows[-1])
         if largest == T:
-            retention = [{"age_edits": k, "n": len(v), "reliability": round(mean(v), 4)} for k, v in ages.items()]
+            retention = [
+                {
+                    "age_edits": k,
+                    "n": len(v),
+                    "reliability": round(mean(v), 4),
+                    **({"wild_reliability": round(mean(wild_ages[k]), 4)} if wild_ages else {}),
+                }
+                for k, v in ages.items()
+            ]
     method.reset()
     replica.version = 0
     return {

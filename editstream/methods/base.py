@@ -50,6 +50,9 @@ class EditMethod(ABC):
         self._applied: dict[str, Artifact] = {}  # every applied, not-removed edit, in apply order
         self._stacks: dict[str, list[str]] = {}  # normalized prompt -> edit ids, newest last (attached)
         self._digests: dict[str, str] = {}  # edit id -> artifact content digest, computed once
+        # A prompt stored with an edit fires that edit without a search (a product fast path). The
+        # quality benchmark turns it off to measure the retriever itself.
+        self.exact_lookup = True
 
     @classmethod
     def build(cls, lm: LoadedLM, **options: Any) -> EditMethod:
@@ -146,7 +149,10 @@ class EditMethod(ABC):
         return list(self._applied)
 
     def exact_edits(self, prompts: Sequence[str]) -> list[str | None]:
-        """Per prompt, the edit in effect for exactly that prompt (after normalisation), or None."""
+        """Per prompt, the edit in effect for exactly that prompt (after normalisation), or None;
+        all None while `exact_lookup` is off."""
+        if not self.exact_lookup:
+            return [None] * len(prompts)
         stacks = [self._stacks.get(normalize_prompt(p)) for p in prompts]
         return [stack[-1] if stack else None for stack in stacks]
 

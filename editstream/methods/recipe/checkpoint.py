@@ -44,5 +44,7 @@ def load_checkpoint(directory: Path | str | None = None) -> tuple[RecipeNet, dic
     config = config_from_dict(RecipeConfig, meta["config"])
     net = RecipeNet(meta["enc_dim"], meta["d_llm"], config, torch.zeros(meta["d_llm"]))
     state = load_file(str(directory / "recipe.safetensors"))
+    if net.generator.appends_targets and "generator.end" not in state:  # checkpoints made before end slots
+        state["generator.end"] = torch.zeros(0, meta["d_llm"])
     net.load_state_dict({k: v.float() for k, v in state.items()})
     return net.eval().requires_grad_(False), meta

@@ -23,6 +23,10 @@ class RecipeConfig:
     `prompt_len` generated vectors (each a learned gain times the token's embedding plus a learned
     bias; artifacts store token ids, not vectors); "inside" adds the first `target_slots` token
     embeddings onto generated slots 1..target_slots (the first shipped checkpoint's layout).
+
+    end_slots (appended mode): learned vectors after the target's slots, shared by every edit (the
+    trainer starts them at the embeddings of ".\n"), so the prefix reads as a finished statement
+    rather than as the start of the text the prompt continues.
     """
 
     encoder: str = "minilm"
@@ -33,6 +37,7 @@ class RecipeConfig:
     generator_input: str = "prompt+target"
     target_slots: int = 12  # target tokens the prompt carries (variant only)
     target_mode: str = "appended"
+    end_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.generator_input not in GENERATOR_INPUTS:
@@ -44,6 +49,8 @@ class RecipeConfig:
                 f"target_slots={self.target_slots} must lie in [0, prompt_len={self.prompt_len}] "
                 "for target_mode 'inside', and be >= 0 for 'appended'"
             )
+        if self.end_slots < 0 or (self.end_slots and self.target_mode != "appended"):
+            raise ConfigError(f"end_slots={self.end_slots}: must be >= 0, and 0 unless target_mode is 'appended'")
         for name in ("key_dim", "retriever_hidden", "prompt_len", "generator_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
@@ -64,6 +71,14 @@ class TrainConfig:
     generator_batch: int = 16
     generator_lr: float = 1e-3
     locality_weight: float = 0.0
+    # After the target: KL to the unedited model reading "prompt target" over its own greedy
+    # continuation of `continuation_tokens` tokens (0: off), so what follows the answer reads right.
+    continuation_weight: float = 0.0
+    continuation_tokens: int = 12
+    end_text: str = ".\n"  # initial value of the end slots (their embeddings), if the config has any
+    # Retriever negatives built from the train rows: the edit's subject in another relation's prompt
+    # and the edit's prompt with another subject must both pick the sentinel (subject locality).
+    subject_negatives: bool = False
     validate_every: int = 100
     checkpoint_every: int = 50
     validation_rows: int = 200

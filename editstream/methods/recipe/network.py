@@ -79,6 +79,7 @@ class PromptGenerator(nn.Module):
         self.target_gain = nn.Parameter(torch.ones(n))
         if self.appends_targets:
             self.target_bias = nn.Parameter(torch.zeros(n, d_llm))
+            self.end = nn.Parameter(torch.zeros(config.end_slots, d_llm))
 
     @property
     def appends_targets(self) -> bool:
@@ -107,13 +108,16 @@ class PromptGenerator(nn.Module):
         return prompts
 
     def prefix(self, generated: torch.Tensor, target_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full prefix and its mask: generated vectors, then (appended mode) present target slots."""
+        """The full prefix and its mask: generated vectors, then (appended mode) present target slots
+        and the end slots."""
         ones = torch.ones(generated.shape[:2], dtype=torch.long, device=generated.device)
         if not self.appends_targets:
             return generated, ones
         present = (target_embeds.abs().sum(-1) > 0).long()
         slots = self.target_gain.view(1, -1, 1) * target_embeds + self.target_bias * present.unsqueeze(-1)
-        return torch.cat([generated, slots], dim=1), torch.cat([ones, present], dim=1)
+        end = self.end.to(generated.dtype).expand(len(generated), -1, -1)
+        end_mask = torch.ones(end.shape[:2], dtype=torch.long, device=generated.device)
+        return torch.cat([generated, slots, end], dim=1), torch.cat([ones, present, end_mask], dim=1)
 
 
 def target_token_ids(tokenizer, targets: list[str], slots: int) -> torch.Tensor:

@@ -25,14 +25,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from editstream import wild
 from editstream.config import config_to_dict
 from editstream.edits import EditRequest
-from editstream.methods.recipe.checkpoint import save_checkpoint
+from editstream.errors import ConfigError
+from editstream.generation import greedy
+from editstream.methods.recipe.checkpoint import load_checkpoint, save_checkpoint
 from editstream.methods.recipe.config import RecipeConfig, TrainConfig
+from editstream.methods.recipe.continuation import pair_ids, teacher_continuations
+from editstream.methods.recipe.negatives import subject_swaps
 from editstream.methods.recipe.network import RecipeNet, target_token_embeddings
-from editstream.metrics import encode_pairs
+from editstream.metrics import left_pad
 from editstream.models import LoadedEncoder, LoadedLM
-from editstream.prefix import prepend_prefix
+from editstream.prefix import prepend_prefix, soft_prefix
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class TrainRows:
     r_para: torch.Tensor
     r_loc: torch.Tensor
     r_statement: torch.Tensor | None
+    r_neg: torch.Tensor | None = None  # (N, 2, enc): subject-swap negatives (negatives.subject_swaps)
 
     def subset(self, idx: Sequence[int]) -> TrainRows:
         ix = torch.tensor(list(idx))
@@ -55,11 +61,15 @@ class TrainRows:
             self.r_para[ix],
             self.r_loc[ix],
             None if self.r_statement is None else self.r_statement[ix],
+            None if self.r_neg is None else self.r_neg[ix],
         )
 
 
-def encode_rows(edits: list[EditRequest], encoder: LoadedEncoder, cache: Path, statements: bool) -> TrainRows:
-    """Encoder embeddings of prompts, paraphrases, locality prompts (and statements), cached on disk.
+def encode_rows(
+    edits: list[EditRequest], encoder: LoadedEncoder, cache: Path, statements: bool, negatives: bool = False
+) -> TrainRows:
+    """Encoder embeddings of prompts, paraphrases, locality prompts (and statements, and the
+    subject-swap negatives), cached on disk.
 
     The cache file name hashes the encoder name and every text, so any change makes a new file.
     """
@@ -71,6 +81,8 @@ def encode_rows(edits: list[EditRequest], encoder: LoadedEncoder, cache: Path, s
     }
     if statements:
         texts["statement"] = [e.statement for e in edits]
+    if negatives:
+        texts["neg_relation"], texts["neg_subject"] = subject_swaps(edits)
     h = hashlib.sha256(encoder.name.encode())
     for name in sorted(texts):
         h.update("\x1e".join(texts[name]).encode())
@@ -87,26 +99,32 @@ def encode_rows(edits: list[EditRequest], encoder: LoadedEncoder, cache: Path, s
             enc[name] = torch.cat(chunks).contiguous()
         cache.mkdir(parents=True, exist_ok=True)
         save_file(enc, str(path))
-    return TrainRows(edits, enc["prompt"], enc["para"], enc["loc"], enc.get("statement"))
+    neg = torch.stack([enc["neg_relation"], enc["neg_subject"]], dim=1) if negatives else None
+    return TrainRows(edits, enc["prompt"], enc["para"], enc["loc"], enc.get("statement"), neg)
 
 
-def retriever_loss(net: RecipeNet, r_prompt, r_para, r_loc) -> tuple[torch.Tensor, dict[str, float]]:
-    """In-batch contrast over [keys..., sentinel] for prompt, paraphrase and locality queries."""
+def retriever_loss(net: RecipeNet, r_prompt, r_para, r_loc, r_neg=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """In-batch contrast over [keys..., sentinel] for prompt, paraphrase and locality queries, and
+    (if given) subject-swap negatives (B, m, enc), which must pick the sentinel too."""
     ret = net.retriever
     keys = ret.keys(r_prompt)
     scale = ret.log_scale.exp()
     n = len(keys)
     losses, accs = [], {}
-    for name, r, target in (
+    queries = [
         ("rel", r_prompt, torch.arange(n)),
         ("gen", r_para, torch.arange(n)),
         ("loc", r_loc, torch.full((n,), n)),
-    ):
+    ]
+    if r_neg is not None:
+        flat = r_neg.reshape(-1, r_neg.shape[-1])
+        queries.append(("neg", flat, torch.full((len(flat),), n)))
+    for name, r, target in queries:
         q = ret.queries(r)
         logits = torch.cat([q @ keys.T, ret.sentinel_score(q)[:, None]], dim=1) * scale
         losses.append(F.cross_entropy(logits, target))
         accs[name] = (logits.argmax(-1) == target).float().mean().item()
-    return sum(losses) / 3, accs
+    return sum(losses) / len(losses), accs
 
 
 def generated_prompts(net: RecipeNet, lm: LoadedLM, rows: TrainRows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,16 +138,21 @@ def generated_prompts(net: RecipeNet, lm: LoadedLM, rows: TrainRows) -> tuple[to
     return net.generator.prefix(net.generator(rows.r_statement), None)
 
 
-def answer_logits(
-    lm: LoadedLM, prefix: torch.Tensor | None, contexts, answers, prefix_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the answer positions (and the answer ids), with `prefix` before each context.
+def id_logits(
+    lm: LoadedLM,
+    prefix: torch.Tensor | None,
+    rows: Sequence[list[int]],
+    positions: Sequence[list[int]],
+    prefix_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits at `positions` (indices into each token row) with `prefix` before each row, in row order.
 
-    Runs the decoder once and the LM head only where answers are predicted.
+    Rows are left-padded into one batch; the decoder runs once and the LM head only where asked.
     """
-    batch = encode_pairs(lm.tokenizer, contexts, answers)
     dev = lm.device
-    ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+    ids, mask = left_pad(rows, lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0)
+    ids, mask = ids.to(dev), mask.to(dev)
+    width = ids.shape[1]
     embeds = lm.model.get_input_embeddings()(ids)
     n_prefix = 0
     if prefix is not None:
@@ -140,60 +163,103 @@ def answer_logits(
     else:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = lm.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
-    rows, cols, targets = [], [], []
-    for i, (start, ans) in enumerate(zip(batch.answer_start, batch.answer_ids, strict=True)):
-        for j, tok in enumerate(ans):
-            rows.append(i)
-            cols.append(n_prefix + start - 1 + j)
-            targets.append(tok)
-    logits = lm.model.get_output_embeddings()(hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)])
-    return logits, torch.tensor(targets, device=dev)
+    r_idx = [i for i, ps in enumerate(positions) for _ in ps]
+    c_idx = [n_prefix + width - len(rows[i]) + p for i, ps in enumerate(positions) for p in ps]
+    return lm.model.get_output_embeddings()(hidden[torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev)])
 
 
-def generator_loss(net: RecipeNet, lm: LoadedLM, rows: TrainRows, locality_weight: float):
+def answer_logits(
+    lm: LoadedLM, prefix: torch.Tensor | None, contexts, answers, prefix_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the answer positions (and the answer ids), with `prefix` before each context."""
+    pairs = [pair_ids(lm, c, a) for c, a in zip(contexts, answers, strict=True)]
+    rows = [c + a for c, a in pairs]
+    positions = [list(range(len(c) - 1, len(c) - 1 + len(a))) for c, a in pairs]
+    logits = id_logits(lm, prefix, rows, positions, prefix_mask)
+    return logits, torch.tensor([t for _, a in pairs for t in a], device=lm.device)
+
+
+def continuation_loss(
+    lm: LoadedLM, prefix: torch.Tensor, mask: torch.Tensor, rows: TrainRows, k: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(cross-entropy on the target, KL to the plain-statement teacher after it, stats), on the
+    prompt and the paraphrase of each row, from one student forward."""
+    contexts = [e.prompt for e in rows.edits] + [e.paraphrases[0] for e in rows.edits]
+    targets = [e.target for e in rows.edits] * 2
+    cont, ends = teacher_continuations(lm, contexts, targets, k)
+    starts = [len(pair_ids(lm, c, t)[0]) for c, t in zip(contexts, targets, strict=True)]
+    answer_pos = [list(range(s - 1, e - 1)) for s, e in zip(starts, ends, strict=True)]
+    positions = [a + c for a, c in zip(answer_pos, cont.positions, strict=True)]
+    logits = id_logits(lm, prefix.repeat(2, 1, 1), cont.rows, positions, mask.repeat(2, 1))
+    is_answer = torch.tensor([j < len(a) for a, ps in zip(answer_pos, positions, strict=True) for j in range(len(ps))])
+    answer_ids = torch.tensor([r[p + 1] for r, a in zip(cont.rows, answer_pos, strict=True) for p in a])
+    ce = F.cross_entropy(logits[is_answer], answer_ids.to(logits.device))
+    student = logits[~is_answer].float().log_softmax(-1)
+    kl = F.kl_div(student, cont.teacher, log_target=True, reduction="batchmean")
+    acc = (logits[is_answer].argmax(-1).cpu() == answer_ids).float().mean().item()
+    return ce, kl, {"ce": ce.item(), "acc": acc, "cont_kl": kl.item()}
+
+
+def generator_loss(net: RecipeNet, lm: LoadedLM, rows: TrainRows, schedule: TrainConfig):
     prefix, mask = generated_prompts(net, lm, rows)
-    targets = [e.target for e in rows.edits]
-    logits, ids = answer_logits(
-        lm,
-        prefix.repeat(2, 1, 1),
-        [e.prompt for e in rows.edits] + [e.paraphrases[0] for e in rows.edits],
-        targets * 2,
-        mask.repeat(2, 1),
-    )
-    loss = F.cross_entropy(logits, ids)
-    stats = {"ce": loss.item(), "acc": (logits.argmax(-1) == ids).float().mean().item()}
-    if locality_weight > 0:
+    if schedule.continuation_weight > 0:
+        loss, kl, stats = continuation_loss(lm, prefix, mask, rows, schedule.continuation_tokens)
+        loss = loss + schedule.continuation_weight * kl
+    else:
+        targets = [e.target for e in rows.edits]
+        logits, ids = answer_logits(
+            lm,
+            prefix.repeat(2, 1, 1),
+            [e.prompt for e in rows.edits] + [e.paraphrases[0] for e in rows.edits],
+            targets * 2,
+            mask.repeat(2, 1),
+        )
+        loss = F.cross_entropy(logits, ids)
+        stats = {"ce": loss.item(), "acc": (logits.argmax(-1) == ids).float().mean().item()}
+    if schedule.locality_weight > 0:
         loc = [e.locality[0] for e in rows.edits]
         with torch.no_grad():
             base, _ = answer_logits(lm, None, [p.prompt for p in loc], [p.answer for p in loc])
         edited, _ = answer_logits(lm, prefix, [p.prompt for p in loc], [p.answer for p in loc], mask)
         kl = F.kl_div(edited.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="batchmean")
-        loss = loss + locality_weight * kl
+        loss = loss + schedule.locality_weight * kl
         stats["kl"] = kl.item()
     return loss, stats
 
 
 @torch.no_grad()
-def validate(net: RecipeNet, lm: LoadedLM, rows: TrainRows, batch: int = 32) -> dict[str, float]:
-    """Oracle-retrieval token accuracy (reliability, generality) and retrieval hit/reject rates."""
+def validate(net: RecipeNet, lm: LoadedLM, rows: TrainRows, batch: int = 32, wild_tokens: int = 24) -> dict[str, float]:
+    """Oracle-retrieval scores on held-back train rows: teacher-forced token accuracy and, as a user
+    reads it, WILD answer-first/exact and echo of a greedy `wild_tokens`-token answer (prompt and
+    paraphrase); retrieval hit/reject rates (and subject-swap rejection, where built)."""
     net.eval()
-    _, acc = retriever_loss(net, rows.r_prompt, rows.r_para, rows.r_loc)
-    correct = {"reliability": [], "generality": []}
+    _, acc = retriever_loss(net, rows.r_prompt, rows.r_para, rows.r_loc, rows.r_neg)
+    scores: dict[str, list[float]] = {}
     for i in range(0, len(rows.edits), batch):
         part = rows.subset(range(i, min(i + batch, len(rows.edits))))
         prefix, mask = generated_prompts(net, lm, part)
+        targets = [e.target for e in part.edits]
         for name, ctx in (
             ("reliability", [e.prompt for e in part.edits]),
             ("generality", [e.paraphrases[0] for e in part.edits]),
         ):
-            logits, ids = answer_logits(lm, prefix, ctx, [e.target for e in part.edits], mask)
-            correct[name].extend((logits.argmax(-1) == ids).float().tolist())
+            logits, ids = answer_logits(lm, prefix, ctx, targets, mask)
+            scores.setdefault(name, []).extend((logits.argmax(-1) == ids).float().tolist())
+            if wild_tokens:
+                with soft_prefix(lm.model, prefix, mask):
+                    texts = greedy(lm, ctx, wild_tokens).texts
+                for text, target in zip(texts, targets, strict=True):
+                    answer = wild.cut(text, target)
+                    scores.setdefault(f"wild_{name}", []).append(float(wild.answer_first(answer, target)))
+                    scores.setdefault(f"wild_exact_{name}", []).append(float(wild.exact(answer, target)))
+                    scores.setdefault("echo_2in24", []).append(float(wild.echo(text, target, repeats=2)))
     net.train()
     return {
         "retrieval_rel": acc["rel"],
         "retrieval_gen": acc["gen"],
         "retrieval_loc_reject": acc["loc"],
-        **{k: sum(v) / len(v) for k, v in correct.items()},
+        **({"retrieval_neg_reject": acc["neg"]} if "neg" in acc else {}),
+        **{k: sum(v) / len(v) for k, v in scores.items()},
     }
 
 
@@ -208,21 +274,49 @@ class Trainer:
         out: Path,
         config: RecipeConfig,
         schedule: TrainConfig,
+        init_from: Path | None = None,
     ) -> None:
         self.lm, self.out, self.config, self.schedule = lm, out, config, schedule
-        rows = encode_rows(edits, encoder, out / "cache", statements=not config.uses_target_embeddings)
+        rows = encode_rows(
+            edits,
+            encoder,
+            out / "cache",
+            statements=not config.uses_target_embeddings,
+            negatives=schedule.subject_negatives,
+        )
         order = list(range(len(rows.edits)))
         random.Random(schedule.seed).shuffle(order)
         n_val = schedule.validation_rows
         self.val, self.train = rows.subset(order[:n_val]), rows.subset(order[n_val:])
         embed_mean = lm.model.get_input_embeddings().weight.mean(0)
         self.net = RecipeNet(encoder.dim, embed_mean.shape[0], config, embed_mean).to(lm.device)
+        self._init_end_slots()
+        if init_from is not None:
+            self._warm_start(init_from)
         self.encoder_name = encoder.name
         self.ret_opt = torch.optim.Adam(self.net.retriever.parameters(), lr=schedule.retriever_lr)
         self.gen_opt = torch.optim.Adam(self.net.generator.parameters(), lr=schedule.generator_lr)
         self.state: dict[str, Any] = {"retriever_step": 0, "generator_step": 0, "history": []}
         self.rng = random.Random(schedule.seed + 1)
         self._resume()
+
+    def _init_end_slots(self) -> None:
+        n = self.config.end_slots
+        if not n:
+            return
+        ids = self.lm.tokenizer(self.schedule.end_text, add_special_tokens=False)["input_ids"]
+        if len(ids) != n:
+            raise ConfigError(f"end_text {self.schedule.end_text!r} is {len(ids)} tokens; end_slots={n} needs {n}")
+        with torch.no_grad():
+            self.net.generator.end.copy_(self.lm.model.get_input_embeddings().weight[ids].float())
+
+    def _warm_start(self, directory: Path) -> None:
+        """Start from another checkpoint's weights wherever the shapes agree (e.g. before end slots)."""
+        source, _ = load_checkpoint(directory)
+        own = self.net.state_dict()
+        taken = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+        self.net.load_state_dict(taken, strict=False)
+        log.info("warm start from %s: %d of %d tensors", directory, len(taken), len(own))
 
     # --- resumable state ------------------------------------------------------------------------
     def _state_paths(self) -> tuple[Path, Path]:
@@ -283,6 +377,7 @@ class Trainer:
                 rows.r_prompt.to(self.lm.device),
                 rows.r_para.to(self.lm.device),
                 rows.r_loc.to(self.lm.device),
+                None if rows.r_neg is None else rows.r_neg.to(self.lm.device),
             )
             self.ret_opt.zero_grad()
             loss.backward()
@@ -301,7 +396,7 @@ class Trainer:
         )
         started = time.time()
         for step in bar:
-            loss, stats = generator_loss(self.net, self.lm, self._sample(s.generator_batch), s.locality_weight)
+            loss, stats = generator_loss(self.net, self.lm, self._sample(s.generator_batch), s)
             self.gen_opt.zero_grad()
             loss.backward()
             self.gen_opt.step()
