@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from dataclasses import dataclass, field
 
 
@@ -13,8 +14,10 @@ def default_edit_id(prompt: str, target: str) -> str:
 
 
 def normalize_prompt(prompt: str) -> str:
-    """The form under which two prompts count as the same question (for supersede)."""
-    return " ".join(prompt.split()).casefold()
+    """The form under which two prompts count as the same question (for supersede): Unicode NFKC
+    (composed and decomposed accents, ligatures and full-width letters agree), white space
+    collapsed, case folded."""
+    return " ".join(unicodedata.normalize("NFKC", prompt).split()).casefold()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ that goes to the dead-letter stream. Nothing here ever unpickles or evaluates in
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +22,9 @@ MAX_ID_CHARS = 200
 MAX_PARAPHRASES = 20
 KNOWN_FIELDS = frozenset({"op", "edit_id", "prompt", "target", "subject", "paraphrases", "retracts"})
 OPS = ("edit", "retract")
+TEXT_FIELDS = frozenset({"prompt", "paraphrases"})  # may hold newlines and tabs; no field other controls
+# Bidirectional overrides and isolates reorder what a reader sees ("Trojan source"); never legitimate here.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,26 @@ def _text(fields: Mapping[str, bytes | str], name: str, limit: int, required: bo
         raise InvalidEditError(f"field {name!r} must be a string, got {type(raw).__name__}")
     if "\x00" in raw:
         raise InvalidEditError(f"field {name!r} contains a NUL character")
+    _check_characters(name, raw, allow_newlines=name in TEXT_FIELDS)
     value = raw.strip()
-    if required and not value:
-        raise InvalidEditError(f"field {name!r} is empty")
+    if not value or not _visible(value):
+        raise InvalidEditError(f"field {name!r} is empty" + ("" if required else "; omit it instead"))
     if len(value) > limit:
         raise InvalidEditError(f"field {name!r} has {len(value)} characters; at most {limit} allowed")
     return value
+
+
+def _visible(text: str) -> bool:
+    """Whether `text` has a character that is neither white space nor an invisible format character."""
+    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text)
+
+
+def _check_characters(name: str, text: str, allow_newlines: bool) -> None:
+    """Refuse control characters (ANSI escapes, the id separator \\x1f, ...) and bidi overrides."""
+    allowed = "\n\t\r" if allow_newlines else ""
+    for i, c in enumerate(text):
+        if (unicodedata.category(c) == "Cc" and c not in allowed) or c in BIDI_CONTROLS:
+            raise InvalidEditError(f"field {name!r} holds the control character U+{ord(c):04X} at position {i}")
 
 
 def _paraphrases(fields: Mapping[str, bytes | str]) -> tuple[str, ...]:
@@ -61,6 +80,10 @@ def _paraphrases(fields: Mapping[str, bytes | str]) -> tuple[str, ...]:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidEditError(f"field 'paraphrases' is not valid JSON: {exc.msg} at char {exc.pos}") from None
+    except RecursionError:
+        raise InvalidEditError(
+            "field 'paraphrases' is nested too deeply; expected a flat JSON list of strings"
+        ) from None
     if not isinstance(value, list):
         raise InvalidEditError(f"field 'paraphrases' must be a JSON list of strings, got {type(value).__name__}")
     if len(value) > MAX_PARAPHRASES:
@@ -71,6 +94,11 @@ def _paraphrases(fields: Mapping[str, bytes | str]) -> tuple[str, ...]:
             raise InvalidEditError(f"paraphrases[{i}] must be a non-empty string, got {p!r:.60}")
         if len(p) > MAX_PROMPT_CHARS:
             raise InvalidEditError(f"paraphrases[{i}] has {len(p)} characters; at most {MAX_PROMPT_CHARS} allowed")
+        if "\x00" in p:
+            raise InvalidEditError(f"paraphrases[{i}] contains a NUL character")
+        _check_characters(f"paraphrases[{i}]", p, allow_newlines=True)
+        if not _visible(p):
+            raise InvalidEditError(f"paraphrases[{i}] must be a non-empty string, got {p!r:.60}")
         out.append(p.strip())
     return tuple(out)
 
@@ -83,12 +111,11 @@ def parse_event(fields: Mapping[bytes | str, bytes | str]) -> EditRequest | Retr
         if k not in KNOWN_FIELDS:
             raise InvalidEditError(f"unknown field {k!r}; known fields: {sorted(KNOWN_FIELDS)}")
         norm[k] = value
-    op = _text(norm, "op", 16, required=False) or "edit"
+    op = _text(norm, "op", 16, required=False)
+    op = "edit" if op is None else op
     if op not in OPS:
         raise InvalidEditError(f"unknown op {op!r}; expected one of {OPS}")
     edit_id = _text(norm, "edit_id", MAX_ID_CHARS, required=False)
-    if edit_id is not None and not edit_id:
-        raise InvalidEditError("field 'edit_id' is empty; omit it to use the default")
     if op == "retract":
         target_id = _text(norm, "retracts", MAX_ID_CHARS, required=True)
         for extra in ("prompt", "target", "paraphrases", "subject"):
@@ -99,9 +126,9 @@ def parse_event(fields: Mapping[bytes | str, bytes | str]) -> EditRequest | Retr
         raise InvalidEditError("field 'retracts' belongs to op 'retract', not 'edit'")
     prompt = _text(norm, "prompt", MAX_PROMPT_CHARS, required=True)
     target = _text(norm, "target", MAX_TARGET_CHARS, required=True)
-    subject = _text(norm, "subject", MAX_PROMPT_CHARS, required=False) or None
-    if subject and subject not in prompt:
-        raise InvalidEditError(f"subject {subject!r} does not occur in the prompt")
+    subject = _text(norm, "subject", MAX_PROMPT_CHARS, required=False)
+    if subject and not re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt):
+        raise InvalidEditError(f"subject {subject!r} does not occur in the prompt as a whole word or phrase")
     return EditRequest(
         prompt=prompt, target=target, edit_id=edit_id or "", subject=subject, paraphrases=_paraphrases(norm)
     )

@@ -19,6 +19,16 @@ BAD = {
     "oversized target": ({"prompt": "p", "target": "x" * 501}, "at most 500"),
     "oversized edit_id": ({**GOOD, "edit_id": "i" * 201}, "at most 200"),
     "empty edit_id": ({**GOOD, "edit_id": ""}, "'edit_id' is empty"),
+    "empty op": ({**GOOD, "op": ""}, "'op' is empty"),
+    "empty subject": ({**GOOD, "subject": ""}, "'subject' is empty"),
+    "empty paraphrases": ({**GOOD, "paraphrases": ""}, "'paraphrases' is empty"),
+    "zero-width target": ({"prompt": "p", "target": "\u200b\u200b"}, "'target' is empty"),
+    "RTL override in target": ({"prompt": "p", "target": "abc\u202edef"}, "U\\+202E"),
+    "ANSI escape in target": ({"prompt": "p", "target": "\x1b[31mred"}, "U\\+001B"),
+    "id separator in prompt": ({"prompt": "a\x1fb", "target": "x"}, "U\\+001F"),
+    "NUL escape in paraphrase JSON": ({**GOOD, "paraphrases": '["a\\u0000b"]'}, "NUL"),
+    "deeply nested paraphrases": ({**GOOD, "paraphrases": "[" * 19000 + "]" * 19000}, "nested too deeply"),
+    "subject inside a word": ({"prompt": "The Parisian sky is", "target": "x", "subject": "Paris"}, "whole word"),
     "bad utf-8 prompt": ({"prompt": b"\xff\xfe", "target": "x"}, "not valid UTF-8"),
     "bad utf-8 target": ({"prompt": "p", "target": b"ok\xc3"}, "not valid UTF-8"),
     "NUL in prompt": ({"prompt": "a\x00b", "target": "x"}, "NUL"),
@@ -57,8 +67,21 @@ def test_good_edit_and_defaults():
     assert e.edit_id == parse_event(GOOD).edit_id  # default id: hash of (prompt, target)
 
 
+def test_newlines_in_prompts_and_visible_format_characters_are_fine():
+    e = parse_event({"prompt": "Line one\nThe sky is", "target": "\u0917\u094d\u200d\u0930", "subject": "sky"})
+    assert e.prompt == "Line one\nThe sky is" and e.subject == "sky"
+
+
 def test_retract_and_round_trip():
     r = parse_event({"op": "retract", "retracts": "e-1"})
     assert isinstance(r, Retract) and r.retracts == "e-1" and r.edit_id
     e = EditRequest("The sky is", "green", edit_id="x", subject="sky", paraphrases=("Skies are",))
     assert parse_event(event_fields(e)) == e
+
+
+def test_supersede_key_ignores_unicode_form_case_and_spacing():
+    from editstream.edits import normalize_prompt
+
+    composed, decomposed = "The caf\u00e9 is in", "The cafe\u0301 is in"
+    assert normalize_prompt(composed) == normalize_prompt(decomposed) == normalize_prompt("the  CAF\u00c9 is in")
+    assert normalize_prompt("\uff34he \ufb01sh is") == normalize_prompt("The fish is")

@@ -2,8 +2,9 @@
 
 * edit throughput: `compute` over a batch of edits vs the sentence encoder alone on the same texts;
 * query latency: one prompt, greedy generation of `new_tokens` tokens, for the unedited model,
-  RECIPE and text-RAG with `stored` edits each (and RECIPE at a larger count); the probed prompts
-  are stored edits' prompts, so the edit fires (the costly path);
+  RECIPE and text-RAG with `stored` edits each (and RECIPE at a larger count); the caller picks the
+  probes: paraphrases of stored edits make every query search the key index (the path timed first),
+  stored prompts take the exact-prompt fast path (reported beside);
 * memory: serialized artifact bytes and resident memory added per stored edit.
 Where more edits are needed than were computed, the extra ones copy real artifacts with a random
 routing key (a flat index's or a neuron bank's cost does not depend on the values; a random key never

@@ -25,7 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from editstream.artifacts import Artifact
-from editstream.bench.wild_scores import WildScores, is_question_set, score_wild_chunk, unedited_wild
+from editstream.bench.wild_scores import WildBase, WildScores, is_question_set, score_wild_chunk, unedited_wild
 from editstream.edits import EditRequest
 from editstream.methods.base import EditMethod
 from editstream.metrics import agreement, mean, token_accuracy
@@ -139,6 +139,7 @@ def _wild_fields(w: WildScores) -> dict[str, Any]:
         "wild_locality": round(mean(w.locality), 4),
         "subject_locality": round(mean(w.subject_locality), 4),
         "echo": round(mean(w.echo), 4),
+        "echo_unedited_own": round(mean(w.echo_unedited_own), 4),
         "fluency": round(fluency / unedited, 4) if unedited else None,
         "fluency_entropy": round(fluency, 4),
         "fluency_entropy_unedited": round(unedited, 4),
@@ -156,16 +157,21 @@ def run_quality(
     wild_tokens: int = 50,
     chat: bool | None = None,
     examples: int = 8,
+    wild_base: WildBase | None = None,
 ) -> dict[str, Any]:
     """Rows per T (means over all scored edits), retention by age for the largest T, edit throughput.
 
     wild_tokens: new tokens of the WILD generations (0 skips the WILD half); chat: score the chat
-    form too (default: when the prompts are questions); examples: generations kept per T in the JSON.
+    form too (default: when the prompts are questions); examples: generations kept per T in the JSON;
+    wild_base: the unedited model's generations on these edits' probes, if already made (they do not
+    depend on the method, so one run can share them among methods).
     """
     method = replica.method
     base = unedited_predictions(replica, edits)
     chat = is_question_set(edits) if chat is None else chat
-    wild_base = unedited_wild(replica, edits, wild_tokens) if wild_tokens else None
+    if wild_tokens and wild_base is None:
+        wild_base = unedited_wild(replica, edits, wild_tokens)
+    wild_base = wild_base if wild_tokens else None
     rows, retention = [], []
     compute_s, computed, artifact_bytes = 0.0, 0, 0
     largest = max((t for t in chunk_sizes if t <= len(edits)), default=None)

@@ -9,7 +9,8 @@ Per edit, after all edits of its chunk were applied:
 * locality / subject locality: the cut answer on the locality prompt / on held-out prompts about the
   edited subject (probes.SUBJECT_PROBES) equals the unedited model's cut answer;
 * echo (the 50-token continuation of the prompt repeats the target 3+ times) and fluency (its
-  n-gram entropy beside the unedited model's on the same prompt);
+  n-gram entropy beside the unedited model's on the same prompt); for scale, how often the unedited
+  model's own continuation of the prompt repeats its own cut answer 3+ times (echo_unedited_own);
 * chat (question data): the prompt and paraphrase as the user turn of the chat template, judged by
   whether the cut reply contains the target as whole words.
 
@@ -33,6 +34,7 @@ class WildBase:
 
     cut_answers: dict[str, str]  # locality and subject prompts -> cut answer
     fluency: dict[str, float]  # edit prompts -> entropy of the unedited continuation
+    echo_own: dict[str, bool]  # edit prompts -> the unedited continuation repeats its own answer 3+ times
 
 
 @dataclass
@@ -49,6 +51,7 @@ class WildScores:
     echo: list[float] = field(default_factory=list)
     fluency: list[float] = field(default_factory=list)
     fluency_unedited: list[float] = field(default_factory=list)
+    echo_unedited_own: list[float] = field(default_factory=list)
     chat_reliability: list[float] = field(default_factory=list)
     chat_generality: list[float] = field(default_factory=list)
     examples: list[dict[str, str]] = field(default_factory=list)
@@ -73,7 +76,7 @@ def _batched(replica: Replica, prompts: Sequence[str], batch: int, **kwargs) -> 
     return out
 
 
-def unedited_wild(replica: Replica, edits: Sequence[EditRequest], tokens: int, batch: int = 32) -> WildBase:
+def unedited_wild(replica: Replica, edits: Sequence[EditRequest], tokens: int, batch: int = 64) -> WildBase:
     """The unedited model's cut answers on locality and subject probes and its fluency on edit prompts."""
     probes = sorted(set(locality_prompts(edits) + subject_prompts(edits)))
     answers = _batched(replica, probes, batch, max_new_tokens=tokens, edited=False, until_cut=True)
@@ -82,6 +85,10 @@ def unedited_wild(replica: Replica, edits: Sequence[EditRequest], tokens: int, b
     return WildBase(
         cut_answers={p: a.text for p, a in zip(probes, answers, strict=True)},
         fluency={p: wild.fluency(a.text) for p, a in zip(prompts, plain, strict=True)},
+        echo_own={
+            p: bool(wild.cut(a.text)) and wild.echo(a.text, wild.cut(a.text))
+            for p, a in zip(prompts, plain, strict=True)
+        },
     )
 
 
@@ -100,7 +107,7 @@ def score_wild_chunk(
     base: WildBase,
     tokens: int = 50,
     chat: bool = False,
-    batch: int = 32,
+    batch: int = 64,
     examples: int = 0,
 ) -> WildScores:
     """WILD scores of every edit of a chunk, all edits applied."""
@@ -114,6 +121,7 @@ def score_wild_chunk(
         scores.echo.append(float(j.echo))
         scores.fluency.append(j.fluency)
         scores.fluency_unedited.append(base.fluency[e.prompt])
+        scores.echo_unedited_own.append(float(base.echo_own[e.prompt]))
     paraphrased = [(e, p) for e in edits for p in e.paraphrases]
     para = _batched(replica, [p for _, p in paraphrased], batch, max_new_tokens=tokens, until_cut=True)
     for (e, _), a in zip(paraphrased, para, strict=True):
