@@ -185,14 +185,22 @@ class RedisStore:
         return json.loads(raw) if raw else None
 
     def ingest_lag(self, group: str = "ingest") -> int | None:
-        """Entries in the facts stream not yet delivered to the ingest group, plus those pending."""
+        """Entries in the facts stream not yet delivered to the ingest group, plus those pending;
+        None when unknown. Redis reports `lag` as nil after an AOF reload (entries-read is lost):
+        then the entries after the group's last-delivered id are counted, never assumed zero."""
         try:
             groups = self.r.xinfo_groups(self.keys.facts)
         except redis.ResponseError:
             return None
         for g in groups:
-            if g["name"].decode() == group:
-                return int(g.get("lag") or 0) + int(g.get("pending") or 0)
+            if g["name"].decode() != group:
+                continue
+            pending = int(g.get("pending") or 0)
+            if g.get("lag") is not None:
+                return int(g["lag"]) + pending
+            last = g["last-delivered-id"].decode() if g.get("last-delivered-id") else "0-0"
+            undelivered = self.r.xrange(self.keys.facts, min=f"({last}", max="+")
+            return len(undelivered) + pending
         return None
 
     def facts_size(self) -> int:
