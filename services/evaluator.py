@@ -95,6 +95,9 @@ class Evaluator:
         base = self._locality_reference(replica)
         state = ray.get(replica.call.remote("state"))
         entries = self._sample_edits(state["version"])
+        if entries:  # retracted and superseded edits are meant to be gone: probing them would cry forgetting
+            live = ray.get(replica.call.remote("active", [e.payload["edit_id"] for e in entries]))
+            entries = [e for e, keep in zip(entries, live, strict=True) if keep]
         contexts, answers, meta = [], [], []
         for e in entries:
             p = e.payload

@@ -151,6 +151,11 @@ class ReplicaService:
             answers = self.replica.generate(prompts, max_new_tokens, edited=edited, chat=chat, until_cut=until_cut)
         return [{**dataclasses.asdict(a), "replica": self.name} for a in answers]
 
+    def active(self, edit_ids: list[str]) -> list[bool]:
+        """Which of `edit_ids` are in effect (not retracted, not superseded): what evaluators may probe."""
+        with self._lock:
+            return [self.replica.method.is_active(e) for e in edit_ids]
+
     def score(self, contexts: list[str], answers: list[str], edited: bool = True) -> dict:
         """Teacher-forced argmax at answer tokens (for evaluators), with the version scored at."""
         with self._lock:

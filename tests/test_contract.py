@@ -56,10 +56,11 @@ def test_supersede_then_retract_restores_the_older_edit(method):
     method.apply(a_old)
     method.apply(a_new)
     assert method.active_edit_ids() == ["new"]
+    assert method.is_active("new") and not method.is_active("old")  # evaluators probe only "new"
     method.remove("new")
-    assert method.active_edit_ids() == ["old"]
+    assert method.active_edit_ids() == ["old"] and method.is_active("old") and not method.is_active("new")
     method.remove("old")
-    assert method.active_edit_ids() == []
+    assert method.active_edit_ids() == [] and not method.is_active("old")
 
 
 def test_artifact_for_another_model_or_method_is_refused(method):

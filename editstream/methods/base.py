@@ -156,6 +156,13 @@ class EditMethod(ABC):
         stacks = [self._stacks.get(normalize_prompt(p)) for p in prompts]
         return [stack[-1] if stack else None for stack in stacks]
 
+    def is_active(self, edit_id: str) -> bool:
+        """Whether `edit_id` is in effect now (applied, not retracted, not superseded)."""
+        artifact = self._applied.get(edit_id)
+        if artifact is None:
+            return False
+        return self._stacks[normalize_prompt(artifact.meta["prompt"])][-1] == edit_id
+
     def active_edit_ids(self) -> list[str]:
         """Edits now in effect (the newest of each prompt)."""
         return [stack[-1] for stack in self._stacks.values()]
