@@ -50,7 +50,8 @@ class Evaluator:
         name: str = "evaluator-0",
         general_every: int = 3,
         general_texts: int = 16,
-        wild_tokens: int = 50,
+        wild_tokens: int = 24,
+        ask_size: int = 2,
     ) -> None:
         self.store = RedisStore(connect(redis_url), namespace)
         self.replicas = list(replicas)
@@ -65,7 +66,9 @@ class Evaluator:
         self._closed = threading.Event()
         self.metrics = Metrics(name)
         self.general_every = general_every
-        self.wild_tokens = wild_tokens
+        # Each call holds the replica while it decodes; short calls keep journal entries from
+        # waiting behind a probe. Answer-first needs only the answer's start, so 24 tokens judge as 50.
+        self.wild_tokens, self.ask_size = wild_tokens, ask_size
         self.general = general_passages(general_texts) if general_every else []
 
     def set_replicas(self, replicas: list) -> None:
@@ -164,11 +167,11 @@ class Evaluator:
         return version, math.exp(total / max(count, 1))
 
     def _ask(self, replica, prompts: list[str], edited: bool = True) -> list[dict]:
-        """Greedy answers up to the WILD cut, in calls of `call_size` prompts, so that a query never
-        waits behind more than a few probes."""
+        """Greedy answers up to the WILD cut, in calls of `ask_size` prompts, so that a query or a
+        journal entry never waits behind more than a few probes."""
         out: list[dict] = []
-        for i in range(0, len(prompts), self.call_size):
-            chunk = prompts[i : i + self.call_size]
+        for i in range(0, len(prompts), self.ask_size):
+            chunk = prompts[i : i + self.ask_size]
             out += ray.get(replica.call.remote("ask", chunk, self.wild_tokens, 0, 30.0, False, True, edited))
         return out
 
