@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from editstream import wild
 from editstream.edits import EditRequest
 from editstream.probes import SUBJECT_PROBES
@@ -71,7 +73,8 @@ def locality_prompts(edits: Sequence[EditRequest]) -> list[str]:
 
 def _batched(replica: Replica, prompts: Sequence[str], batch: int, **kwargs) -> list:
     out = []
-    for i in range(0, len(prompts), batch):
+    steps = range(0, len(prompts), batch)
+    for i in tqdm(steps, desc="WILD generations", unit="batch", leave=False, disable=len(steps) < 4):
         out += replica.generate(list(prompts[i : i + batch]), **kwargs)
     return out
 

@@ -291,6 +291,7 @@ class Trainer:
         embed_mean = lm.model.get_input_embeddings().weight.mean(0)
         self.net = RecipeNet(encoder.dim, embed_mean.shape[0], config, embed_mean).to(lm.device)
         self._init_end_slots()
+        self.init_from = str(init_from) if init_from is not None else None
         if init_from is not None:
             self._warm_start(init_from)
         self.encoder_name = encoder.name
@@ -421,6 +422,7 @@ class Trainer:
             "encoder": self.encoder_name,
             "schedule": config_to_dict(self.schedule),
             "steps": {k: self.state[k] for k in ("retriever_step", "generator_step")},
+            "init_from": self.init_from,
             "validation": self.state["history"][-1] if self.state["history"] else None,
         }
         save_checkpoint(self.net, self.out, info)
