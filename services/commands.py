@@ -130,15 +130,18 @@ def retract(redis_url: str, namespace: str, edit_id: str) -> int:
 
 def rollback_plan(store: RedisStore, to_version: int) -> tuple[list[str], list[str]]:
     """The edit_ids to retract, newest first, so that the edits after `to_version` are gone; and the
-    retracts after `to_version` of edits at or before it (a retract cannot undo those)."""
-    entries = store.journal_after(to_version, count=10**9)
-    retracted = {e.payload["retracts"] for e in entries if e.payload["op"] == "retract"}
-    after = [e.payload["edit_id"] for e in entries if e.payload["op"] == "edit"]
-    undo = [
-        e.payload["edit_id"] for e in entries if e.payload["op"] == "edit" and e.payload["edit_id"] not in retracted
-    ]
-    lost = sorted(retracted - set(after))
-    return list(reversed(undo)), lost
+    retracts after `to_version` of edits that were in effect at it and still are not (a retract cannot
+    undo those; re-sending the fact can). An edit_id whose first operation after `to_version` is an
+    edit was not in effect at it (the journal refuses a second edit of an id in effect)."""
+    first: dict[str, str] = {}  # edit_id -> its first operation after to_version
+    now: dict[str, int] = {}  # edit_id -> seq of the edit in effect now (0: retracted)
+    for e in store.journal_after(to_version, count=10**9):
+        edit_id = e.payload["edit_id"] if e.payload["op"] == "edit" else e.payload["retracts"]
+        first.setdefault(edit_id, e.payload["op"])
+        now[edit_id] = e.seq if e.payload["op"] == "edit" else 0
+    undo = sorted((i for i, seq in now.items() if seq and first[i] == "edit"), key=now.__getitem__, reverse=True)
+    lost = sorted(i for i, seq in now.items() if not seq and first[i] == "retract")
+    return undo, lost
 
 
 def rollback(redis_url: str, namespace: str, to_version: int, wait_s: float) -> int:

@@ -1,8 +1,10 @@
 """Editor: computes artifacts for journaled edits, stores them, then announces them.
 
 Editors share the journal through a consumer group, so several can work in parallel; computing
-never touches a replica. An artifact is stored before the journal entry is acked, and compute is
-deterministic, so a crash only means the entry is computed again and stored with the same bytes.
+never touches a replica. An artifact is stored before the journal entry is acked, under the entry's
+seq and write-once: if an entry is computed twice (a crash, or an entry claimed from an editor that
+was slow), the first stored artifact is the one every replica applies, even where compute depends
+on the editor's own history (SCEN's negatives, a sequential method's model copy).
 """
 
 from __future__ import annotations
@@ -74,9 +76,17 @@ class Editor:
             self.reader.ack([f"{e.seq}-1" for e in entries])
         return len(entries)
 
-    def _store(self, artifacts: list, seqs: list[int]) -> None:
-        self.store.put_artifacts(self.method.name, {a.edit_id: a.to_bytes() for a in artifacts}, seqs)
+    def _store(self, artifacts: list[Artifact], seqs: list[int]) -> list[Artifact]:
+        """Store the artifacts; returns what is stored for each seq (an earlier writer's, where one was)."""
+        taken = self.store.put_artifacts(
+            self.method.name, {s: a.to_bytes() for s, a in zip(seqs, artifacts, strict=True)}
+        )
         self.computed += len(artifacts)
+        if not taken:
+            return artifacts
+        stored = self.store.get_artifacts(self.method.name, taken)
+        log.info("%s: seqs %s were already stored by another editor; using those", self.consumer, taken)
+        return [Artifact.from_bytes(stored[s]) if s in stored else a for s, a in zip(seqs, artifacts, strict=True)]
 
     def _compute_in_order(self, entries: list) -> None:
         """Sequential methods: compute each edit on top of this editor's own edited copy, then apply it.
@@ -95,8 +105,7 @@ class Editor:
                 j += 1
             group = pending[i:j]
             artifacts = self.method.compute([edit_from_payload(e.payload) for e in group])
-            self._store(artifacts, [e.seq for e in group])
-            for artifact in artifacts:
+            for artifact in self._store(artifacts, [e.seq for e in group]):
                 self.method.apply(artifact)
             self.version, i = group[-1].seq, j
 
@@ -107,15 +116,14 @@ class Editor:
             entries = self.store.journal_after(after, count=512)
             if not entries:
                 return
-            ids = [e.payload["edit_id"] for e in entries if e.payload["op"] == "edit"]
-            blobs = self.store.get_artifacts(self.method.name, ids)
+            blobs = self.store.get_artifacts(self.method.name, [e.seq for e in entries if e.payload["op"] == "edit"])
             for e in entries:
                 if e.payload["op"] == "retract":
                     self.method.remove(e.payload["retracts"])
-                elif blobs.get(e.payload["edit_id"]) is None:
+                elif blobs.get(e.seq) is None:
                     return
                 else:
-                    self.method.apply(Artifact.from_bytes(blobs[e.payload["edit_id"]]))
+                    self.method.apply(Artifact.from_bytes(blobs[e.seq]))
                 self.version = after = e.seq
 
     def stats(self) -> dict:

@@ -67,6 +67,7 @@ class Ingestor:
         reason = {
             "conflict": f"edit_id {getattr(event, 'edit_id', '')!r} was already used (seq {seq}) with other content",
             "unknown": f"retract of unknown edit_id {getattr(event, 'retracts', '')!r}",
+            "retracted": f"edit_id {getattr(event, 'retracts', '')!r} is already retracted",
         }[status]
         self.store.dead_letter(entry_id, fields, reason)
         return "dead_lettered"

@@ -18,6 +18,7 @@ import torch
 
 from editstream.arrowlog import EDIT_SCHEMA, ArrowLog, read_log
 from editstream.artifacts import Artifact
+from editstream.errors import OrderError
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
 from editstream.replica import Replica
@@ -73,14 +74,20 @@ class ReplicaService:
         """Apply what is ready after the current version; returns how many entries were applied."""
         started = time.perf_counter()
         entries = self.store.journal_after(self.replica.version, count=256)
-        ids = [e.payload["edit_id"] for e in entries if e.payload["op"] == "edit"]
-        blobs = self.store.get_artifacts(self.replica.method.name, ids)
+        blobs = self.store.get_artifacts(
+            self.replica.method.name, [e.seq for e in entries if e.payload["op"] == "edit"]
+        )
         done, events = 0, []
         for entry in entries:
             payload = entry.payload
-            if payload["op"] == "edit" and blobs.get(payload["edit_id"]) is None:
+            if payload["op"] == "edit" and blobs.get(entry.seq) is None:
                 break  # not computed yet: wait for the editor's announcement
-            artifact = Artifact.from_bytes(blobs[payload["edit_id"]]) if payload["op"] == "edit" else None
+            artifact = Artifact.from_bytes(blobs[entry.seq]) if payload["op"] == "edit" else None
+            if artifact is not None and artifact.edit_id != payload["edit_id"]:
+                raise OrderError(
+                    f"the artifact stored for seq {entry.seq} is for edit {artifact.edit_id!r}, but the journal "
+                    f"entry names {payload['edit_id']!r}: the journal and artifact store disagree"
+                )
             with self._advanced:
                 if artifact is not None:
                     self.replica.apply(entry.seq, artifact)
@@ -92,7 +99,7 @@ class ReplicaService:
             self.metrics.applied.inc()
             self.metrics.latency.observe(now_ms - entry.at_ms)
             if entry.seq > self._logged_up_to:
-                blob = blobs.get(payload["edit_id"]) if payload["op"] == "edit" else None
+                blob = blobs.get(entry.seq) if payload["op"] == "edit" else None
                 events.append(self._event(entry, now_ms, len(blob) if blob else 0))
         if not self.ready and self.replica.version >= self.catch_up_to:
             self.ready = True

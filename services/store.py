@@ -4,9 +4,11 @@ Keys (namespace `editstream` by default):
   <ns>:facts          fact events from producers (stream; consumer group `ingest`)
   <ns>:facts:dlq      rejected events with their reason (stream)
   <ns>:journal        accepted operations, entry id `<seq>-1`, field `payload` (JSON) (stream)
-  <ns>:ids            edit_id -> "<seq>:<content hash>:<op>" (hash; dedup and retract lookup)
+  <ns>:ids            edit_id -> "<seq>:<content hash>:<op>", or "<seq>:<hash>:retracted:<retract id>"
+                      for an edit a retract removed (hash; dedup and retract lookup)
   <ns>:seq            last assigned seq (counter)
-  <ns>:artifacts      "<method>:<edit_id>" -> artifact bytes (safetensors) (hash)
+  <ns>:artifacts      "<method>:<seq>" -> artifact bytes (safetensors), written once: the first
+                      editor to store a journal entry's artifact wins (hash)
   <ns>:announce       "an artifact is stored" notifications (stream)
   <ns>:replicas       replica name -> JSON heartbeat {version, digest, ready, time} (hash)
   <ns>:desired        kind (replica, editor, evaluator) -> wanted count, set by `editstream scale` (hash)
@@ -28,17 +30,31 @@ log = logging.getLogger(__name__)
 
 _APPEND = """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
+local returning = nil
 if existing then
-  local seq, hash = string.match(existing, '^(%d+):([^:]*):')
-  if hash == ARGV[2] then return {'dup', seq} end
-  return {'conflict', seq}
+  local seq, hash, op = string.match(existing, '^(%d+):([^:]*):(%a+)')
+  if op ~= 'retracted' then
+    if hash == ARGV[2] then return {'dup', seq} end
+    return {'conflict', seq}
+  end
+  returning = string.match(existing, ':retracted:(.*)$')
 end
 if ARGV[4] ~= '' then
   local target = redis.call('HGET', KEYS[1], ARGV[4])
-  if (not target) or (not string.find(target, ':edit$')) then return {'unknown', '0'} end
+  if not target then return {'unknown', '0'} end
+  if string.find(target, ':retracted:') then return {'retracted', '0'} end
+  if not string.find(target, ':edit$') then return {'unknown', '0'} end
 end
 local seq = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], seq .. ':' .. ARGV[2] .. ':' .. ARGV[5])
+if ARGV[4] ~= '' then
+  local target = redis.call('HGET', KEYS[1], ARGV[4])
+  redis.call('HSET', KEYS[1], ARGV[4], (string.gsub(target, ':edit$', ':retracted:' .. ARGV[1])))
+end
+if returning then
+  -- a retracted edit comes back: forget the retract that removed it, so the same retract can run again
+  redis.call('HDEL', KEYS[1], returning)
+end
 redis.call('XADD', KEYS[3], seq .. '-1', 'payload', ARGV[3], 'at', ARGV[6])
 return {'new', tostring(seq)}
 """
@@ -97,7 +113,9 @@ class RedisStore:
     def journal_append(
         self, edit_id: str, content_hash: str, payload: dict[str, Any], at_ms: float, retracts: str = ""
     ) -> tuple[str, int]:
-        """('new'|'dup'|'conflict'|'unknown', seq): dedup by edit_id, then the next seq, atomically."""
+        """('new'|'dup'|'conflict'|'unknown'|'retracted', seq): dedup by edit_id, then the next seq,
+        atomically. An edit_id whose edit was retracted may come back (a new seq); retracting an edit
+        that is already retracted is 'retracted'."""
         k = self.keys
         status, seq = self._append(
             keys=[k.ids, k.seq, k.journal],
@@ -124,20 +142,29 @@ class RedisStore:
         return int(self.r.get(self.keys.seq) or 0)
 
     # --- artifacts -------------------------------------------------------------------------------
-    def put_artifacts(self, method: str, artifacts: dict[str, bytes], seqs: list[int]) -> None:
-        """Store artifacts durably, then announce them (never the other way round)."""
+    def put_artifacts(self, method: str, artifacts: dict[int, bytes]) -> list[int]:
+        """Store journal entries' artifacts durably (write-once: an entry that already has one keeps
+        it), then announce them (never the other way round). Returns the seqs that were already stored."""
         if not artifacts:
-            return
-        self.r.hset(self.keys.artifacts, mapping={f"{method}:{eid}": data for eid, data in artifacts.items()})
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for seq, data in artifacts.items():
+            pipe.hsetnx(self.keys.artifacts, f"{method}:{seq}", data)
+        taken = [seq for seq, written in zip(artifacts, pipe.execute(), strict=True) if not written]
         self.r.xadd(
-            self.keys.announce, {"method": method, "seqs": ",".join(map(str, seqs))}, maxlen=10000, approximate=True
+            self.keys.announce,
+            {"method": method, "seqs": ",".join(map(str, artifacts))},
+            maxlen=10000,
+            approximate=True,
         )
+        return taken
 
-    def get_artifacts(self, method: str, edit_ids: list[str]) -> dict[str, bytes | None]:
-        if not edit_ids:
+    def get_artifacts(self, method: str, seqs: list[int]) -> dict[int, bytes | None]:
+        """The stored artifacts of journal entries `seqs` (None where none is stored yet)."""
+        if not seqs:
             return {}
-        values = self.r.hmget(self.keys.artifacts, [f"{method}:{e}" for e in edit_ids])
-        return dict(zip(edit_ids, values, strict=True))
+        values = self.r.hmget(self.keys.artifacts, [f"{method}:{s}" for s in seqs])
+        return dict(zip(seqs, values, strict=True))
 
     def wait_announce(self, last_id: str, block_ms: int) -> str:
         """Block until something is announced after `last_id` (or the timeout); the newest id seen."""

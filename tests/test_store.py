@@ -21,3 +21,53 @@ def test_ingest_lag_is_counted_after_an_aof_reload_never_reported_as_zero(redis_
     redis_server.start()
     store = RedisStore(connect(redis_server.url), "lagtest")
     assert store.ingest_lag() == 3 + 1
+
+
+def test_artifacts_are_write_once_per_journal_entry(redis_server):
+    store = RedisStore(connect(redis_server.url), "once")
+    assert store.put_artifacts("scen", {7: b"first"}) == []
+    assert store.put_artifacts("scen", {7: b"second", 8: b"other"}) == [7]  # a slower editor's copy loses
+    assert store.get_artifacts("scen", [7, 8, 9]) == {7: b"first", 8: b"other", 9: None}
+
+
+def test_a_retracted_edit_can_come_back_and_be_retracted_again(redis_server):
+    from services.ingest import Ingestor
+
+    ingest = Ingestor(redis_server.url, namespace="resend")
+    fact = {b"edit_id": b"sky", b"prompt": b"The sky is", b"target": b"green"}
+    retract = {b"op": b"retract", b"retracts": b"sky"}
+    outcomes = [
+        ingest.handle("1-0", fact),
+        ingest.handle("2-0", retract),
+        ingest.handle("3-0", {**retract, b"edit_id": b"again"}),  # the edit is already retracted
+        ingest.handle("4-0", fact),  # re-sent after the retract (what `rollback` tells users to do)
+        ingest.handle("5-0", fact),  # now it is in effect: a duplicate
+        ingest.handle("6-0", retract),  # the same retract (same default id) works on the returned edit
+    ]
+    assert outcomes == ["accepted", "accepted", "dead_lettered", "accepted", "duplicate", "accepted"]
+    ops = [(e.seq, e.payload["op"]) for e in ingest.store.journal_after(0)]
+    assert ops == [(1, "edit"), (2, "retract"), (3, "edit"), (4, "retract")]
+    (reason,) = [f[b"reason"].decode() for _, f in ingest.store.r.xrange(ingest.store.keys.dlq)]
+    assert reason == "edit_id 'sky' is already retracted"
+
+
+def test_rollback_plan_follows_the_journal_in_order(redis_server):
+    from services.commands import rollback_plan
+    from services.ingest import Ingestor
+
+    ingest = Ingestor(redis_server.url, namespace="plan")
+    facts = {i: {b"edit_id": i.encode(), b"prompt": f"Prompt {i} is".encode(), b"target": b"x"} for i in "abcd"}
+    for n, event in enumerate(
+        [
+            facts["a"],  # seq 1: before the rollback point
+            facts["d"],  # seq 2
+            facts["b"],  # seq 3: after it
+            {b"op": b"retract", b"retracts": b"a"},  # seq 4: a retract of an edit from before
+            {b"op": b"retract", b"retracts": b"d"},  # seq 5: ... and d comes back at seq 6
+            facts["d"],
+            facts["c"],  # seq 7
+        ]
+    ):
+        assert ingest.handle(f"{n + 1}-0", event) == "accepted"
+    # to version 2: undo c and b (newest first); a stays retracted (lost); d is in effect as it was at 2
+    assert rollback_plan(ingest.store, 2) == (["c", "b"], ["a"])

@@ -1,0 +1,50 @@
+"""Print the README's WILD tables from the committed JSON under bench/results/wild (no number typed by hand).
+
+Usage: .venv/bin/python bench/wild_table.py [DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = (
+    ("WILD rel", "wild_reliability"),
+    ("exact", "wild_exact_reliability"),
+    ("retrieved", "reliability_retrieved"),
+    ("WILD gen", "wild_generality"),
+    ("exact", "wild_exact_generality"),
+    ("WILD loc", "wild_locality"),
+    ("echo", "echo"),
+    ("echo unedited (own answer)", "echo_unedited_own"),
+    ("subject loc", "subject_locality"),
+    ("fluency", "fluency"),
+    ("chat rel / gen", ("chat_reliability", "chat_generality")),
+    ("TF rel / gen / loc", ("reliability", "generality", "locality")),
+)
+
+
+def cell(row: dict, key) -> str:
+    if isinstance(key, tuple):
+        values = [row.get(k) for k in key]
+        return (
+            " / ".join("-" if v is None else f"{v:.3f}" for v in values) if any(v is not None for v in values) else "-"
+        )
+    value = row.get(key)
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main(directory: str = "bench/results/wild") -> None:
+    print("| data | method | T | n | " + " | ".join(name for name, _ in COLUMNS) + " | JSON |")
+    print("|---" * (len(COLUMNS) + 5) + "|")
+    for path in sorted(Path(directory).glob("quality-*.json")):
+        doc = json.loads(path.read_text())
+        name = doc["method"] + (f" ({doc['tag']})" if doc.get("tag") else "")
+        for row in doc["rows"]:
+            cells = " | ".join(cell(row, key) for _, key in COLUMNS)
+            print(f"| {doc['data']} | {name} | {row['T']} | {row['n']} | {cells} | `{path.name}` |")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
