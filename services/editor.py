@@ -39,8 +39,10 @@ class Editor:
         threads: int = 2,
         claim_idle_ms: int = 10000,
         method_options: dict | None = None,
+        max_tries: int = 3,
     ) -> None:
         torch.set_num_threads(threads)
+        self.max_tries = max_tries  # compute attempts per entry before it is dead-lettered
         self.store = RedisStore(connect(redis_url), namespace)
         self.method = create_method(method, load_causal_lm(model), **(method_options or {}))
         self.consumer = consumer
@@ -69,12 +71,37 @@ class Editor:
             edits = [(e.seq, edit_from_payload(e.payload)) for e in entries if e.payload["op"] == "edit"]
             if edits:
                 started = time.perf_counter()
-                artifacts = self.method.compute([e for _, e in edits])
+                try:
+                    done = list(zip([s for s, _ in edits], self.method.compute([e for _, e in edits]), strict=True))
+                except Exception:  # one bad entry must not sink its batch: compute each alone
+                    log.exception(
+                        "%s: computing %d entries failed; computing them one by one", self.consumer, len(edits)
+                    )
+                    done = [(s, a) for s, e in edits if (a := self._compute_alone(s, e)) is not None]
                 self.compute_s += time.perf_counter() - started
-                self._store(artifacts, [s for s, _ in edits])
+                if done:
+                    self._store([a for _, a in done], [s for s, _ in done])
         if entries:
             self.reader.ack([f"{e.seq}-1" for e in entries])
         return len(entries)
+
+    def _compute_alone(self, seq: int, edit: EditRequest) -> Artifact | None:
+        """One entry's artifact, tried `max_tries` times; after that it is dead-lettered (None)."""
+        for attempt in range(1, self.max_tries + 1):
+            try:
+                return self.method.compute([edit])[0]
+            except Exception as exc:  # noqa: PERF203 - each attempt is a whole compute
+                if attempt == self.max_tries:
+                    log.error(
+                        "%s: seq %d (%s) failed %d times; dead-lettered: %r",
+                        self.consumer,
+                        seq,
+                        edit.edit_id,
+                        attempt,
+                        exc,
+                    )
+                    self.store.mark_dead(seq, edit.edit_id, "compute", repr(exc), attempt)
+        return None
 
     def _store(self, artifacts: list[Artifact], seqs: list[int]) -> list[Artifact]:
         """Store the artifacts; returns what is stored for each seq (an earlier writer's, where one was)."""
@@ -104,8 +131,14 @@ class Editor:
             while self.method.batch_edits and j < len(pending) and pending[j].payload["op"] == "edit":
                 j += 1
             group = pending[i:j]
-            artifacts = self.method.compute([edit_from_payload(e.payload) for e in group])
-            for artifact in self._store(artifacts, [e.seq for e in group]):
+            try:
+                artifacts = self.method.compute([edit_from_payload(e.payload) for e in group])
+                seqs = [e.seq for e in group]
+            except Exception:  # a bad entry in a joint solve: solve each alone, dead-letter what keeps failing
+                log.exception("%s: computing seqs %d-%d failed; one by one", self.consumer, group[0].seq, group[-1].seq)
+                alone = [(e.seq, self._compute_alone(e.seq, edit_from_payload(e.payload))) for e in group]
+                artifacts, seqs = [a for _, a in alone if a is not None], [s for s, a in alone if a is not None]
+            for artifact in self._store(artifacts, seqs) if artifacts else []:
                 self.method.apply(artifact)
             self.version, i = group[-1].seq, j
 
@@ -121,7 +154,9 @@ class Editor:
                 if e.payload["op"] == "retract":
                     self.method.remove(e.payload["retracts"])
                 elif blobs.get(e.seq) is None:
-                    return
+                    if self.store.dead([e.seq])[e.seq] is None:
+                        return
+                    # a dead-lettered entry: nothing to apply
                 else:
                     self.method.apply(Artifact.from_bytes(blobs[e.seq]))
                 self.version = after = e.seq

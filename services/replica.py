@@ -42,9 +42,12 @@ class ReplicaService:
         threads: int = 1,
         method_options: dict | None = None,
         run_dir: str | None = None,
+        max_tries: int = 3,
     ) -> None:
         torch.set_num_threads(threads)
         self.name, self.method = name, method
+        self.max_tries = max_tries  # apply attempts per entry before it is dead-lettered
+        self._failures: dict[int, int] = {}
         self.store = RedisStore(connect(redis_url), namespace)
         self.replica = Replica(create_method(method, load_causal_lm(model), **(method_options or {})))
         self._lock = threading.Lock()
@@ -81,26 +84,24 @@ class ReplicaService:
         for entry in entries:
             payload = entry.payload
             if payload["op"] == "edit" and blobs.get(entry.seq) is None:
-                break  # not computed yet: wait for the editor's announcement
-            artifact = Artifact.from_bytes(blobs[entry.seq]) if payload["op"] == "edit" else None
-            if artifact is not None and artifact.edit_id != payload["edit_id"]:
-                raise OrderError(
-                    f"the artifact stored for seq {entry.seq} is for edit {artifact.edit_id!r}, but the journal "
-                    f"entry names {payload['edit_id']!r}: the journal and artifact store disagree"
-                )
-            with self._advanced:
-                if artifact is not None:
-                    self.replica.apply(entry.seq, artifact)
-                else:
-                    self.replica.retract(entry.seq, payload["retracts"])
-                self.applied_at[entry.seq] = now_ms = time.time() * 1000
-                self._advanced.notify_all()
+                if self.store.dead([entry.seq])[entry.seq] is None:
+                    break  # not computed yet: wait for the editor's announcement
+                applied = self._take(entry, None, dead=True)  # dead-lettered: skipped here as everywhere
+            else:
+                artifact = Artifact.from_bytes(blobs[entry.seq]) if payload["op"] == "edit" else None
+                if artifact is not None and artifact.edit_id != payload["edit_id"]:
+                    raise OrderError(
+                        f"the artifact stored for seq {entry.seq} is for edit {artifact.edit_id!r}, but the journal "
+                        f"entry names {payload['edit_id']!r}: the journal and artifact store disagree"
+                    )
+                applied = self._take(entry, artifact)
+            now_ms = self.applied_at[entry.seq] = time.time() * 1000
             done += 1
             self.metrics.applied.inc()
             self.metrics.latency.observe(now_ms - entry.at_ms)
             if entry.seq > self._logged_up_to:
                 blob = blobs.get(entry.seq) if payload["op"] == "edit" else None
-                events.append(self._event(entry, now_ms, len(blob) if blob else 0))
+                events.append(self._event(entry, now_ms, len(blob) if blob else 0, "dead" if not applied else None))
         if not self.ready and self.replica.version >= self.catch_up_to:
             self.ready = True
             log.info("%s caught up with the journal at seq %d: ready for queries", self.name, self.catch_up_to)
@@ -117,12 +118,38 @@ class ReplicaService:
             self.store.heartbeat(self.name, {**self.state(), "time": self._beat})
         return done
 
-    def _event(self, entry, applied_ms: float, artifact_bytes: int) -> dict:
-        """One row of the edits log: a journal entry taking effect on this replica."""
+    def _take(self, entry, artifact: Artifact | None, dead: bool = False) -> bool:
+        """Apply one journal entry (an edit's artifact, a retract), or skip a dead-lettered one; an
+        entry whose apply fails `max_tries` times is dead-lettered and skipped. True if applied."""
+        with self._advanced:
+            try:
+                if dead:
+                    self.replica.skip(entry.seq)
+                elif artifact is not None:
+                    self.replica.apply(entry.seq, artifact)
+                else:
+                    self.replica.retract(entry.seq, entry.payload["retracts"])
+            except OrderError:
+                raise
+            except Exception as exc:
+                tries = self._failures[entry.seq] = self._failures.get(entry.seq, 0) + 1
+                if tries < self.max_tries:
+                    raise
+                log.error("%s: seq %d failed to apply %d times; dead-lettered: %r", self.name, entry.seq, tries, exc)
+                self.store.mark_dead(entry.seq, entry.payload["edit_id"], "apply", repr(exc), tries)
+                self.replica.skip(entry.seq)
+                dead = True
+            finally:
+                self._advanced.notify_all()
+        self._failures.pop(entry.seq, None)
+        return not dead
+
+    def _event(self, entry, applied_ms: float, artifact_bytes: int, op: str | None = None) -> dict:
+        """One row of the edits log: a journal entry taking effect on this replica (op "dead": skipped)."""
         return {
             "seq": entry.seq,
             "edit_id": entry.payload["edit_id"],
-            "op": entry.payload["op"],
+            "op": op or entry.payload["op"],
             "method": self.method,
             "ingest_ms": entry.at_ms,
             "replica": self.name,

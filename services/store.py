@@ -9,6 +9,9 @@ Keys (namespace `editstream` by default):
   <ns>:seq            last assigned seq (counter)
   <ns>:artifacts      "<method>:<seq>" -> artifact bytes (safetensors), written once: the first
                       editor to store a journal entry's artifact wins (hash)
+  <ns>:dead           seq -> JSON {stage, edit_id, error, tries}: a journal entry whose compute or
+                      apply kept failing; every replica skips it (hash, written once)
+  <ns>:journal:dlq    the same records as a stream, for operators (capped)
   <ns>:announce       "an artifact is stored" notifications (stream)
   <ns>:replicas       replica name -> JSON heartbeat {version, digest, ready, time} (hash)
   <ns>:desired        kind (replica, editor, evaluator) -> wanted count, set by `editstream scale` (hash)
@@ -68,6 +71,8 @@ class Keys:
     ids: str
     seq: str
     artifacts: str
+    dead: str
+    journal_dlq: str
     announce: str
     replicas: str
     desired: str
@@ -82,6 +87,8 @@ class Keys:
             f"{ns}:ids",
             f"{ns}:seq",
             f"{ns}:artifacts",
+            f"{ns}:dead",
+            f"{ns}:journal:dlq",
             f"{ns}:announce",
             f"{ns}:replicas",
             f"{ns}:desired",
@@ -165,6 +172,23 @@ class RedisStore:
             return {}
         values = self.r.hmget(self.keys.artifacts, [f"{method}:{s}" for s in seqs])
         return dict(zip(seqs, values, strict=True))
+
+    def mark_dead(self, seq: int, edit_id: str, stage: str, error: str, tries: int) -> bool:
+        """Dead-letter journal entry `seq` (its compute or apply failed `tries` times); announces it so
+        replicas move on. False if it was dead-lettered before (the first record stays)."""
+        record = {"stage": stage, "edit_id": edit_id, "error": error[:2000], "tries": tries}
+        first = bool(self.r.hsetnx(self.keys.dead, str(seq), json.dumps(record)))
+        if first:
+            self.r.xadd(self.keys.journal_dlq, {"seq": seq, **record}, maxlen=100_000, approximate=True)
+            self.r.xadd(self.keys.announce, {"dead": str(seq)}, maxlen=10000, approximate=True)
+        return first
+
+    def dead(self, seqs: list[int]) -> dict[int, dict[str, Any] | None]:
+        """The dead-letter records of journal entries `seqs` (None for live ones)."""
+        if not seqs:
+            return {}
+        values = self.r.hmget(self.keys.dead, [str(s) for s in seqs])
+        return {s: json.loads(v) if v else None for s, v in zip(seqs, values, strict=True)}
 
     def wait_announce(self, last_id: str, block_ms: int) -> str:
         """Block until something is announced after `last_id` (or the timeout); the newest id seen."""

@@ -1,0 +1,69 @@
+"""Poison journal entries (a compute or an apply that always fails) are dead-lettered after a bounded
+number of tries and skipped identically on every replica: nothing stalls, digests agree. Real
+redis-server, the real RECIPE method on the embedded model; the failures are injected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editstream.artifacts import Artifact
+from editstream.demo_facts import demo_facts
+from editstream.events import edit_to_payload
+from editstream.models import EMBEDDED_LLM
+from services.editor import Editor
+from services.ingest import content_hash
+from services.replica import ReplicaService
+from services.store import RedisStore, connect
+
+pytestmark = pytest.mark.redis
+
+
+def test_poison_entries_are_dead_lettered_and_skipped_on_every_replica(redis_server):
+    store = RedisStore(connect(redis_server.url), "poison")
+    facts = demo_facts(4)
+    for fact in facts:
+        payload = edit_to_payload(fact)
+        store.journal_append(fact.edit_id, content_hash(payload), payload, 0.0)
+    threads = torch.get_num_threads()
+    try:
+        editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "poison", max_tries=2)
+        real_compute = editor.method.compute
+
+        def compute(edits):  # the second fact's compute always fails
+            if any(e.edit_id == facts[1].edit_id for e in edits):
+                raise RuntimeError("boom")
+            return real_compute(edits)
+
+        editor.method.compute = compute
+        while editor.step():
+            pass
+        # the third fact's stored artifact cannot be applied: a prompt of the wrong shape
+        good = Artifact.from_bytes(store.get_artifacts("recipe", [3])[3])
+        store.r.hdel(store.keys.artifacts, "recipe:3")
+        broken = {**good.tensors, "prompt": good.tensors["prompt"][:1]}
+        store.put_artifacts(
+            "recipe", {3: Artifact(good.method, good.edit_id, good.base_fingerprint, broken, good.meta).to_bytes()}
+        )
+        replicas = [
+            ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, f"replica-{i}", "poison", max_tries=2)
+            for i in range(2)
+        ]
+        for replica in replicas:
+            for _ in range(10):
+                try:
+                    replica.step()
+                except Exception:  # the service's loop logs and retries a failed step
+                    continue
+                if replica.version == len(facts):
+                    break
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.version for r in replicas] == [4, 4]
+    assert replicas[0].replica.digest() == replicas[1].replica.digest()
+    assert replicas[0].replica.method.edit_ids() == [facts[0].edit_id, facts[3].edit_id]
+    dead = store.dead([1, 2, 3, 4])
+    assert dead[1] is None and dead[4] is None
+    assert (dead[2]["stage"], dead[2]["tries"], dead[2]["edit_id"]) == ("compute", 2, facts[1].edit_id)
+    assert "boom" in dead[2]["error"] and dead[3]["stage"] == "apply"
+    assert store.r.xlen(store.keys.journal_dlq) == 2
