@@ -31,3 +31,7 @@ class UnknownMethodError(EditstreamError, KeyError):
 
 class OrderError(EditstreamError, RuntimeError):
     """An artifact arrived out of `seq` order at a replica."""
+
+
+class NotReadyError(EditstreamError, RuntimeError):
+    """A replica was asked before it replayed the journal (it would answer from an old state)."""

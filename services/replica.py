@@ -18,7 +18,7 @@ import torch
 
 from editstream.arrowlog import EDIT_SCHEMA, ArrowLog, read_log
 from editstream.artifacts import Artifact
-from editstream.errors import OrderError
+from editstream.errors import NotReadyError, OrderError
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
 from editstream.replica import Replica
@@ -48,6 +48,7 @@ class ReplicaService:
         self.name, self.method = name, method
         self.max_tries = max_tries  # apply attempts per entry before it is dead-lettered
         self._failures: dict[int, int] = {}
+        self._state: dict = {"name": name, "version": 0, "digest": "", "edits": 0, "ready": False}
         self.store = RedisStore(connect(redis_url), namespace)
         self.replica = Replica(create_method(method, load_causal_lm(model), **(method_options or {})))
         self._lock = threading.Lock()
@@ -103,7 +104,9 @@ class ReplicaService:
                 blob = blobs.get(entry.seq) if payload["op"] == "edit" else None
                 events.append(self._event(entry, now_ms, len(blob) if blob else 0, "dead" if not applied else None))
         if not self.ready and self.replica.version >= self.catch_up_to:
-            self.ready = True
+            with self._advanced:
+                self.ready = True
+                self._advanced.notify_all()
             log.info("%s caught up with the journal at seq %d: ready for queries", self.name, self.catch_up_to)
         if events and self.edit_log is not None:
             self.edit_log.append(events)
@@ -176,9 +179,18 @@ class ReplicaService:
         chat: bool = False,
         until_cut: bool = False,
         edited: bool = True,
+        any_version: bool = False,
     ) -> list[dict]:
         """Answers with the edit that fired and the version that answered (`Replica.generate` says
-        what chat, until_cut and edited do)."""
+        what chat, until_cut and edited do). A replica that has not replayed the journal yet waits
+        until it is ready (up to `timeout_s`, then `NotReadyError`), unless `any_version`."""
+        if not self.ready and not any_version:
+            with self._advanced:
+                if not self._advanced.wait_for(lambda: self.ready, timeout=timeout_s):
+                    raise NotReadyError(
+                        f"{self.name} is replaying the journal (at version {self.replica.version} of "
+                        f"{self.catch_up_to}); ask again, or pass any_version to read it as it is"
+                    )
         if min_version:
             self.wait_version(min_version, timeout_s)
         with self._lock:
@@ -202,9 +214,13 @@ class ReplicaService:
             total, count = self.replica.nll(texts)
             return {"nll": total, "tokens": count, "version": self.replica.version}
 
-    def state(self) -> dict:
-        with self._lock:
-            return {
+    def state(self, wait_s: float = 0.2) -> dict:
+        """Version, digest, ready. Heartbeats and status must not hang behind a long query: if the
+        replica is busy for `wait_s`, the last state read is returned, marked `"busy": true`."""
+        if not self._lock.acquire(timeout=wait_s):
+            return {**self._state, "busy": True}
+        try:
+            self._state = {
                 "name": self.name,
                 "version": self.replica.version,
                 "digest": self.replica.digest(),
@@ -213,6 +229,9 @@ class ReplicaService:
                 "node": self.node,
                 "apply_busy_s": round(self.busy_s, 3),
             }
+            return dict(self._state)
+        finally:
+            self._lock.release()
 
     def applied_times(self, seqs: list[int]) -> dict[int, float]:
         return {s: self.applied_at[s] for s in seqs if s in self.applied_at}

@@ -48,9 +48,12 @@ class Host:
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.obj, method)(*args, **kwargs)
 
+    @ray.method(concurrency_group="health")
     def ping(self) -> bool:
+        """Liveness: answered on its own thread, never behind queries or the step loop."""
         return True
 
+    @ray.method(concurrency_group="health")
     def pid(self) -> int:
         return os.getpid()
 
@@ -88,7 +91,7 @@ class System:
     def _spawn(self, name: str, kind: str, kwargs: dict[str, Any]) -> Any:
         options = actor_options(kind, self.config.resources, ray.cluster_resources())
         actor = (
-            ray.remote(Host)
+            ray.remote(concurrency_groups={"health": 1})(Host)
             .options(
                 name=f"{self.config.namespace}:{name}",
                 max_restarts=-1,

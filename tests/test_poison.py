@@ -67,3 +67,30 @@ def test_poison_entries_are_dead_lettered_and_skipped_on_every_replica(redis_ser
     assert (dead[2]["stage"], dead[2]["tries"], dead[2]["edit_id"]) == ("compute", 2, facts[1].edit_id)
     assert "boom" in dead[2]["error"] and dead[3]["stage"] == "apply"
     assert store.r.xlen(store.keys.journal_dlq) == 2
+
+
+def test_a_replica_that_has_not_replayed_does_not_answer_unless_asked_for_any_version(redis_server):
+    from editstream.errors import NotReadyError
+
+    store = RedisStore(connect(redis_server.url), "ready")
+    facts = demo_facts(3)
+    for fact in facts:
+        payload = edit_to_payload(fact)
+        store.journal_append(fact.edit_id, content_hash(payload), payload, 0.0)
+    threads = torch.get_num_threads()
+    try:
+        editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "ready")
+        while editor.step():
+            pass
+        replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "ready")
+        with pytest.raises(NotReadyError, match="replaying the journal"):
+            replica.ask([facts[1].prompt], 4, timeout_s=0.2)
+        (stale,) = replica.ask([facts[1].prompt], 4, any_version=True)
+        assert stale["version"] == 0 and stale["fired"] is None
+        assert not replica.state()["ready"]
+        while replica.step():
+            pass
+        (fresh,) = replica.ask([facts[1].prompt], 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert fresh["version"] == 3 and fresh["fired"] == facts[1].edit_id and replica.state()["ready"]
