@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import redis
 
 from editstream.data import load_edits, read_records
 from editstream.edits import EditRequest
@@ -60,17 +62,26 @@ def serve(
         f"facts stream {store.keys.facts}{'; HTTP ' + url if url else ''}; Ctrl-C stops",
         flush=True,
     )
-    last_status = time.time()
+    last_status, outage_since = time.time(), None
     try:
         while not stop.wait(1.0):
-            store.mark_serving({"pid": os.getpid(), "time": time.time(), "http": url})
-            system.reconcile()
-            if time.time() - last_status >= status_every_s:
-                last_status = time.time()
-                system.supervise()
-                print(status_line(status(store)), flush=True)
+            try:
+                store.mark_serving({"pid": os.getpid(), "time": time.time(), "http": url})
+                system.reconcile()
+                if outage_since is not None:
+                    log.warning("Redis is back after %.1f s; carrying on", time.time() - outage_since)
+                    outage_since = None
+                if time.time() - last_status >= status_every_s:
+                    last_status = time.time()
+                    system.supervise()
+                    print(status_line(status(store)), flush=True)
+            except redis.RedisError as exc:  # ride out an outage: actors retry on their own, so do we
+                if outage_since is None:
+                    outage_since = time.time()
+                    log.warning("Redis unreachable (%s); retrying every second", exc)
     finally:
-        store.r.delete(store.keys.serving)
+        with contextlib.suppress(redis.RedisError):
+            store.r.delete(store.keys.serving)
         if url:
             from ray import serve as ray_serve
 

@@ -49,9 +49,8 @@ class Editor:
         self.computed = 0
         self.compute_s = 0.0  # seconds inside method.compute (the rest is Redis and bookkeeping)
         self.version = 0  # sequential methods: last journal seq reflected in this editor's own copy
-        if self.method.sequential:
-            self._rebuild()
-        else:
+        self._rebuilt = not self.method.sequential  # sequential: rebuild on the first step (needs Redis)
+        if not self.method.sequential:
             self.method.compute([EditRequest("warm-up prompt", "warm-up", edit_id="warm-up")])  # first call is slow
         self.reader = GroupReader(
             self.store.r,
@@ -64,6 +63,9 @@ class Editor:
         )
 
     def step(self) -> int:
+        if not self._rebuilt:
+            self._rebuild()
+            self._rebuilt = True
         entries = [self.store._entry(i, f) for i, f in self.reader.read()]
         if self.method.sequential:
             self._compute_in_order(entries)

@@ -60,8 +60,10 @@ class ReplicaService:
         self.metrics = Metrics(name)
         self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
         self.node = node_name()
-        self.catch_up_to = self.store.last_seq()  # the journal as it stood when this replica started
-        self.ready = self.catch_up_to == 0
+        # The journal as it stood when this replica started, read on the first step: a constructor
+        # never needs Redis, so a replica restarted during an outage comes up and waits in its loop.
+        self.catch_up_to: int | None = None
+        self.ready = False
         self.edit_log: ArrowLog | None = None
         self._logged_up_to = 0  # after a restart, the replayed entries were logged by the earlier run
         if run_dir:  # one file series per namespace and replica: a restart continues its own series
@@ -76,6 +78,8 @@ class ReplicaService:
 
     def step(self) -> int:
         """Apply what is ready after the current version; returns how many entries were applied."""
+        if self.catch_up_to is None:
+            self.catch_up_to = self.store.last_seq()
         started = time.perf_counter()
         entries = self.store.journal_after(self.replica.version, count=256)
         blobs = self.store.get_artifacts(
@@ -189,7 +193,8 @@ class ReplicaService:
                 if not self._advanced.wait_for(lambda: self.ready, timeout=timeout_s):
                     raise NotReadyError(
                         f"{self.name} is replaying the journal (at version {self.replica.version} of "
-                        f"{self.catch_up_to}); ask again, or pass any_version to read it as it is"
+                        f"{self.catch_up_to or 'unknown: Redis not reached yet'}); ask again, or pass "
+                        "any_version to read it as it is"
                     )
         if min_version:
             self.wait_version(min_version, timeout_s)

@@ -275,13 +275,19 @@ class GroupReader:
         self.r, self.stream, self.group, self.consumer = client, stream, group, consumer
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self._pending_done = False
+        self._group_ready = False  # created on the first read: constructing needs no Redis
+
+    def _ensure_group(self) -> None:
         try:
-            client.xgroup_create(stream, group, id="0", mkstream=True)
+            self.r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        self._group_ready = True
 
     def read(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        if not self._group_ready:
+            self._ensure_group()
         if not self._pending_done:
             rows = self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=self.batch)
             if rows and rows[0][1]:

@@ -94,3 +94,24 @@ def test_a_replica_that_has_not_replayed_does_not_answer_unless_asked_for_any_ve
     finally:
         torch.set_num_threads(threads)
     assert fresh["version"] == 3 and fresh["fired"] == facts[1].edit_id and replica.state()["ready"]
+
+
+def test_services_start_while_redis_is_down_and_connect_in_their_loop(tmp_path):
+    import redis
+
+    from services.ingest import Ingestor
+    from services.redis_server import RedisServer, free_port
+
+    server = RedisServer(port=free_port(), directory=tmp_path / "redis")
+    threads = torch.get_num_threads()
+    try:
+        replica = ReplicaService(server.url, "recipe", EMBEDDED_LLM, "replica-0", "down")  # nothing listens yet
+        ingest = Ingestor(server.url, namespace="down")
+        with pytest.raises(redis.ConnectionError):
+            replica.step()  # the service's loop logs this and tries again
+        with server:
+            assert ingest.step() == 0
+            replica.step()
+            assert replica.state()["ready"] and replica.version == 0
+    finally:
+        torch.set_num_threads(threads)
