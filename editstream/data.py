@@ -117,7 +117,13 @@ def resolve_dataset(name_or_path: str | Path, data_dir: Path | None = None) -> P
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Records of a JSON list file or a JSON-lines file."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); expected a JSON list of records "
+            "or JSON lines, one record per line"
+        ) from None
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):

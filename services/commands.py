@@ -19,6 +19,8 @@ import redis
 
 from editstream.data import load_edits, read_records
 from editstream.edits import EditRequest
+from editstream.errors import InvalidEditError
+from editstream.events import event_fields, parse_event
 from services.demo import feed
 from services.store import RedisStore, connect, status
 from services.system import System, SystemConfig
@@ -124,9 +126,28 @@ def read_feed(source: str) -> list[EditRequest]:
         tmp.unlink(missing_ok=True)
 
 
+def check_contract(edits: list[EditRequest]) -> list[str]:
+    """What the wire contract would dead-letter among `edits`, one line each (empty: all fine)."""
+    problems = []
+    for i, edit in enumerate(edits):
+        try:
+            parse_event(event_fields(edit))
+        except InvalidEditError as exc:
+            problems.append(f"record {i} ({edit.edit_id}): {exc}")
+    return problems
+
+
 def feed_file(redis_url: str, namespace: str, source: str, rate: float, limit: int | None) -> int:
-    store = RedisStore(connect(redis_url), namespace)
     edits = read_feed(source)[:limit]
+    problems = check_contract(edits)
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise InvalidEditError(
+            f"{source}: nothing sent; {len(problems)} facts break the wire contract{more}:\n  "
+            + "\n  ".join(problems[:10])
+        )
+    store = RedisStore(connect(redis_url), namespace)
+    store.r.ping()  # fail before the progress bar if Redis is not there
     seconds = feed(store, edits, rate)
     print(f"fed {len(edits)} facts to {store.keys.facts} in {seconds:.1f} s")
     return 0

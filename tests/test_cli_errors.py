@@ -1,0 +1,47 @@
+"""Expected failures of the command line end in one clear line (cause and fix), exit 2, nothing sent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.cli import main
+from services.redis_server import RedisServer, free_port
+from services.store import RedisStore, connect
+
+pytestmark = pytest.mark.redis
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_nothing_listening(capsys):
+    code, err = run(capsys, "status", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    assert code == 2 and err.startswith("editstream: cannot reach Redis at redis://127.0.0.1:") and "\n" not in err
+
+
+def test_wrong_and_missing_password(capsys, tmp_path):
+    with RedisServer(directory=tmp_path / "redis", password="sesame") as server:
+        bad = server.url.replace("sesame", "wrong")
+        code, err = run(capsys, "status", "--redis-url", bad)
+        assert code == 2 and "refused the credentials" in err and "wrong" not in err  # the password is not echoed
+        code, err = run(capsys, "status", "--redis-url", f"redis://127.0.0.1:{server.port}/0")
+        assert code == 2 and ("needs a password" in err or "refused the credentials" in err)
+
+
+def test_feed_refuses_binary_and_contract_breaking_files_and_sends_nothing(capsys, tmp_path, redis_server):
+    binary = tmp_path / "facts.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    code, err = run(capsys, "feed", str(binary), "--redis-url", redis_server.url, "--namespace", "feedcheck")
+    assert code == 2 and str(binary) in err and "not UTF-8" in err and "JSON" in err
+    facts = tmp_path / "facts.jsonl"
+    rows = [{"prompt": "The sky is", "target": "green"}, {"prompt": "Bees make", "target": "\u200b"}]
+    facts.write_text("\n".join(json.dumps(r) for r in rows))
+    code, err = run(capsys, "feed", str(facts), "--redis-url", redis_server.url, "--namespace", "feedcheck")
+    assert code == 2 and "nothing sent" in err and "record 1" in err and "'target' is empty" in err
+    store = RedisStore(connect(redis_server.url), "feedcheck")
+    assert store.facts_size() == 0
