@@ -21,6 +21,8 @@ from services.store import GroupReader, RedisStore, connect
 
 log = logging.getLogger(__name__)
 
+TRIM_EVERY = 10  # steps between trims of the consumed part of the facts stream
+
 
 def content_hash(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -43,6 +45,7 @@ class Ingestor:
         self.counts = {"accepted": 0, "duplicate": 0, "dead_lettered": 0}
         self.metrics = Metrics(consumer)
         self.reader = GroupReader(self.store.r, self.store.keys.facts, group, consumer, batch, block_ms, claim_idle_ms)
+        self._steps = 0
 
     def handle(self, entry_id: str, fields: dict[bytes, bytes]) -> str:
         """Journal or dead-letter one entry; returns what happened."""
@@ -93,6 +96,9 @@ class Ingestor:
                 self.store.dead_letter(eid, fields, "internal error while validating")
                 done.append(entry_id)
         self.reader.ack(done)
+        self._steps += 1
+        if done and self._steps % TRIM_EVERY == 0:
+            self.reader.trim_consumed()  # the journal holds what was accepted: the facts stream stays short
         return len(entries)
 
     def stats(self) -> dict:

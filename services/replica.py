@@ -28,6 +28,8 @@ from services.store import RedisStore, connect
 
 log = logging.getLogger(__name__)
 
+APPLIED_TIMES_KEPT = 100_000  # apply times kept per replica for latency measurements (memory stays flat)
+
 
 class ReplicaService:
     """Follows the journal and serves; calls from several threads are serialised by a lock."""
@@ -54,7 +56,8 @@ class ReplicaService:
         self._lock = threading.Lock()
         self._advanced = threading.Condition(self._lock)
         self._announce_id = "0-0"
-        self.applied_at: dict[int, float] = {}  # seq -> wall time (ms) when it took effect here
+        # seq -> wall time (ms) when it took effect here; the newest APPLIED_TIMES_KEPT only (diagnostic)
+        self.applied_at: dict[int, float] = {}
         self.busy_s = 0.0  # seconds spent fetching and applying journal entries
         self._beat = 0.0
         self.metrics = Metrics(name)
@@ -101,6 +104,8 @@ class ReplicaService:
                     )
                 applied = self._take(entry, artifact)
             now_ms = self.applied_at[entry.seq] = time.time() * 1000
+            if len(self.applied_at) > APPLIED_TIMES_KEPT:
+                del self.applied_at[next(iter(self.applied_at))]
             done += 1
             self.metrics.applied.inc()
             self.metrics.latency.observe(now_ms - entry.at_ms)

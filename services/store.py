@@ -2,7 +2,7 @@
 
 Keys (namespace `editstream` by default):
   <ns>:facts          fact events from producers (stream; consumer group `ingest`)
-  <ns>:facts:dlq      rejected events with their reason (stream)
+  <ns>:facts:dlq      rejected events with their reason (stream, the newest ~DLQ_KEPT kept)
   <ns>:journal        accepted operations, entry id `<seq>-1`, field `payload` (JSON) (stream)
   <ns>:ids            edit_id -> "<seq>:<content hash>:<op>", or "<seq>:<hash>:retracted:<retract id>"
                       for an edit a retract removed (hash; dedup and retract lookup)
@@ -30,6 +30,8 @@ from typing import Any
 import redis
 
 log = logging.getLogger(__name__)
+
+DLQ_KEPT = 100_000  # dead-lettered events kept for inspection (approximately; the oldest go first)
 
 _APPEND = """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
@@ -201,7 +203,7 @@ class RedisStore:
     def dead_letter(self, entry_id: str, fields: dict[bytes, bytes], reason: str) -> None:
         record = {b"reason": reason.encode(), b"source_id": entry_id.encode()}
         record.update({b"field:" + k: v for k, v in fields.items()})
-        self.r.xadd(self.keys.dlq, record)
+        self.r.xadd(self.keys.dlq, record, maxlen=DLQ_KEPT, approximate=True)
 
     def dlq_size(self) -> int:
         return int(self.r.xlen(self.keys.dlq))
@@ -302,6 +304,19 @@ class GroupReader:
     def ack(self, entry_ids: list) -> None:
         if entry_ids:
             self.r.xack(self.stream, self.group, *entry_ids)
+
+    def trim_consumed(self) -> None:
+        """Delete the entries every consumer of the group has read and acked: those before the oldest
+        pending entry, or before the last delivered one when nothing is pending."""
+        summary = self.r.xpending(self.stream, self.group)
+        if summary["pending"]:
+            oldest = summary["min"]
+        else:
+            info = {g["name"].decode(): g for g in self.r.xinfo_groups(self.stream)}
+            last = info[self.group]["last-delivered-id"]
+            major, minor = (int(x) for x in last.decode().split("-"))
+            oldest = f"{major}-{minor + 1}"  # the last delivered entry is acked too: it can go
+        self.r.xtrim(self.stream, minid=oldest, approximate=False)
 
 
 def status(store: RedisStore) -> dict[str, Any]:

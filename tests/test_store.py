@@ -71,3 +71,18 @@ def test_rollback_plan_follows_the_journal_in_order(redis_server):
         assert ingest.handle(f"{n + 1}-0", event) == "accepted"
     # to version 2: undo c and b (newest first); a stays retracted (lost); d is in effect as it was at 2
     assert rollback_plan(ingest.store, 2) == (["c", "b"], ["a"])
+
+
+def test_consumed_facts_are_trimmed_and_pending_ones_kept(redis_server):
+    store = RedisStore(connect(redis_server.url), "trim")
+    reader = GroupReader(store.r, store.keys.facts, "ingest", "ingest-0", batch=3)
+    for i in range(5):
+        store.r.xadd(store.keys.facts, {"prompt": f"p{i}", "target": "t"})
+    rows = reader.read()
+    reader.ack([rows[0][0]])  # entry 0 acked, entries 1-2 delivered but pending, 3-4 never read
+    reader.trim_consumed()
+    assert [f[b"prompt"] for _, f in store.r.xrange(store.keys.facts)] == [b"p1", b"p2", b"p3", b"p4"]
+    reader.ack([r[0] for r in rows[1:]])
+    reader.ack([r[0] for r in reader.read()])
+    reader.trim_consumed()
+    assert store.facts_size() == 0 and store.ingest_lag() == 0
