@@ -637,7 +637,8 @@ def _system(args: argparse.Namespace) -> int:
             resources=Resources(args.replica_cpus, args.replica_gpus, args.editor_cpus, args.editor_gpus),
         )
         token = os.environ.get("EDITSTREAM_HTTP_TOKEN") or None
-        http = commands.HttpOptions(args.http_host, args.http_port, token) if args.http else None
+        write_token = os.environ.get("EDITSTREAM_HTTP_WRITE_TOKEN") or None
+        http = commands.HttpOptions(args.http_host, args.http_port, token, write_token) if args.http else None
         return commands.serve(config, args.address, http)
     if args.command == "scale":
         counts = {"replica": args.replicas, "editor": args.editors, "evaluator": args.evaluators}
@@ -717,7 +718,8 @@ def _add_system(sub: argparse._SubParsersAction) -> None:
         "--http",
         action="store_true",
         help="serve HTTP (Ray Serve): OpenAI /v1/completions, POST /facts, GET /status; "
-        "bearer token from $EDITSTREAM_HTTP_TOKEN if set",
+        "bearer token from $EDITSTREAM_HTTP_TOKEN (required beyond 127.0.0.1), a separate one for POST /facts "
+        "from $EDITSTREAM_HTTP_WRITE_TOKEN",
     )
     p.add_argument("--http-host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")

@@ -42,6 +42,7 @@ class HttpOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
+    write_token: str | None = None
 
 
 def serve(
@@ -58,7 +59,9 @@ def serve(
     if http is not None:
         from services.gateway import start_http
 
-        url = start_http(config.redis_url, config.namespace, config.model, http.host, http.port, http.token)
+        url = start_http(
+            config.redis_url, config.namespace, config.model, http.host, http.port, http.token, http.write_token
+        )
     print(
         f"serving {config.method} on {config.model}: {config.replicas} replicas, {config.editors} editors; "
         f"facts stream {store.keys.facts}{'; HTTP ' + url if url else ''}; Ctrl-C stops",

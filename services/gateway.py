@@ -11,8 +11,11 @@
 * `GET /status`: journal, lag, DLQ, replicas (version, digest, ready).
 
 Queries go only to replicas that are ready (caught up with the journal as it stood when they
-started) and alive (heartbeat younger than `stale_s`), round robin. Every route needs
-`Authorization: Bearer <token>` when a token is configured. Bound to 127.0.0.1 unless told.
+started) and alive (heartbeat younger than `stale_s`), round robin. With tokens configured, every
+route (the API docs included) needs `Authorization: Bearer <read token>`, and `POST /facts` the
+write token (the same one unless a separate write token is set); the check runs in a middleware,
+before a body is read, as does the size limit (`MAX_BODY_BYTES`; 411 without a Content-Length).
+Bound to 127.0.0.1 unless told; any other address is refused without a token.
 (No `from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime.)
 """
 
@@ -27,10 +30,11 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
-from editstream.errors import InvalidEditError
+from editstream.errors import ConfigError, InvalidEditError
 from editstream.events import Retract, parse_event
 from services.placement import SLOTS
 from services.store import RedisStore, connect, status
@@ -38,11 +42,40 @@ from services.store import RedisStore, connect, status
 log = logging.getLogger(__name__)
 
 app = FastAPI(title="editstream", description="A knowledge-edited LLM behind the OpenAI completions API")
+app.state.tokens = (None, None)  # (read, write); set by the Gateway on its replica
+MAX_BODY_BYTES = 1_000_000
+MAX_PROMPTS = 32  # per completions request: one request holds a replica while it decodes
+MAX_PROMPT_CHARS = 8000
+WRITE_ROUTES = frozenset({"/facts"})
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _bearer_ok(request: Request, token: str) -> bool:
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+@app.middleware("http")
+async def guard(request: Request, call_next):
+    """Authorise and bound a request before anything reads its body."""
+    read, write = request.app.state.tokens
+    needed = write if request.url.path in WRITE_ROUTES else read
+    if needed and not _bearer_ok(request, needed):
+        if read and needed != read and _bearer_ok(request, read):
+            return JSONResponse({"detail": "this token may read, not write: /facts needs the write token"}, 403)
+        return JSONResponse({"detail": "missing or wrong bearer token"}, 401, headers={"WWW-Authenticate": "Bearer"})
+    if request.method in ("POST", "PUT", "PATCH"):
+        length = request.headers.get("content-length")
+        if length is None:
+            return JSONResponse({"detail": "a request body needs a Content-Length header"}, 411)
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": f"request body of {length} bytes; at most {MAX_BODY_BYTES}"}, 413)
+    return await call_next(request)
 
 
 class CompletionRequest(BaseModel):
     model: str | None = None
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(..., description="a prompt or at most 32 of them")
     max_tokens: int = Field(16, ge=1, le=512)
     temperature: float | None = Field(None, ge=0, description="ignored: decoding is greedy")
     stop: str | list[str] | None = None
@@ -88,19 +121,14 @@ class Gateway:
         model: str,
         token: str | None = None,
         stale_s: float = 10.0,
+        write_token: str | None = None,
     ) -> None:
         self.store = RedisStore(connect(redis_url), namespace)
         self.namespace, self.ray_namespace, self.model = namespace, ray_namespace, model
-        self.token, self.stale_s = token, stale_s
+        self.stale_s = stale_s
+        app.state.tokens = (token, write_token or token)
         self._handles: dict[str, Any] = {}
         self._rr = itertools.count()
-
-    def _authorize(self, request: Request) -> None:
-        if not self.token:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     def _ready_replicas(self) -> list[str]:
         return self.store.ready_replicas(self.stale_s)
@@ -127,12 +155,15 @@ class Gateway:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> dict:
-        self._authorize(request)
         if body.echo:
             raise HTTPException(400, "echo=true is not supported")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise HTTPException(400, "prompt must be a non-empty string or a list of them")
+        if len(prompts) > MAX_PROMPTS or max(len(p) for p in prompts) > MAX_PROMPT_CHARS:
+            raise HTTPException(
+                400, f"at most {MAX_PROMPTS} prompts of at most {MAX_PROMPT_CHARS} characters each per request"
+            )
         answers = await self._ask(prompts, body.max_tokens, body.min_version)
         choices = []
         for i, a in enumerate(answers):
@@ -163,12 +194,10 @@ class Gateway:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
-        self._authorize(request)
         return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "editstream"}]}
 
     @app.post("/facts", status_code=202)
     async def facts(self, body: FactsRequest, request: Request) -> dict:
-        self._authorize(request)
         parsed, errors = [], []
         for i, fact in enumerate(body.facts):
             try:
@@ -207,7 +236,6 @@ class Gateway:
 
     @app.get("/status")
     async def get_status(self, request: Request) -> dict:
-        self._authorize(request)
         return {**status(self.store), "ready_replicas": self._ready_replicas()}
 
 
@@ -218,17 +246,24 @@ def start_http(
     host: str = "127.0.0.1",
     port: int = 8000,
     token: str | None = None,
+    write_token: str | None = None,
 ) -> str:
-    """Run the gateway on Ray Serve (on the connected cluster); returns its base URL."""
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        log.warning("HTTP bound to %s without a bearer token: anyone who reaches it can edit the model", host)
+    """Run the gateway on Ray Serve (on the connected cluster); returns its base URL. Refuses an
+    address beyond loopback without a token: anyone who reached it could edit the model."""
+    if host not in LOOPBACK and not token:
+        raise ConfigError(
+            f"refusing to serve HTTP on {host} without a bearer token: set $EDITSTREAM_HTTP_TOKEN "
+            "(and $EDITSTREAM_HTTP_WRITE_TOKEN for POST /facts), or bind to 127.0.0.1"
+        )
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     ray_namespace = ray.get_runtime_context().namespace
     options: dict[str, Any] = {"num_cpus": 0}
     if ray.cluster_resources().get(SLOTS["ingest"], 0) > 0:  # a cluster with control nodes: run there
         options["resources"] = {SLOTS["ingest"]: 0.001}
     serve.run(
-        Gateway.options(ray_actor_options=options).bind(redis_url, namespace, ray_namespace, model, token),
+        Gateway.options(ray_actor_options=options).bind(
+            redis_url, namespace, ray_namespace, model, token, 10.0, write_token
+        ),
         name=f"{namespace}-gateway",
         route_prefix="/",
         blocking=False,

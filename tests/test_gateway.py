@@ -16,6 +16,7 @@ from services.system import System, SystemConfig
 pytestmark = [pytest.mark.redis, pytest.mark.ray]
 
 TOKEN = "test-token-123"
+WRITE_TOKEN = "write-token-456"
 
 
 def test_fields_of_and_stop_sequences():
@@ -28,6 +29,14 @@ def test_fields_of_and_stop_sequences():
         fields_of({"prompt": "p", "target": 3})
     assert cut_at_stop("Paris. And then", ".") == ("Paris", True)
     assert cut_at_stop("Paris", ["\n", "xx"]) == ("Paris", False)
+
+
+def test_http_beyond_loopback_needs_a_token():
+    from editstream.errors import ConfigError
+    from services.gateway import start_http
+
+    with pytest.raises(ConfigError, match="without a bearer token"):
+        start_http("redis://127.0.0.1:1/0", "ns", "m", host="0.0.0.0", port=free_port())
 
 
 def wait_ready(client: httpx.Client, count: int, timeout_s: float = 180) -> dict:
@@ -61,7 +70,7 @@ def test_openai_client_sees_a_fact_posted_over_http(ray_local, redis_server, tmp
     ).start()
     port = free_port()
     try:
-        url = start_http(redis_server.url, ns, "smollm2-135m", port=port, token=TOKEN)
+        url = start_http(redis_server.url, ns, "smollm2-135m", port=port, token=TOKEN, write_token=WRITE_TOKEN)
         # bound to loopback only
         listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port}
         assert listening == {"127.0.0.1"}, listening
@@ -70,12 +79,25 @@ def test_openai_client_sees_a_fact_posted_over_http(ray_local, redis_server, tmp
             wait_ready(client, 1)
             assert httpx.get(f"{url}/status").status_code == 401
             assert httpx.get(f"{url}/status", headers={"Authorization": "Bearer nope"}).status_code == 401
+            assert httpx.get(f"{url}/docs").status_code == 401  # the API docs too
+            fact = {"facts": [{"prompt": "The sky is", "target": "green"}]}
+            assert httpx.post(f"{url}/facts", json=fact).status_code == 401  # refused before the body is read
+            assert client.post("/facts", json=fact).status_code == 403  # the read token may not write
+            big = client.post("/v1/completions", content=b"x" * 1_000_001, headers={"Content-Type": "application/json"})
+            assert big.status_code == 413
+            many = client.post("/v1/completions", json={"prompt": ["p"] * 33, "max_tokens": 1})
+            assert many.status_code == 400 and "at most 32 prompts" in many.text
 
-            bad = client.post("/facts", json={"facts": [{"prompt": "x"}, {"prompt": "The sky is", "target": "green"}]})
+            writer = {"Authorization": f"Bearer {WRITE_TOKEN}"}
+            bad = client.post(
+                "/facts", json={"facts": [{"prompt": "x"}, {"prompt": "The sky is", "target": "green"}]}, headers=writer
+            )
             assert bad.status_code == 422 and "target" in bad.text
 
             prompt = "The Eiffel Tower is located in the city of"
-            posted = client.post("/facts", json={"facts": [{"prompt": prompt, "target": "Rome"}], "wait": True})
+            posted = client.post(
+                "/facts", json={"facts": [{"prompt": prompt, "target": "Rome"}], "wait": True}, headers=writer
+            )
             assert posted.status_code == 202, posted.text
             (queued,) = posted.json()["queued"]
             assert queued["seq"] == 1 and queued["edit_id"].startswith("e-")
