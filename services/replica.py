@@ -50,6 +50,8 @@ class ReplicaService:
         self.name, self.method = name, method
         self.max_tries = max_tries  # apply attempts per entry before it is dead-lettered
         self._failures: dict[int, int] = {}
+        self._last_entry: tuple[int, str, float] | None = None  # (seq, edit id, at) of the last entry taken
+        self._checked = 0.0
         self._state: dict = {"name": name, "version": 0, "digest": "", "edits": 0, "ready": False}
         self.store = RedisStore(connect(redis_url), namespace)
         self.replica = Replica(create_method(method, load_causal_lm(model), **(method_options or {})))
@@ -83,6 +85,9 @@ class ReplicaService:
         """Apply what is ready after the current version; returns how many entries were applied."""
         if self.catch_up_to is None:
             self.catch_up_to = self.store.last_seq()
+        if time.time() - self._checked > 1.0:
+            self._checked = time.time()
+            self._check_journal()
         started = time.perf_counter()
         entries = self.store.journal_after(self.replica.version, count=256)
         blobs = self.store.get_artifacts(
@@ -130,6 +135,26 @@ class ReplicaService:
             self.store.heartbeat(self.name, {**self.state(), "time": self._beat})
         return done
 
+    def _check_journal(self) -> None:
+        """Is the journal entry at this replica's version still the one it applied? If Redis lost its
+        last writes (AOF everysec, a failover) the seqs may have been handed to other facts: then
+        this replica rebuilds from the journal as it is, so a divergence is repaired, never silent."""
+        if self._last_entry is None:
+            return
+        seq, edit_id, at_ms = self._last_entry
+        found = self.store.journal_get([seq])
+        if found and (found[0].payload["edit_id"], found[0].at_ms) == (edit_id, at_ms):
+            return
+        now = found[0].payload["edit_id"] if found else "nothing"
+        log.error(
+            "%s: journal seq %d is now %s, not %s as applied: rebuilding from seq 0", self.name, seq, now, edit_id
+        )
+        with self._advanced:
+            self.replica.method.reset()
+            self.replica.version = 0
+            self._last_entry = None
+            self.ready, self.catch_up_to = False, self.store.last_seq()
+
     def _take(self, entry, artifact: Artifact | None, dead: bool = False) -> bool:
         """Apply one journal entry (an edit's artifact, a retract), or skip a dead-lettered one; an
         entry whose apply fails `max_tries` times is dead-lettered and skipped. True if applied."""
@@ -154,6 +179,7 @@ class ReplicaService:
             finally:
                 self._advanced.notify_all()
         self._failures.pop(entry.seq, None)
+        self._last_entry = (entry.seq, entry.payload["edit_id"], entry.at_ms)
         return not dead
 
     def _event(self, entry, applied_ms: float, artifact_bytes: int, op: str | None = None) -> dict:

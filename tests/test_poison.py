@@ -115,3 +115,43 @@ def test_services_start_while_redis_is_down_and_connect_in_their_loop(tmp_path):
             assert replica.state()["ready"] and replica.version == 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_replica_detects_seqs_reused_after_redis_lost_writes_and_rebuilds(redis_server):
+    store = RedisStore(connect(redis_server.url), "lost")
+    facts = demo_facts(5)
+
+    def journal(fact):
+        payload = edit_to_payload(fact)
+        store.journal_append(fact.edit_id, content_hash(payload), payload, 0.0)
+
+    for fact in facts[:3]:
+        journal(fact)
+    threads = torch.get_num_threads()
+    try:
+        editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "lost")
+        while editor.step():
+            pass
+        replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "lost")
+        while replica.step():
+            pass
+        assert replica.version == 3
+        # Redis loses its last two writes (as after a failover): seqs 2 and 3 go to other facts
+        ((first_id, first_fields),) = store.r.xrange(store.keys.journal, count=1)
+        store.r.delete(store.keys.journal)
+        store.r.xadd(store.keys.journal, first_fields, id=first_id)
+        store.r.set(store.keys.seq, 1)
+        store.r.hdel(store.keys.ids, facts[1].edit_id, facts[2].edit_id)
+        store.r.hdel(store.keys.artifacts, "recipe:2", "recipe:3")
+        for fact in facts[3:]:
+            journal(fact)
+        editor.reader._pending_done = editor.reader._group_ready = False  # its group went with the stream
+        while editor.step():
+            pass
+        replica._checked = 0.0  # the check runs once a second
+        for _ in range(5):
+            replica.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert replica.version == 3
+    assert replica.replica.method.edit_ids() == [facts[0].edit_id, facts[3].edit_id, facts[4].edit_id]
