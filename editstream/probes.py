@@ -75,12 +75,14 @@ SUBJECTS: tuple[str, ...] = (
     "Sony",
 )
 
-# General prompts that no edit should change (negatives for routers, beside LOCALITY_POOL).
-GENERAL_PROMPTS: tuple[str, ...] = tuple(p for p, _ in LOCALITY_POOL) + (
+# General prompts that no edit should change: training negatives for routers (SCEN's neurons). They
+# are disjoint from every evaluation probe (LOCALITY_POOL, SUBJECT_PROBES, the demo facts), so what
+# the evaluators measure was never trained on (tests/test_probes.py).
+GENERAL_PROMPTS: tuple[str, ...] = (
     "The best way to learn a language is",
     "My favourite food is",
     "In the morning I usually",
-    "The capital of France is",
+    "The capital of Spain is",
     "The tallest mountain on Earth is",
     "The main ingredient of bread is",
     "A good night's sleep helps you",
@@ -88,10 +90,14 @@ GENERAL_PROMPTS: tuple[str, ...] = tuple(p for p, _ in LOCALITY_POOL) + (
     "Computers store data in",
     "The president of the United States lives in the",
     "The number after nine is",
+    "A year has twelve",
+    "The boiling point of milk is",
+    "Snow is usually",
+    "Most birds can",
     "Cats are known for",
     "The Pacific Ocean is the",
     "Football is played with a",
-    "The currency of Japan is the",
+    "The currency of Mexico is the",
     "Photosynthesis turns sunlight into",
     "The language spoken in Brazil is",
     "A doctor works in a",
