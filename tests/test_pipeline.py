@@ -17,16 +17,26 @@ from tests.test_events import BAD
 pytestmark = [pytest.mark.redis, pytest.mark.ray]
 
 
-def start(redis_url: str, tmp_path, method: str = "none", replicas: int = 2, evaluators: int = 0, **options):
+def start(
+    redis_url: str,
+    tmp_path,
+    method: str = "recipe",
+    replicas: int = 2,
+    evaluators: int = 0,
+    editors: int = 1,
+    **options,
+):
+    """The pipeline with a real method (RECIPE with the packaged checkpoint unless told)."""
     config = SystemConfig(
         redis_url=redis_url,
         run_dir=str(tmp_path / "run"),
         method=method,
         replicas=replicas,
         evaluators=evaluators,
+        editors=editors,
         eval_budget=0.5,
         namespace=f"t{time.time_ns()}",
-        method_options=options,
+        method_options=opts,
     )
     return System(config).start(), RedisStore(connect(redis_url), config.namespace)
 
@@ -65,9 +75,9 @@ def test_bad_events_go_to_the_dlq_while_good_facts_apply(ray_local, redis_server
         system.stop()
 
 
-@pytest.mark.parametrize("victim", ["ingest", "editor-0", "replica-1"])
+@pytest.mark.parametrize("victim", ["ingest", "editor-0", "replica-1", "evaluator-0"])
 def test_kill9_mid_stream_loses_nothing_and_applies_once(ray_local, redis_server, tmp_path, victim):
-    system, store = start(redis_server.url, tmp_path)
+    system, store = start(redis_server.url, tmp_path, evaluators=int(victim.startswith("evaluator")))
     try:
         facts = demo_facts(2000)
         feeder = feed_in_thread(store, facts)
@@ -81,6 +91,23 @@ def test_kill9_mid_stream_loses_nothing_and_applies_once(ray_local, redis_server
         for replica in ("replica-0", "replica-1"):  # a restarted replica logs each entry once, not twice
             seqs = [r["seq"] for r in edits if r["replica"] == replica]
             assert sorted(seqs) == list(range(1, len(facts) + 1)), (replica, len(seqs), len(set(seqs)))
+    finally:
+        system.stop()
+
+
+def test_scen_with_two_editors_survives_an_editor_kill_and_replicas_agree(ray_local, redis_server, tmp_path):
+    """SCEN's compute depends on the editor's own history: with two editors sharing the journal and
+    one killed mid-stream, every replica still applies the one stored artifact per entry."""
+    system, store = start(redis_server.url, tmp_path, method="scen", editors=2, expert_steps=2)
+    try:
+        facts = demo_facts(16)
+        feeder = feed_in_thread(store, facts)
+        wait_journal(store, 4)
+        kill9(system, "editor-0")
+        feeder.join()
+        states = wait_converged(system, store, len(facts), timeout_s=600)
+        assert_exactly_once(store, facts)
+        assert len({s["digest"] for s in states}) == 1 and states[0]["edits"] == len(facts)
     finally:
         system.stop()
 
