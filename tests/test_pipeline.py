@@ -24,7 +24,7 @@ def start(
     replicas: int = 2,
     evaluators: int = 0,
     editors: int = 1,
-    **options,
+    **opts,
 ):
     """The pipeline with a real method (RECIPE with the packaged checkpoint unless told)."""
     config = SystemConfig(
