@@ -9,10 +9,10 @@ import pytest
 
 from editstream.arrowlog import read_log
 from editstream.demo_facts import demo_facts
+from editstream.hostile import HOSTILE as BAD
 from services.store import RedisStore, connect
 from services.system import System, SystemConfig
 from tests.pipeline_helpers import assert_exactly_once, feed_in_thread, kill9, wait_converged, wait_journal
-from tests.test_events import BAD
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray]
 
