@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from editstream.models import EMBEDDED_ENCODER, EMBEDDED_LLM
@@ -572,6 +573,39 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--option", action="append", default=[], help="KEY=VALUE for rome and memit (e.g. steps=10), repeatable"
     )
     fg.set_defaults(func=_bench_forgetting)
+
+    ch = bench.add_parser(
+        "chaos",
+        help="the system under faults: mixed good/bad/duplicate/supersede/retract events, a SIGKILL of a random "
+        "actor every few seconds, one Redis restart; checks nothing is lost or applied twice",
+    )
+    ch.add_argument("--method", default="recipe", help="editing method (scen runs two editors)")
+    ch.add_argument("--minutes", type=float, default=10.0, help="how long the producer sends (default 10)")
+    ch.add_argument("--rate", type=float, default=20.0, help="events per second (default 20)")
+    ch.add_argument("--kill-every", type=float, default=10.0, help="seconds between SIGKILLs (default 10)")
+    ch.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--run-dir", default="runs/chaos", help="where the private Redis and the Arrow logs go")
+    ch.add_argument("--out", default="bench/results", help="directory for chaos-<method>.json")
+    ch.set_defaults(func=_bench_chaos)
+
+
+def _bench_chaos(args: argparse.Namespace) -> int:
+    import ray
+
+    from editstream.bench.provenance import provenance
+    from services.bench_chaos import run_chaos, write
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    run_dir = Path(args.run_dir) / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    doc = run_chaos(args.method, args.minutes, run_dir, args.rate, args.kill_every, args.checkpoint, args.seed)
+    path = write({**doc, **provenance()}, Path(args.out))
+    ok = doc["lost"] == 0 and not any(doc["applied_twice"].values()) and doc["converged"]
+    ok = ok and not doc["bad_kinds_without_dlq"]
+    print(json.dumps({k: doc[k] for k in ("sent", "journaled", "lost", "applied_twice", "converged")}, indent=1))
+    print(f"{'PASS' if ok else 'FAIL'}: wrote {path}")
+    return 0 if ok else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
