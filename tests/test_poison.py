@@ -1,64 +1,85 @@
-"""Poison journal entries (a compute or an apply that always fails) are dead-lettered after a bounded
-number of tries and skipped identically on every replica: nothing stalls, digests agree. Real
-redis-server, the real RECIPE method on the embedded model; the failures are injected."""
+"""Faults inside the services, on a real redis-server with the real RECIPE method on the embedded
+model (failures are injected into it): poison entries are dead-lettered after a bounded number of
+tries and skipped identically on every replica; a replica that has not replayed does not answer;
+services start while Redis is down; a replica notices when Redis handed its seqs to other facts."""
 
 from __future__ import annotations
 
 import pytest
+import redis
 import torch
 
 from editstream.artifacts import Artifact
 from editstream.demo_facts import demo_facts
+from editstream.errors import NotReadyError
 from editstream.events import edit_to_payload
 from editstream.models import EMBEDDED_LLM
 from services.editor import Editor
-from services.ingest import content_hash
+from services.ingest import Ingestor, content_hash
+from services.redis_server import RedisServer, free_port
 from services.replica import ReplicaService
 from services.store import RedisStore, connect
 
 pytestmark = pytest.mark.redis
 
 
-def test_poison_entries_are_dead_lettered_and_skipped_on_every_replica(redis_server):
-    store = RedisStore(connect(redis_server.url), "poison")
-    facts = demo_facts(4)
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    threads = torch.get_num_threads()  # services set their own thread counts
+    yield
+    torch.set_num_threads(threads)
+
+
+def journal(store: RedisStore, facts) -> None:
+    """Append facts to the journal as ingest would."""
     for fact in facts:
         payload = edit_to_payload(fact)
         store.journal_append(fact.edit_id, content_hash(payload), payload, 0.0)
-    threads = torch.get_num_threads()
-    try:
-        editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "poison", max_tries=2)
-        real_compute = editor.method.compute
 
-        def compute(edits):  # the second fact's compute always fails
-            if any(e.edit_id == facts[1].edit_id for e in edits):
-                raise RuntimeError("boom")
-            return real_compute(edits)
 
-        editor.method.compute = compute
-        while editor.step():
-            pass
-        # the third fact's stored artifact cannot be applied: a prompt of the wrong shape
-        good = Artifact.from_bytes(store.get_artifacts("recipe", [3])[3])
-        store.r.hdel(store.keys.artifacts, "recipe:3")
-        broken = {**good.tensors, "prompt": good.tensors["prompt"][:1]}
-        store.put_artifacts(
-            "recipe", {3: Artifact(good.method, good.edit_id, good.base_fingerprint, broken, good.meta).to_bytes()}
-        )
-        replicas = [
-            ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, f"replica-{i}", "poison", max_tries=2)
-            for i in range(2)
-        ]
-        for replica in replicas:
-            for _ in range(10):
-                try:
-                    replica.step()
-                except Exception:  # the service's loop logs and retries a failed step
-                    continue
-                if replica.version == len(facts):
-                    break
-    finally:
-        torch.set_num_threads(threads)
+def drain(service) -> None:
+    """Step a service until a step finds nothing to do."""
+    while service.step():
+        pass
+
+
+def test_poison_entries_are_dead_lettered_and_skipped_on_every_replica(redis_server):
+    store = RedisStore(connect(redis_server.url), "poison")
+    facts = demo_facts(4)
+    journal(store, facts)
+    editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "poison", max_tries=2)
+    real_compute = editor.method.compute
+
+    def compute(edits):  # the second fact's compute always fails
+        if any(e.edit_id == facts[1].edit_id for e in edits):
+            raise RuntimeError("boom")
+        return real_compute(edits)
+
+    editor.method.compute = compute
+    drain(editor)
+    # the third fact's stored artifact cannot be applied: a prompt of the wrong shape
+    good = Artifact.from_bytes(store.get_artifacts("recipe", [3])[3])
+    store.r.hdel(store.keys.artifacts, "recipe:3")
+    broken = Artifact(
+        good.method,
+        good.edit_id,
+        good.base_fingerprint,
+        {**good.tensors, "prompt": good.tensors["prompt"][:1]},
+        good.meta,
+    )
+    store.put_artifacts("recipe", {3: broken.to_bytes()})
+    replicas = [
+        ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, f"replica-{i}", "poison", max_tries=2)
+        for i in range(2)
+    ]
+    for replica in replicas:
+        for _ in range(10):
+            try:
+                replica.step()
+            except Exception:  # the service's loop logs and retries a failed step
+                continue
+            if replica.version == len(facts):
+                break
     assert [r.version for r in replicas] == [4, 4]
     assert replicas[0].replica.digest() == replicas[1].replica.digest()
     assert replicas[0].replica.method.edit_ids() == [facts[0].edit_id, facts[3].edit_id]
@@ -70,88 +91,54 @@ def test_poison_entries_are_dead_lettered_and_skipped_on_every_replica(redis_ser
 
 
 def test_a_replica_that_has_not_replayed_does_not_answer_unless_asked_for_any_version(redis_server):
-    from editstream.errors import NotReadyError
-
     store = RedisStore(connect(redis_server.url), "ready")
     facts = demo_facts(3)
-    for fact in facts:
-        payload = edit_to_payload(fact)
-        store.journal_append(fact.edit_id, content_hash(payload), payload, 0.0)
-    threads = torch.get_num_threads()
-    try:
-        editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "ready")
-        while editor.step():
-            pass
-        replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "ready")
-        with pytest.raises(NotReadyError, match="replaying the journal"):
-            replica.ask([facts[1].prompt], 4, timeout_s=0.2)
-        (stale,) = replica.ask([facts[1].prompt], 4, any_version=True)
-        assert stale["version"] == 0 and stale["fired"] is None
-        assert not replica.state()["ready"]
-        while replica.step():
-            pass
-        (fresh,) = replica.ask([facts[1].prompt], 4)
-    finally:
-        torch.set_num_threads(threads)
+    journal(store, facts)
+    drain(Editor(redis_server.url, "recipe", EMBEDDED_LLM, "ready"))
+    replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "ready")
+    with pytest.raises(NotReadyError, match="replaying the journal"):
+        replica.ask([facts[1].prompt], 4, timeout_s=0.2)
+    (stale,) = replica.ask([facts[1].prompt], 4, any_version=True)
+    assert stale["version"] == 0 and stale["fired"] is None
+    assert not replica.state()["ready"]
+    drain(replica)
+    (fresh,) = replica.ask([facts[1].prompt], 4)
     assert fresh["version"] == 3 and fresh["fired"] == facts[1].edit_id and replica.state()["ready"]
 
 
 def test_services_start_while_redis_is_down_and_connect_in_their_loop(tmp_path):
-    import redis
-
-    from services.ingest import Ingestor
-    from services.redis_server import RedisServer, free_port
-
     server = RedisServer(port=free_port(), directory=tmp_path / "redis")
-    threads = torch.get_num_threads()
-    try:
-        replica = ReplicaService(server.url, "recipe", EMBEDDED_LLM, "replica-0", "down")  # nothing listens yet
-        ingest = Ingestor(server.url, namespace="down")
-        with pytest.raises(redis.ConnectionError):
-            replica.step()  # the service's loop logs this and tries again
-        with server:
-            assert ingest.step() == 0
-            replica.step()
-            assert replica.state()["ready"] and replica.version == 0
-    finally:
-        torch.set_num_threads(threads)
+    replica = ReplicaService(server.url, "recipe", EMBEDDED_LLM, "replica-0", "down")  # nothing listens yet
+    ingest = Ingestor(server.url, namespace="down")
+    with pytest.raises(redis.ConnectionError):
+        replica.step()  # the service's loop logs this and tries again
+    with server:
+        assert ingest.step() == 0
+        replica.step()
+        assert replica.state()["ready"] and replica.version == 0
 
 
 def test_a_replica_detects_seqs_reused_after_redis_lost_writes_and_rebuilds(redis_server):
     store = RedisStore(connect(redis_server.url), "lost")
     facts = demo_facts(5)
-
-    def journal(fact):
-        payload = edit_to_payload(fact)
-        store.journal_append(fact.edit_id, content_hash(payload), payload, 0.0)
-
-    for fact in facts[:3]:
-        journal(fact)
-    threads = torch.get_num_threads()
-    try:
-        editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "lost")
-        while editor.step():
-            pass
-        replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "lost")
-        while replica.step():
-            pass
-        assert replica.version == 3
-        # Redis loses its last two writes (as after a failover): seqs 2 and 3 go to other facts
-        ((first_id, first_fields),) = store.r.xrange(store.keys.journal, count=1)
-        store.r.delete(store.keys.journal)
-        store.r.xadd(store.keys.journal, first_fields, id=first_id)
-        store.r.set(store.keys.seq, 1)
-        store.r.hdel(store.keys.ids, facts[1].edit_id, facts[2].edit_id)
-        store.r.hdel(store.keys.artifacts, "recipe:2", "recipe:3")
-        for fact in facts[3:]:
-            journal(fact)
-        editor.reader._pending_done = editor.reader._group_ready = False  # its group went with the stream
-        while editor.step():
-            pass
-        replica._checked = 0.0  # the check runs once a second
-        for _ in range(5):
-            replica.step()
-    finally:
-        torch.set_num_threads(threads)
+    journal(store, facts[:3])
+    editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "lost")
+    drain(editor)
+    replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "lost")
+    drain(replica)
+    assert replica.version == 3
+    # Redis loses its last two writes (as after a failover): seqs 2 and 3 go to other facts
+    ((first_id, first_fields),) = store.r.xrange(store.keys.journal, count=1)
+    store.r.delete(store.keys.journal)
+    store.r.xadd(store.keys.journal, first_fields, id=first_id)
+    store.r.set(store.keys.seq, 1)
+    store.r.hdel(store.keys.ids, facts[1].edit_id, facts[2].edit_id)
+    store.r.hdel(store.keys.artifacts, "recipe:2", "recipe:3")
+    journal(store, facts[3:])
+    editor.reader._pending_done = editor.reader._group_ready = False  # its group went with the stream
+    drain(editor)
+    replica._checked = 0.0  # the check runs once a second
+    for _ in range(5):
+        replica.step()
     assert replica.version == 3
     assert replica.replica.method.edit_ids() == [facts[0].edit_id, facts[3].edit_id, facts[4].edit_id]
