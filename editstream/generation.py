@@ -7,7 +7,7 @@ the caller; this loop only decodes. Rows stop at end-of-sequence, and optionally
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,32 +31,54 @@ def stop_token_ids(lm: LoadedLM) -> torch.Tensor:
     return torch.tensor([i for i, p in enumerate(pieces) if "." in p or "\n" in p], dtype=torch.long, device=lm.device)
 
 
-def greedy(lm: LoadedLM, texts: Sequence[str], max_new_tokens: int, stops: torch.Tensor | None = None) -> Decoded:
-    """Greedy continuations of `texts` (left-padded in one batch, no special tokens added)."""
+def greedy(
+    lm: LoadedLM,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    stops: torch.Tensor | None = None,
+    select_rows: Callable[[torch.Tensor], None] | None = None,
+    shrink: bool = True,
+) -> Decoded:
+    """Greedy continuations of `texts` (left-padded in one batch, no special tokens added).
+
+    Finished rows leave the batch (their cache rows are dropped, and `select_rows` is told which
+    rows go on, for hooks that hold per-row state), so a batch costs what its unfinished rows cost;
+    `shrink=False` keeps every row to the end (for hooks that cannot follow).
+    """
     tok, dev = lm.tokenizer, lm.device
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    out = torch.empty(len(texts), 0, dtype=torch.long, device=dev)
-    past, done = None, torch.zeros(len(texts), dtype=torch.bool, device=dev)
-    ended = torch.zeros(len(texts), dtype=torch.bool, device=dev)
-    produced = torch.zeros(len(texts), dtype=torch.long, device=dev)
+    tokens: list[list[int]] = [[] for _ in texts]
+    ended = [False] * len(texts)
+    alive = torch.arange(len(texts), device=dev)  # the original row of each batch row
+    done = torch.zeros(len(texts), dtype=torch.bool, device=dev)  # per batch row
+    past = None
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             res = lm.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
             past = res.past_key_values
             nxt = res.logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            produced += ~done
-            ended |= ~done & (nxt == tok.eos_token_id)
-            done |= nxt == tok.eos_token_id
-            if stops is not None:
-                done |= torch.isin(nxt, stops)
+            eos = nxt == tok.eos_token_id
+            finished = eos | torch.isin(nxt, stops) if stops is not None else eos
+            for row, token, is_eos, was_done in zip(
+                alive.tolist(), nxt.tolist(), eos.tolist(), done.tolist(), strict=True
+            ):
+                if not was_done:
+                    tokens[row].append(token)
+                    ended[row] = ended[row] or is_eos
+            done = done | finished
             if bool(done.all()):
                 break
+            if shrink and bool(done.any()):
+                keep = (~done).nonzero().flatten()
+                past.batch_select_indices(keep)
+                if select_rows is not None:
+                    select_rows(keep)
+                alive, nxt, mask, done = alive[keep], nxt[keep], mask[keep], done[keep]
             ids = nxt[:, None]
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-    return Decoded(tok.batch_decode(out, skip_special_tokens=True), produced.tolist(), ended.tolist())
+    decoded = tok.batch_decode(tokens, skip_special_tokens=True)
+    return Decoded(decoded, [len(t) for t in tokens], ended)
 
 
 def chat_text(lm: LoadedLM, text: str) -> str:

@@ -29,16 +29,29 @@ def _past_length(past) -> int:
     return int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
 
 
+class PrefixRows:
+    """The per-row prefix a `soft_prefix` hook adds; `select` follows a batch that drops rows."""
+
+    def __init__(self, prefix: torch.Tensor, mask: torch.Tensor) -> None:
+        self.prefix, self.mask = prefix, mask
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.prefix, self.mask = self.prefix[rows], self.mask[rows]
+
+
 @contextmanager
-def soft_prefix(model: torch.nn.Module, prefix: torch.Tensor, prefix_mask: torch.Tensor) -> Iterator[None]:
+def soft_prefix(model: torch.nn.Module, prefix: torch.Tensor, prefix_mask: torch.Tensor) -> Iterator[PrefixRows]:
     """While active, every call of `model` sees `prefix` before its input tokens.
 
     The first call (no cache) swaps `input_ids` for embeddings with the prefix in front; later
     decoding calls (with a cache that already holds the prefix) get the mask and positions extended.
+    Yields the rows' prefixes, whose `select` keeps them in step with a batch that drops rows.
     """
     embed = model.get_input_embeddings()
+    rows = PrefixRows(prefix, prefix_mask)
 
     def hook(_module, args, kwargs):
+        prefix, prefix_mask = rows.prefix, rows.mask
         ids = kwargs.pop("input_ids", None)
         if ids is None and args:
             ids, args = args[0], args[1:]
@@ -56,6 +69,6 @@ def soft_prefix(model: torch.nn.Module, prefix: torch.Tensor, prefix_mask: torch
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        yield
+        yield rows
     finally:
         handle.remove()

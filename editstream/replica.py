@@ -149,7 +149,7 @@ class Replica:
         stops = self.stop_token_ids() if until_cut else None
         with self._plan(list(prompts), edited) as plan:
             texts = [chat_text(self.lm, t) for t in plan.texts] if chat else plan.texts
-            out = greedy(self.lm, texts, max_new_tokens, stops)
+            out = greedy(self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable)
         prompt_tokens = [len(t) for t in self.lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
         return [
             Answer(p, t, f, self.version, n, k, "stop" if d else "length")

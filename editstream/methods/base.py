@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +29,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QueryPlan:
-    """How a batch of prompts is served: the context texts the LM reads, and which edit fired per row."""
+    """How a batch of prompts is served: the context texts the LM reads, and which edit fired per row.
+
+    Decoding may drop finished rows from the batch. A method whose hooks hold per-row state says how
+    to follow (`select_rows(indices)`, called with the rows that go on) or that it cannot
+    (`shrinkable=False`)."""
 
     texts: list[str]
     fired: list[str | None]
+    select_rows: Callable[[Any], None] | None = None
+    shrinkable: bool = True
 
 
 class EditMethod(ABC):

@@ -144,5 +144,6 @@ class Recipe(EditMethod):
         prefix_mask[rows] = hit_mask
         used = prefix_mask.any(dim=0)  # slots no row uses (short targets) are dropped: an all-ones
         prefix, prefix_mask = prefix[:, used], prefix_mask[:, used]  # mask keeps attention on its fast path
-        with soft_prefix(self.lm.model, prefix, prefix_mask):
+        with soft_prefix(self.lm.model, prefix, prefix_mask) as prefix_rows:
+            plan.select_rows = prefix_rows.select
             yield plan

@@ -246,8 +246,8 @@ def validate(net: RecipeNet, lm: LoadedLM, rows: TrainRows, batch: int = 32, wil
             logits, ids = answer_logits(lm, prefix, ctx, targets, mask)
             scores.setdefault(name, []).extend((logits.argmax(-1) == ids).float().tolist())
             if wild_tokens:
-                with soft_prefix(lm.model, prefix, mask):
-                    texts = greedy(lm, ctx, wild_tokens).texts
+                with soft_prefix(lm.model, prefix, mask) as rows:
+                    texts = greedy(lm, ctx, wild_tokens, select_rows=rows.select).texts
                 for text, target in zip(texts, targets, strict=True):
                     answer = wild.cut(text, target)
                     scores.setdefault(f"wild_{name}", []).append(float(wild.answer_first(answer, target)))

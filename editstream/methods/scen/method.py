@@ -273,6 +273,7 @@ class Scen(EditMethod):
         if not len(self.bank):
             yield plan
             return
+        plan.shrinkable = False  # the routing below is per row of the batch it first saw
         lengths = torch.tensor([len(self.lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts])
         state: dict[str, Any] = {}
 
