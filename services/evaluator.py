@@ -8,7 +8,9 @@ once), and appends the records. Every `general_every` rounds, when the replica h
 caught up with the journal, it also measures the replica's perplexity on fixed accurate passages
 (`hallucination/wiki_accurate.json` when the data directory is there): kind `perplexity`, the
 general-ability probe that shows a collapsing model. It spends at most `budget` of wall time
-probing (e.g. 0.1 = 10%), sleeping the rest, so evaluation never starves serving.
+probing (e.g. 0.1 = 10%), sleeping the rest, so evaluation never starves serving; and it probes a
+replica only while that replica has applied the whole journal, dropping a round as soon as new
+entries arrive, so applying an edit never queues behind evaluation for more than one short call.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from services.metrics import Metrics
 from services.store import RedisStore, connect
 
 log = logging.getLogger(__name__)
+
+
+class _Yield(Exception):
+    """A probe round gives way to journal entries that arrived while it ran."""
 
 
 class Evaluator:
@@ -95,8 +101,14 @@ class Evaluator:
         started = time.time()
         idx = self.rounds % len(self.replicas)
         replica = self.replicas[idx]
-        base = self._locality_reference(replica)
         state = ray.get(replica.call.remote("state"))
+        if state["version"] < self.store.last_seq():  # the replica has entries to apply: they go first
+            self._closed.wait(0.2)
+            return 0
+        try:
+            base = self._locality_reference(replica)
+        except _Yield:
+            return 0
         entries = self._sample_edits(state["version"])
         if entries:  # retracted and superseded edits are meant to be gone: probing them would cry forgetting
             live = ray.get(replica.call.remote("active", [e.payload["edit_id"] for e in entries]))
@@ -116,7 +128,10 @@ class Evaluator:
             contexts.append(prompt)
             answers.append(answer)
             meta.append(("locality", None))
-        res = self._ask(replica, contexts)
+        try:
+            res = self._ask(replica, contexts)
+        except _Yield:
+            return 0
         now = time.time()
         rows: list[dict[str, Any]] = []
         # the perplexity probe holds the replica for a while: only when it has nothing to apply
@@ -171,6 +186,8 @@ class Evaluator:
         journal entry never waits behind more than a few probes."""
         out: list[dict] = []
         for i in range(0, len(prompts), self.ask_size):
+            if out and out[-1]["version"] < self.store.last_seq():
+                raise _Yield  # new journal entries arrived: applying them must not wait behind probes
             chunk = prompts[i : i + self.ask_size]
             out += ray.get(replica.call.remote("ask", chunk, self.wild_tokens, 0, 30.0, False, True, edited))
         return out
