@@ -9,8 +9,9 @@ caught up with the journal, it also measures the replica's perplexity on fixed a
 (`hallucination/wiki_accurate.json` when the data directory is there): kind `perplexity`, the
 general-ability probe that shows a collapsing model. It spends at most `budget` of wall time
 probing (e.g. 0.1 = 10%), sleeping the rest, so evaluation never starves serving; and it probes a
-replica only while that replica has applied the whole journal, dropping a round as soon as new
-entries arrive, so applying an edit never queues behind evaluation for more than one short call.
+replica only while that replica has applied the whole journal and no fact arrived for `quiet_ms`,
+dropping a round as soon as new entries arrive, so applying an edit queues behind at most one call
+(a cost: during a long unbroken stream there is no evaluation until it pauses).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Evaluator:
         general_texts: int = 16,
         wild_tokens: int = 24,
         ask_size: int = 2,
+        quiet_ms: float = 1000.0,
     ) -> None:
         self.store = RedisStore(connect(redis_url), namespace)
         self.replicas = list(replicas)
@@ -75,6 +77,9 @@ class Evaluator:
         # Each call holds the replica while it decodes; short calls keep journal entries from
         # waiting behind a probe. Answer-first needs only the answer's start, so 24 tokens judge as 50.
         self.wild_tokens, self.ask_size = wild_tokens, ask_size
+        # A probe call holds the replica for its whole generation (up to a second on 2 CPU cores), so
+        # probes wait for a pause of `quiet_ms` in the stream: during a burst, edits are not delayed.
+        self.quiet_ms = quiet_ms
         self.general = general_passages(general_texts) if general_every else []
 
     def set_replicas(self, replicas: list) -> None:
@@ -102,7 +107,9 @@ class Evaluator:
         idx = self.rounds % len(self.replicas)
         replica = self.replicas[idx]
         state = ray.get(replica.call.remote("state"))
-        if state["version"] < self.store.last_seq():  # the replica has entries to apply: they go first
+        newest = self.store.last_entry_ms()
+        streaming = newest is not None and time.time() * 1000 - newest < self.quiet_ms
+        if state["version"] < self.store.last_seq() or streaming:  # applying edits goes first
             self._closed.wait(0.2)
             return 0
         try:

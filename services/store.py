@@ -150,6 +150,11 @@ class RedisStore:
     def last_seq(self) -> int:
         return int(self.r.get(self.keys.seq) or 0)
 
+    def last_entry_ms(self) -> float | None:
+        """When the newest journal entry's fact entered the facts stream (ms since epoch), or None."""
+        rows = self.r.xrevrange(self.keys.journal, count=1)
+        return float(rows[0][1][b"at"]) if rows else None
+
     # --- artifacts -------------------------------------------------------------------------------
     def put_artifacts(self, method: str, artifacts: dict[int, bytes]) -> list[int]:
         """Store journal entries' artifacts durably (write-once: an entry that already has one keeps
