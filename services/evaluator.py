@@ -107,8 +107,8 @@ class Evaluator:
         idx = self.rounds % len(self.replicas)
         replica = self.replicas[idx]
         state = ray.get(replica.call.remote("state"))
-        newest = self.store.last_entry_ms()
-        streaming = newest is not None and time.time() * 1000 - newest < self.quiet_ms
+        newest = self.store.last_entry_ms()  # None: nothing edited yet, nothing to evaluate
+        streaming = newest is None or time.time() * 1000 - newest < self.quiet_ms
         if state["version"] < self.store.last_seq() or streaming:  # applying edits goes first
             self._closed.wait(0.2)
             return 0
