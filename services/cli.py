@@ -136,6 +136,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
     lm = load_causal_lm(args.model, device=args.device)
     docs = []
     shared_encoder, wild_base = None, None
+    started = provenance()  # the commit and date the run started at, not when its file is written
     for name in args.method.split(","):
         options = {"checkpoint": args.checkpoint} if name in ("recipe", "text-rag") else {}
         options.update(parse_options(args.option))
@@ -157,7 +158,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
             "options": parse_options(args.option),
             "tag": args.tag,
             **result,
-            **provenance(),
+            **started,
+            "finished": provenance()["date"],
         }
         docs.append(doc)
         if args.out:

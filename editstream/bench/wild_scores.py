@@ -132,14 +132,17 @@ def score_wild_chunk(
         scores.generality.append(float(wild.answer_first(answer, e.target)))
         scores.exact_generality.append(float(wild.exact(answer, e.target)))
     method = replica.method
-    method.exact_lookup = False
-    try:
-        retrieved = _batched(replica, [e.prompt for e in edits], batch, max_new_tokens=tokens, until_cut=True)
-    finally:
-        method.exact_lookup = True
-    scores.reliability_retrieved = [
-        float(wild.answer_first(wild.cut(a.text, t), t)) for a, t in zip(retrieved, targets, strict=True)
-    ]
+    if any(method.exact_edits([e.prompt for e in edits])):  # the shortcut served some prompts: search them
+        method.exact_lookup = False
+        try:
+            retrieved = _batched(replica, [e.prompt for e in edits], batch, max_new_tokens=tokens, until_cut=True)
+        finally:
+            method.exact_lookup = True
+        scores.reliability_retrieved = [
+            float(wild.answer_first(wild.cut(a.text, t), t)) for a, t in zip(retrieved, targets, strict=True)
+        ]
+    else:  # no exact-prompt lookup fired (a router or weight method): the served answers were searched
+        scores.reliability_retrieved = list(scores.reliability)
     probes = locality_prompts(edits)
     loc = _batched(replica, probes, batch, max_new_tokens=tokens, until_cut=True)
     scores.locality = [float(wild.same_answer(a.text, base.cut_answers[p])) for p, a in zip(probes, loc, strict=True)]
