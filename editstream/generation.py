@@ -12,16 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
+from editstream import wild
 from editstream.models import LoadedLM
 
 
 @dataclass
 class Decoded:
-    """Generated texts, tokens produced per row, and whether each row ended with end-of-sequence."""
+    """Generated texts, tokens produced per row, whether each row ended with end-of-sequence, and
+    whether it ended at a stop token or on its `until` text."""
 
     texts: list[str]
     produced: list[int]
     ended: list[bool]
+    stopped: list[bool]
+    released: list[bool]
 
 
 def stop_token_ids(lm: LoadedLM) -> torch.Tensor:
@@ -38,18 +42,21 @@ def greedy(
     stops: torch.Tensor | None = None,
     select_rows: Callable[[torch.Tensor], None] | None = None,
     shrink: bool = True,
+    until: Sequence[str | None] | None = None,
 ) -> Decoded:
     """Greedy continuations of `texts` (left-padded in one batch, no special tokens added).
 
     Finished rows leave the batch (their cache rows are dropped, and `select_rows` is told which
     rows go on, for hooks that hold per-row state), so a batch costs what its unfinished rows cost;
-    `shrink=False` keeps every row to the end (for hooks that cannot follow).
+    `shrink=False` keeps every row to the end (for hooks that cannot follow). `until`: per row, a
+    text whose words end the row as soon as its output holds them (None: no such end).
     """
     tok, dev = lm.tokenizer, lm.device
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     tokens: list[list[int]] = [[] for _ in texts]
-    ended = [False] * len(texts)
+    ended, stopped, released = [False] * len(texts), [False] * len(texts), [False] * len(texts)
+    until = list(until) if until is not None else [None] * len(texts)
     alive = torch.arange(len(texts), device=dev)  # the original row of each batch row
     done = torch.zeros(len(texts), dtype=torch.bool, device=dev)  # per batch row
     past = None
@@ -59,13 +66,18 @@ def greedy(
             past = res.past_key_values
             nxt = res.logits[:, -1].argmax(-1)
             eos = nxt == tok.eos_token_id
-            finished = eos | torch.isin(nxt, stops) if stops is not None else eos
-            for row, token, is_eos, was_done in zip(
-                alive.tolist(), nxt.tolist(), eos.tolist(), done.tolist(), strict=True
+            at_stop = torch.isin(nxt, stops) if stops is not None else torch.zeros_like(eos)
+            finished = eos | at_stop
+            for i, (row, token, is_eos, is_stop, was_done) in enumerate(
+                zip(alive.tolist(), nxt.tolist(), eos.tolist(), at_stop.tolist(), done.tolist(), strict=True)
             ):
-                if not was_done:
-                    tokens[row].append(token)
-                    ended[row] = ended[row] or is_eos
+                if was_done:
+                    continue
+                tokens[row].append(token)
+                ended[row], stopped[row] = is_eos, is_stop and not is_eos
+                if not finished[i] and until[row] and wild.contains(tok.decode(tokens[row]), until[row]):
+                    released[row] = True
+                    finished[i] = True
             done = done | finished
             if bool(done.all()):
                 break
@@ -78,7 +90,7 @@ def greedy(
             ids = nxt[:, None]
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
     decoded = tok.batch_decode(tokens, skip_special_tokens=True)
-    return Decoded(decoded, [len(t) for t in tokens], ended)
+    return Decoded(decoded, [len(t) for t in tokens], ended, stopped, released)
 
 
 def chat_text(lm: LoadedLM, text: str) -> str:

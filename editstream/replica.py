@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from editstream.artifacts import Artifact
-from editstream.errors import OrderError
-from editstream.generation import chat_text, greedy, stop_token_ids
+from editstream.errors import ConfigError, OrderError
+from editstream.generation import Decoded, chat_text, greedy, stop_token_ids
 from editstream.methods.base import EditMethod, QueryPlan
 from editstream.metrics import PairBatch, answer_predictions, encode_pairs, positions_to_score
 
 log = logging.getLogger(__name__)
+
+SCOPES = ("answer", "text")
 
 
 @dataclass
@@ -139,24 +141,75 @@ class Replica:
         edited: bool = True,
         chat: bool = False,
         until_cut: bool = False,
+        scope: str | None = None,
     ) -> list[Answer]:
         """Greedy continuation of each prompt (batched, KV-cached), with the edits in effect.
 
         chat: the edit is looked up on the prompt, which the model then reads as the user turn of
         its chat template. until_cut: stop a row at its first token holding "." or a newline (the
-        WILD cut), for probes that only need the cut answer.
+        WILD cut), for probes that only need the cut answer. scope (default: the method's
+        `edit_scope`): "answer" lets a plan-only method's fired edit go once the row has said the
+        edit's target or reached the cut, whichever comes first, and the base model continues from
+        the prompt and what the edit made it say; "text" keeps the edit to the end.
         """
+        scope = scope or self.method.edit_scope
+        if scope not in SCOPES:
+            raise ConfigError(f"edit scope {scope!r}: expected one of {SCOPES}")
         stops = self.stop_token_ids() if until_cut else None
+        if not edited or scope == "text" or not self.method.plan_only:
+            return self._generate(prompts, max_new_tokens, edited, chat, stops)[0]
+        answers, first = self._generate(prompts, max_new_tokens, True, chat, self.stop_token_ids(), release=True)
+        go_on = [
+            i
+            for i, a in enumerate(answers)
+            if not first.ended[i] and a.completion_tokens < max_new_tokens and not (until_cut and first.stopped[i])
+        ]
+        if not go_on:
+            return answers
+        budget = max_new_tokens - min(answers[i].completion_tokens for i in go_on)
+        texts = [(chat_text(self.lm, prompts[i]) if chat else prompts[i]) + answers[i].text for i in go_on]
+        rest = greedy(self.lm, texts, budget, stops)  # the base model, reading what the edit made it say
+        for i, text, produced, ended in zip(go_on, rest.texts, rest.produced, rest.ended, strict=True):
+            a = answers[i]
+            room = max_new_tokens - a.completion_tokens
+            if produced > room:  # rows share one budget: keep each row's own
+                ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"][:room]
+                text, produced, ended = self.lm.tokenizer.decode(ids), room, False
+            a.text += text
+            a.completion_tokens += produced
+            a.finish_reason = "stop" if ended else "length"
+        return answers
+
+    def _template_heads(self, templated: Sequence[str], inner: Sequence[str]) -> torch.Tensor:
+        """Per row, the tokens of the templated text before the inner text."""
+        heads = [t[: t.index(i)] for t, i in zip(templated, inner, strict=True)]
+        ids = self.lm.tokenizer(heads, add_special_tokens=False)["input_ids"]
+        return torch.tensor([len(x) for x in ids], dtype=torch.long)
+
+    def _generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        edited: bool,
+        chat: bool,
+        stops: torch.Tensor | None,
+        release: bool = False,
+    ) -> tuple[list[Answer], Decoded]:
+        """One greedy pass under the plan; release: a row that says its fired edit's target ends there."""
         with self._plan(list(prompts), edited) as plan:
             texts = [chat_text(self.lm, t) for t in plan.texts] if chat else plan.texts
-            out = greedy(self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable)
+            if chat and plan.set_offsets is not None:  # a prefix goes right before the user's words
+                plan.set_offsets(self._template_heads(texts, plan.texts))
+            until = [self.method.target_of(f) if f else None for f in plan.fired] if release else None
+            out = greedy(self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable, until)
         prompt_tokens = [len(t) for t in self.lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-        return [
+        answers = [
             Answer(p, t, f, self.version, n, k, "stop" if d else "length")
             for p, t, f, n, k, d in zip(
                 prompts, out.texts, plan.fired, prompt_tokens, out.produced, out.ended, strict=True
             )
         ]
+        return answers, out
 
 
 __all__ = ["Answer", "QueryPlan", "Replica"]

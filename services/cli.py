@@ -20,6 +20,25 @@ from editstream.models import EMBEDDED_ENCODER, EMBEDDED_LLM
 log = logging.getLogger("editstream")
 
 
+def _train(args: argparse.Namespace) -> int:
+    return _train_gate(args) if args.method == "relation-gate" else _train_recipe(args)
+
+
+def _train_gate(args: argparse.Namespace) -> int:
+    from editstream.data import load_edits
+    from editstream.methods.recipe.relation import train_gate
+    from editstream.models import load_encoder
+
+    encoder = load_encoder(args.encoder, device=args.device)
+    edits = [e for name in args.data for e in load_edits(name)]
+    gate = train_gate(encoder, edits, steps=args.gate_steps, seed=args.seed)
+    gate.info["data"] = list(args.data)
+    gate.info["encoder"] = args.encoder
+    gate.save(Path(args.out))
+    print(json.dumps({"threshold": gate.threshold, **gate.info}, indent=2))
+    return 0
+
+
 def _train_recipe(args: argparse.Namespace) -> int:
     from editstream.config import config_from_dict
     from editstream.data import load_edits
@@ -66,7 +85,12 @@ def _train_recipe(args: argparse.Namespace) -> int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a method's networks (RECIPE) on the train splits")
-    p.add_argument("method", choices=["recipe"], help="which method to train")
+    p.add_argument(
+        "method",
+        choices=["recipe", "relation-gate"],
+        help="recipe: retriever and prompt generator; relation-gate: RECIPE's subject-blind second key "
+        "(writes relation-gate.* into --out, beside a checkpoint)",
+    )
     p.add_argument("--out", required=True, help="directory for checkpoints (resumes if it holds one)")
     p.add_argument(
         "--data",
@@ -119,7 +143,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--validate-every", type=int, default=100, help="steps between validations/exports")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_train_recipe)
+    p.add_argument("--gate-steps", type=int, default=3000, help="relation-gate: training steps")
+    p.set_defaults(func=_train)
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
@@ -143,6 +168,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
         if shared_encoder is not None and name in ("recipe", "text-rag"):
             options["encoder"] = shared_encoder
         method = create_method(name, lm, **options)
+        method.edit_scope = args.edit_scope
         shared_encoder = getattr(getattr(method, "retrieval", None), "encoder", shared_encoder)
         replica = Replica(method)
         if args.wild_tokens and wild_base is None:
@@ -157,6 +183,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
             "checkpoint": args.checkpoint,
             "options": parse_options(args.option),
             "tag": args.tag,
+            "edit_scope": args.edit_scope if method.plan_only else "weights",
+            "relation_gate": getattr(getattr(method, "retrieval", None), "gate", None) is not None,
             **result,
             **started,
             "finished": provenance()["date"],
@@ -506,6 +534,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also score the chat form (question as the user turn); default: when the prompts are questions",
+    )
+    q.add_argument(
+        "--edit-scope",
+        choices=("answer", "text"),
+        default="answer",
+        help="how long a fired edit shapes a generation (RECIPE, SCEN, text-RAG): until the answer's first "
+        "'.' or newline, after which the base model continues (answer, as served), or the whole text",
     )
     q.set_defaults(func=_bench_quality)
     c = bench.add_parser("cost", help="edit throughput vs the encoder, query latency with many edits, memory/edit")

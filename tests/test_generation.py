@@ -3,10 +3,13 @@ prefix hook in effect (RECIPE) and without; the cut stops a row at its first '.'
 
 from __future__ import annotations
 
+import torch
+
 from editstream import wild
 from editstream.demo_facts import demo_facts
 from editstream.generation import greedy
 from editstream.methods import create_method
+from editstream.prefix import soft_prefix
 from editstream.replica import Replica
 
 
@@ -28,3 +31,25 @@ def test_dropping_finished_rows_changes_no_text(real_lm, real_encoder, trained_c
     cut = replica.generate(prompts, 20, until_cut=True)
     assert [wild.cut(a.text) for a in full] == [wild.cut(a.text) for a in cut]
     assert sum(a.completion_tokens for a in cut) < sum(a.completion_tokens for a in full)
+
+
+def test_a_prefix_placed_after_a_head_reads_as_if_typed_there(tiny_lm):
+    """`soft_prefix` with offsets (a chat template's head before the prefix), batched and left-padded,
+    decodes what each row decodes alone with the prefix spliced into its embeddings by hand."""
+    texts = ["Bees make honey and", "The opposite of hot is cold, and the opposite of up is"]
+    offsets = torch.tensor([2, 4])
+    torch.manual_seed(0)
+    embed = tiny_lm.model.get_input_embeddings()
+    prefix = torch.randn(2, 3, embed.weight.shape[1])
+    with soft_prefix(tiny_lm.model, prefix, torch.ones(2, 3, dtype=torch.long)) as rows:
+        rows.offsets = offsets
+        batched = greedy(tiny_lm, texts, 5, select_rows=rows.select)
+    for row, text in enumerate(texts):
+        ids = tiny_lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        k, out = int(offsets[row]), []
+        with torch.inference_mode():
+            for _ in range(5):
+                x = torch.cat([embed(ids[:, :k]), prefix[row : row + 1], embed(ids[:, k:])], dim=1)
+                out.append(int(tiny_lm.model(inputs_embeds=x).logits[0, -1].argmax()))
+                ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
+        assert batched.texts[row] == tiny_lm.tokenizer.decode(out), row

@@ -9,7 +9,7 @@ from editstream.edits import EditRequest
 from editstream.methods import create_method
 from editstream.methods.recipe.train import TrainRows, answer_logits, generated_prompts
 from editstream.metrics import agreement, mean, token_accuracy
-from editstream.probes import LOCALITY_POOL
+from editstream.probes import LOCALITY_POOL, SUBJECT_PROBES
 from editstream.replica import Replica
 
 
@@ -91,20 +91,39 @@ def test_answers_read_right_in_free_generation(edited):
     assert para.fired == fact.edit_id and wild.answer_first(wild.cut(para.text), fact.target), para.text
 
 
+def test_edited_answers_stop_cleanly_do_not_echo_and_hold_in_chat(edited):
+    """Served with the default answer scope: the edit answers, then lets the base model go on."""
+    replica, facts = edited
+    lyon = facts[0]
+    (answer,) = replica.generate([lyon.prompt], max_new_tokens=50)
+    assert answer.fired == lyon.edit_id and wild.exact(wild.cut(answer.text, lyon.target), lyon.target), answer.text
+    (para,) = replica.generate([lyon.paraphrases[0]], max_new_tokens=50)
+    assert wild.answer_first(wild.cut(para.text, lyon.target), lyon.target), para.text
+    (chat,) = replica.generate([lyon.prompt], max_new_tokens=50, chat=True)  # the fact as the user's turn
+    assert chat.fired == lyon.edit_id and wild.contains(wild.cut(chat.text), lyon.target), chat.text
+    answers = replica.generate([f.prompt for f in facts], max_new_tokens=50)
+    assert mean([wild.echo(a.text, f.target) for a, f in zip(answers, facts, strict=True)]) <= 0.05
+    chats = replica.generate([f.prompt for f in facts], max_new_tokens=50, chat=True)
+    assert mean([wild.contains(wild.cut(a.text), f.target) for a, f in zip(chats, facts, strict=True)]) >= 0.5
+
+
+def test_the_edit_held_for_the_whole_text_echoes(edited):
+    """The answer scope is what stops the echo: held to the end, the prefix makes the model loop."""
+    replica, facts = edited
+    answers = replica.generate([f.prompt for f in facts], max_new_tokens=50, scope="text")
+    assert mean([wild.echo(a.text, f.target) for a, f in zip(answers, facts, strict=True)]) >= 0.1
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="open (issue 14): edited answers go on about the target (' Rome, Italy. Rome is a city that is "
-    "steeped in history... Rome is'): echo 0.38 at T=1000 on CounterFact against 0.05 for the unedited "
-    "model's own answers; and in the chat form the edit fires but the prefix does not carry over "
-    "('The Eiffel Tower is located in the city of Paris, France')",
+    reason="open (issue 14): a cloze prompt sent as a chat turn is read as an unfinished sentence to "
+    "comment on ('The Eiffel Tower is a iconic landmark in Paris, France'); the chat form holds for "
+    "about 0.65 of the demo facts and 0.55 of ZsRE questions",
 )
-def test_edited_answers_stop_cleanly_do_not_echo_and_hold_in_chat(edited):
+def test_a_cloze_fact_holds_in_chat(edited):
     replica, facts = edited
-    (chat,) = replica.generate([facts[1].prompt], max_new_tokens=50, chat=True)  # the fact as the user's turn
+    (chat,) = replica.generate([facts[1].prompt], max_new_tokens=50, chat=True)
     assert chat.fired == facts[1].edit_id and wild.contains(wild.cut(chat.text), facts[1].target), chat.text
-    answers = replica.generate([f.prompt for f in facts], max_new_tokens=50)
-    assert wild.exact(wild.cut(answers[1].text, facts[1].target), facts[1].target), answers[1].text
-    assert mean([wild.echo(a.text, f.target) for a, f in zip(answers, facts, strict=True)]) <= 0.1
 
 
 def test_other_questions_about_an_edited_subject_keep_their_answers(edited):
@@ -115,3 +134,26 @@ def test_other_questions_about_an_edited_subject_keep_their_answers(edited):
     after = replica.generate(probes, max_new_tokens=50, until_cut=True)
     assert [a.fired for a in after] == [None, None]
     assert [wild.cut(a.text) for a in after] == [wild.cut(b.text) for b in before]
+
+
+def test_the_relation_gate_keeps_edits_off_prompts_that_only_name_the_subject(edited):
+    """Prompts naming an edited subject but asking nothing the edit answers mostly fire it without
+    the relation gate, and half as often at most with it; the edit's own paraphrases still fire."""
+    replica, facts = edited
+    retrieval = replica.method.retrieval
+    probes = [t.format(f.subject) for f in facts if f.subject for t in SUBJECT_PROBES]
+    gate, retrieval.gate = retrieval.gate, None
+    try:
+        ungated = replica.generate(probes, max_new_tokens=1)
+    finally:
+        retrieval.gate = gate
+    gated = replica.generate(probes, max_new_tokens=1)
+    assert gate is not None
+    fires = {"gated": [a.fired is not None for a in gated], "ungated": [a.fired is not None for a in ungated]}
+    # "Tell me about X." and "The story of X began in" ask no relation at all: the gate stops them.
+    # "X is famous for" / "Most people know X as" may still fire "X works as a" (a close relation).
+    free = [i for i, p in enumerate(probes) if p.startswith(("Tell me about", "The story of"))]
+    assert mean([fires["gated"][i] for i in free]) <= 0.05 and mean([fires["ungated"][i] for i in free]) >= 0.3
+    assert mean(fires["gated"]) <= 0.6 * mean(fires["ungated"]), {k: mean(v) for k, v in fires.items()}
+    paras = replica.generate([f.paraphrases[0] for f in facts], max_new_tokens=1)
+    assert mean([a.fired == f.edit_id for a, f in zip(paras, facts, strict=True)]) >= 0.7

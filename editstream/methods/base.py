@@ -33,12 +33,15 @@ class QueryPlan:
 
     Decoding may drop finished rows from the batch. A method whose hooks hold per-row state says how
     to follow (`select_rows(indices)`, called with the rows that go on) or that it cannot
-    (`shrinkable=False`)."""
+    (`shrinkable=False`). `set_offsets` (when a template wraps the texts) is called before decoding."""
 
     texts: list[str]
     fired: list[str | None]
     select_rows: Callable[[Any], None] | None = None
     shrinkable: bool = True
+    # A method that places vectors before the prompt (a soft prefix) is told, per row, how many
+    # tokens of the text the model reads come before the prompt (a chat template's head).
+    set_offsets: Callable[[Any], None] | None = None
 
 
 class EditMethod(ABC):
@@ -50,6 +53,9 @@ class EditMethod(ABC):
     # Journal entries an editor takes at a time. Methods that spend seconds per edit take few, so a
     # burst of facts is shared among parallel editors instead of queueing behind the first one.
     editor_batch: ClassVar[int] = 128
+    # True: an edit acts only through `query_context` (the weights stay the base model's), so a
+    # generation can let it go after the answer (see `edit_scope`).
+    plan_only: ClassVar[bool] = False
 
     def __init__(self, lm: LoadedLM) -> None:
         self.lm = lm
@@ -59,6 +65,10 @@ class EditMethod(ABC):
         # A prompt stored with an edit fires that edit without a search (a product fast path). The
         # quality benchmark turns it off to measure the retriever itself.
         self.exact_lookup = True
+        # How long a fired edit shapes a generation (plan-only methods): "answer" = until the first
+        # WILD stop (".", newline), after which the base model continues the text it now holds;
+        # "text" = the whole generation. Weight edits are always in effect.
+        self.edit_scope = "answer"
 
     @classmethod
     def build(cls, lm: LoadedLM, **options: Any) -> EditMethod:
@@ -93,7 +103,7 @@ class EditMethod(ABC):
             edit_id=edit.edit_id,
             base_fingerprint=self.lm.fingerprint,
             tensors=tensors,
-            meta={"prompt": edit.prompt, "target": edit.target, **meta},
+            meta={"prompt": edit.prompt, "target": edit.target, "subject": edit.subject or "", **meta},
         )
 
     def check(self, artifact: Artifact) -> None:
@@ -161,6 +171,15 @@ class EditMethod(ABC):
             return [None] * len(prompts)
         stacks = [self._stacks.get(normalize_prompt(p)) for p in prompts]
         return [stack[-1] if stack else None for stack in stacks]
+
+    def meta_of(self, edit_id: str) -> dict[str, Any]:
+        """The metadata (prompt, target, subject) of an applied edit; empty if it is not applied."""
+        artifact = self._applied.get(edit_id)
+        return artifact.meta if artifact is not None else {}
+
+    def target_of(self, edit_id: str) -> str | None:
+        """The target text of an applied edit (None if it is not applied)."""
+        return self.meta_of(edit_id).get("target")
 
     def is_active(self, edit_id: str) -> bool:
         """Whether `edit_id` is in effect now (applied, not retracted, not superseded)."""

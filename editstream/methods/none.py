@@ -13,6 +13,7 @@ class NoEdit(EditMethod):
     """Accepts edits and ignores them: the unedited model, through the same contract."""
 
     name = "none"
+    plan_only = True
 
     def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
         return [self.new_artifact(e, {}) for e in edits]

@@ -5,30 +5,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 from editstream.artifacts import Artifact
 from editstream.edits import EditRequest
-from editstream.methods.base import EditMethod, QueryPlan
-from editstream.methods.recipe.method import RecipeRetrieval, load_retrieval
-from editstream.models import LoadedEncoder, LoadedLM
+from editstream.methods.base import QueryPlan
+from editstream.methods.recipe.method import RecipeRetrieval, RetrievingMethod
+from editstream.models import LoadedLM
 
 TEMPLATE = "Fact: {statement}.\n"
 
 
-class TextRAG(EditMethod):
+class TextRAG(RetrievingMethod):
     """Retrieve by the prompt, then show the model the stored fact as plain text."""
 
     name = "text-rag"
+    plan_only = True
 
     def __init__(self, lm: LoadedLM, retrieval: RecipeRetrieval) -> None:
-        super().__init__(lm)
-        self.retrieval = retrieval
+        super().__init__(lm, retrieval)
         self._statements: dict[str, str] = {}
-
-    @classmethod
-    def build(cls, lm: LoadedLM, checkpoint: str | Path | None = None, encoder: LoadedEncoder | None = None) -> TextRAG:
-        return cls(lm, load_retrieval(lm, checkpoint, encoder))
 
     def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
         if not edits:
@@ -46,7 +41,7 @@ class TextRAG(EditMethod):
 
     @contextmanager
     def query_context(self, prompts: Sequence[str]) -> Iterator[QueryPlan]:
-        fired = self.retrieval.retrieve(prompts, self.exact_edits(prompts))
+        fired = self.retrieval.retrieve(prompts, self.exact_edits(prompts), self.meta_of)
         texts = [
             TEMPLATE.format(statement=self._statements[f]) + p if f else p for p, f in zip(prompts, fired, strict=True)
         ]

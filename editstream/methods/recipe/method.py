@@ -10,7 +10,7 @@ through a hook that lives only inside `query_context`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,8 +20,9 @@ from editstream.artifacts import Artifact
 from editstream.edits import EditRequest
 from editstream.errors import ConfigError
 from editstream.methods.base import EditMethod, QueryPlan
-from editstream.methods.recipe.checkpoint import load_checkpoint
+from editstream.methods.recipe.checkpoint import PACKAGED, load_checkpoint
 from editstream.methods.recipe.network import RecipeNet, embed_ids, target_token_ids
+from editstream.methods.recipe.relation import RelationGate, load_gate
 from editstream.models import LoadedEncoder, LoadedLM, load_encoder
 from editstream.prefix import soft_prefix
 from editstream.retrieval import make_index
@@ -32,9 +33,10 @@ log = logging.getLogger(__name__)
 class RecipeRetrieval:
     """Encoder + trained retriever + key index: the part RECIPE shares with the text-RAG baseline."""
 
-    def __init__(self, net: RecipeNet, encoder: LoadedEncoder) -> None:
+    def __init__(self, net: RecipeNet, encoder: LoadedEncoder, gate: RelationGate | None = None) -> None:
         self.net = net
         self.encoder = encoder
+        self.gate = gate
         self.index = make_index(net.config.key_dim, next(net.parameters()).device)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
@@ -44,9 +46,16 @@ class RecipeRetrieval:
         with torch.inference_mode():
             return self.net.retriever.keys(r)
 
-    def retrieve(self, prompts: Sequence[str], exact: Sequence[str | None] | None = None) -> list[str | None]:
+    def retrieve(
+        self,
+        prompts: Sequence[str],
+        exact: Sequence[str | None] | None = None,
+        about: Callable[[str], dict] | None = None,
+    ) -> list[str | None]:
         """The edit whose key beats the sentinel for each prompt, or None; `exact` (an edit stored for
-        exactly that prompt) wins without a search: the sentinel can reject even an identical prompt."""
+        exactly that prompt) wins without a search: the sentinel can reject even an identical prompt.
+        With a relation gate and `about` (an edit's artifact meta: prompt, subject), a searched hit
+        must also ask the edit's relation."""
         exact = list(exact) if exact is not None else [None] * len(prompts)
         if all(exact) or not len(self.index):
             return exact
@@ -55,10 +64,25 @@ class RecipeRetrieval:
             threshold = self.net.retriever.sentinel_score(q).cpu()
         scores, ids = self.index.search(q)
         found = [i if s > t else None for s, t, i in zip(scores.tolist(), threshold.tolist(), ids, strict=True)]
+        rows = [r for r, (e, f) in enumerate(zip(exact, found, strict=True)) if f is not None and e is None]
+        if self.gate is not None and about is not None and rows:
+            metas = [about(found[r]) for r in rows]
+            agree = self.gate.agree(
+                self.encoder,
+                [prompts[r] for r in rows],
+                [m.get("prompt", "") for m in metas],
+                [m.get("subject", "") for m in metas],
+            )
+            for r, ok in zip(rows, agree, strict=True):
+                if not ok:
+                    found[r] = None
         return [e or f for e, f in zip(exact, found, strict=True)]
 
 
-def load_retrieval(lm: LoadedLM, checkpoint: str | Path | None, encoder: LoadedEncoder | None) -> RecipeRetrieval:
+def load_retrieval(
+    lm: LoadedLM, checkpoint: str | Path | None, encoder: LoadedEncoder | None, relation_gate: bool = True
+) -> RecipeRetrieval:
+    """The checkpoint's retriever (and its relation gate, if it has one and `relation_gate`)."""
     net, meta = load_checkpoint(checkpoint)
     d_llm = lm.model.get_input_embeddings().weight.shape[1]
     if meta["d_llm"] != d_llm:
@@ -66,23 +90,38 @@ def load_retrieval(lm: LoadedLM, checkpoint: str | Path | None, encoder: LoadedE
     if meta.get("llm_fingerprint") not in (None, lm.fingerprint):
         log.warning("RECIPE checkpoint was trained on %s, serving %s", meta.get("llm"), lm.name)
     encoder = encoder or load_encoder(net.config.encoder, device=str(lm.device))
-    return RecipeRetrieval(net.to(lm.device), encoder)
+    gate = load_gate(Path(checkpoint) if checkpoint else PACKAGED, lm.device) if relation_gate else None
+    return RecipeRetrieval(net.to(lm.device), encoder, gate)
 
 
-class Recipe(EditMethod):
-    """Lifelong editing by retrieved continuous prompts; the LLM's weights are never touched."""
-
-    name = "recipe"
+class RetrievingMethod(EditMethod):
+    """A method that finds edits with RECIPE's retriever (and relation gate)."""
 
     def __init__(self, lm: LoadedLM, retrieval: RecipeRetrieval) -> None:
         super().__init__(lm)
         self.retrieval = retrieval
-        self.net = retrieval.net
-        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # vectors, target ids
 
     @classmethod
-    def build(cls, lm: LoadedLM, checkpoint: str | Path | None = None, encoder: LoadedEncoder | None = None) -> Recipe:
-        return cls(lm, load_retrieval(lm, checkpoint, encoder))
+    def build(
+        cls,
+        lm: LoadedLM,
+        checkpoint: str | Path | None = None,
+        encoder: LoadedEncoder | None = None,
+        relation_gate: bool = True,
+    ) -> RetrievingMethod:
+        return cls(lm, load_retrieval(lm, checkpoint, encoder, relation_gate))
+
+
+class Recipe(RetrievingMethod):
+    """Lifelong editing by retrieved continuous prompts; the LLM's weights are never touched."""
+
+    name = "recipe"
+    plan_only = True
+
+    def __init__(self, lm: LoadedLM, retrieval: RecipeRetrieval) -> None:
+        super().__init__(lm, retrieval)
+        self.net = retrieval.net
+        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # vectors, target ids
 
     def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
         if not edits:
@@ -124,7 +163,7 @@ class Recipe(EditMethod):
 
     @contextmanager
     def query_context(self, prompts: Sequence[str]) -> Iterator[QueryPlan]:
-        fired = self.retrieval.retrieve(prompts, self.exact_edits(prompts))
+        fired = self.retrieval.retrieve(prompts, self.exact_edits(prompts), self.meta_of)
         plan = QueryPlan(list(prompts), fired)
         rows = [i for i, f in enumerate(fired) if f is not None]
         if not rows:
@@ -146,4 +185,5 @@ class Recipe(EditMethod):
         prefix, prefix_mask = prefix[:, used], prefix_mask[:, used]  # mask keeps attention on its fast path
         with soft_prefix(self.lm.model, prefix, prefix_mask) as prefix_rows:
             plan.select_rows = prefix_rows.select
+            plan.set_offsets = lambda offsets: setattr(prefix_rows, "offsets", offsets)
             yield plan

@@ -46,6 +46,7 @@ class Scen(EditMethod):
     """Per-fact experts on one FFN, each behind an indexing neuron."""
 
     name = "scen"
+    plan_only = True
     editor_batch = 1  # about a second per fact: parallel editors take one fact at a time
 
     def __init__(self, lm: LoadedLM, config: ScenConfig) -> None:
