@@ -101,7 +101,7 @@ def trained_checkpoint() -> Path:
 
 @pytest.fixture
 def redis_server(tmp_path):
-    from services.redis_server import RedisServer
+    from services.transport.redis_server import RedisServer
 
     server = RedisServer(directory=tmp_path / "redis").start()
     yield server

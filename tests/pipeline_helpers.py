@@ -12,8 +12,8 @@ import redis
 
 from editstream.edits import EditRequest
 from editstream.events import event_fields
-from services.store import RedisStore
-from services.system import System
+from services.transport.store import RedisStore
+from services.wiring.system import System
 
 
 def feed_in_thread(store: RedisStore, facts: list[EditRequest], rate: float = 0.0) -> threading.Thread:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from editstream.hostile import HOSTILE
-from services.bench_chaos import run_chaos
+from services.bench.chaos import run_chaos
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray]
 

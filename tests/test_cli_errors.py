@@ -7,8 +7,8 @@ import json
 import pytest
 
 from services.cli import main
-from services.redis_server import RedisServer, free_port
-from services.store import RedisStore, connect
+from services.transport.redis_server import RedisServer, free_port
+from services.transport.store import RedisStore, connect
 
 pytestmark = pytest.mark.redis
 

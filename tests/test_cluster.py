@@ -17,10 +17,10 @@ import pytest
 import ray
 
 from editstream.demo_facts import demo_facts
-from services.cluster import LocalCluster, NodeSpec, load_spec
-from services.placement import Resources, actor_options
-from services.redis_server import free_port
-from services.store import RedisStore, connect
+from services.transport.redis_server import free_port
+from services.transport.store import RedisStore, connect
+from services.wiring.cluster import LocalCluster, NodeSpec, load_spec
+from services.wiring.placement import Resources, actor_options
 from tests.pipeline_helpers import assert_exactly_once, feed_in_thread, wait_journal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_three_node_cluster_survives_losing_a_worker_node(redis_server, tmp_path
 
 @pytest.mark.redis
 def test_scale_needs_a_running_serve_and_records_the_wanted_counts(redis_server):
-    from services.commands import scale
+    from services.cli.commands import scale
 
     store = RedisStore(connect(redis_server.url), "sc")
     assert scale(redis_server.url, "sc", {"replica": 3}, wait_s=0) == 2  # nobody would act on it

@@ -10,9 +10,9 @@ from editstream.arrowlog import read_log
 from editstream.demo_facts import demo_facts
 from editstream.events import event_fields
 from editstream.monitoring import AlarmThresholds, alarms, retention_by_age
-from services.monitor import render
-from services.store import RedisStore, connect
-from services.system import System, SystemConfig
+from services.cli.monitor import render
+from services.transport.store import RedisStore, connect
+from services.wiring.system import System, SystemConfig
 from tests.pipeline_helpers import wait_converged
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray, pytest.mark.slow]  # about 3 min on an idle 2-core machine

@@ -9,9 +9,9 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from services.gateway import cut_at_stop, fields_of
-from services.redis_server import free_port
-from services.system import System, SystemConfig
+from services.http.gateway import cut_at_stop, fields_of
+from services.transport.redis_server import free_port
+from services.wiring.system import System, SystemConfig
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray]
 
@@ -33,7 +33,7 @@ def test_fields_of_and_stop_sequences():
 
 def test_http_beyond_loopback_needs_a_token():
     from editstream.errors import ConfigError
-    from services.gateway import start_http
+    from services.http.gateway import start_http
 
     with pytest.raises(ConfigError, match="without a bearer token"):
         start_http("redis://127.0.0.1:1/0", "ns", "m", host="0.0.0.0", port=free_port())
@@ -55,7 +55,7 @@ def wait_ready(client: httpx.Client, count: int, timeout_s: float = 180) -> dict
 def test_openai_client_sees_a_fact_posted_over_http(ray_local, redis_server, tmp_path, trained_checkpoint):
     from ray import serve
 
-    from services.gateway import start_http
+    from services.http.gateway import start_http
 
     ns = "gw"
     system = System(

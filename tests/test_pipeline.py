@@ -10,8 +10,8 @@ import pytest
 from editstream.arrowlog import read_log
 from editstream.demo_facts import demo_facts
 from editstream.hostile import HOSTILE as BAD
-from services.store import RedisStore, connect
-from services.system import System, SystemConfig
+from services.transport.store import RedisStore, connect
+from services.wiring.system import System, SystemConfig
 from tests.pipeline_helpers import assert_exactly_once, feed_in_thread, kill9, wait_converged, wait_journal
 
 pytestmark = [pytest.mark.redis, pytest.mark.ray]
@@ -67,7 +67,7 @@ def test_bad_events_go_to_the_dlq_while_good_facts_apply(ray_local, redis_server
         assert len(reasons) == len(bad) + len(extra_bad)
         for (_, expected), reason in zip(bad + extra_bad, reasons, strict=True):
             assert __import__("re").search(expected, reason), (expected, reason)
-        assert system.call("ingest", "stats")["duplicate"] == 1
+        assert system.stats("ingest")["duplicate"] == 1
         assert system.wait_for_evaluation(rounds=2, timeout_s=300)
         evals = read_log(tmp_path / "run", "eval")
         assert evals.num_rows > 0 and set(evals.column("kind").to_pylist()) >= {"reliability", "locality"}

@@ -14,11 +14,11 @@ from editstream.demo_facts import demo_facts
 from editstream.errors import NotReadyError
 from editstream.events import edit_to_payload
 from editstream.models import EMBEDDED_LLM
-from services.editor import Editor
-from services.ingest import Ingestor, content_hash
-from services.redis_server import RedisServer, free_port
-from services.replica import ReplicaService
-from services.store import RedisStore, connect
+from services.transport.redis_server import RedisServer, free_port
+from services.transport.store import RedisStore, connect
+from services.workers.editor import Editor
+from services.workers.ingest import Ingestor, content_hash
+from services.workers.replica_host import ReplicaService
 
 pytestmark = pytest.mark.redis
 

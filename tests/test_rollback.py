@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from editstream.edits import EditRequest
-from services.commands import rollback, rollback_plan
+from services.cli.commands import rollback, rollback_plan
 from tests.pipeline_helpers import wait_converged
 from tests.test_pipeline import start
 from tests.test_rome import FACTS, SAMPLES

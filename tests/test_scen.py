@@ -12,9 +12,9 @@ from editstream.methods import create_method
 from editstream.metrics import token_accuracy
 from editstream.models import EMBEDDED_LLM
 from editstream.replica import Replica
-from services.editor import Editor
-from services.ingest import content_hash
-from services.store import RedisStore, connect
+from services.transport.store import RedisStore, connect
+from services.workers.editor import Editor
+from services.workers.ingest import content_hash
 
 FACT = EditRequest("The Eiffel Tower is located in the city of", "Rome", edit_id="eiffel", subject="The Eiffel Tower")
 UNRELATED = ("Bees make", "honey")

@@ -2,9 +2,9 @@
 
 import pytest
 
-from services.ingest import Ingestor
-from services.redis_server import RedisServer
-from services.store import RedisStore, connect
+from services.transport.redis_server import RedisServer
+from services.transport.store import RedisStore, connect
+from services.workers.ingest import Ingestor
 
 pytestmark = pytest.mark.redis
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.store import GroupReader, RedisStore, connect
+from services.transport.store import GroupReader, RedisStore, connect
 
 pytestmark = pytest.mark.redis
 
@@ -31,7 +31,7 @@ def test_artifacts_are_write_once_per_journal_entry(redis_server):
 
 
 def test_a_retracted_edit_can_come_back_and_be_retracted_again(redis_server):
-    from services.ingest import Ingestor
+    from services.workers.ingest import Ingestor
 
     ingest = Ingestor(redis_server.url, namespace="resend")
     fact = {b"edit_id": b"sky", b"prompt": b"The sky is", b"target": b"green"}
@@ -52,8 +52,8 @@ def test_a_retracted_edit_can_come_back_and_be_retracted_again(redis_server):
 
 
 def test_rollback_plan_follows_the_journal_in_order(redis_server):
-    from services.commands import rollback_plan
-    from services.ingest import Ingestor
+    from services.cli.commands import rollback_plan
+    from services.workers.ingest import Ingestor
 
     ingest = Ingestor(redis_server.url, namespace="plan")
     facts = {i: {b"edit_id": i.encode(), b"prompt": f"Prompt {i} is".encode(), b"target": b"x"} for i in "abcd"}

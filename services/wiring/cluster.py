@@ -1,7 +1,7 @@
 """A local multi-node Ray cluster on one machine: a head and worker nodes, each its own `ray start`.
 
 For development and tests: every node is a real raylet with its own resources (CPUs, GPUs, and the
-`editstream_*` slot resources of `services/placement.py`), started with `ray start --block` in a
+`editstream_*` slot resources of `services/wiring/placement.py`), started with `ray start --block` in a
 process of its own, so one node can be lost on purpose (`stop_node`: SIGKILL to its raylet and
 everything under it, as when a machine dies) while the others run on. Ray's token authentication
 is on with a fresh token per cluster; a driver joins with `client_env` in its environment.
@@ -31,7 +31,7 @@ import psutil
 import yaml
 
 from editstream.errors import ConfigError
-from services.redis_server import free_port
+from services.transport.redis_server import free_port
 
 log = logging.getLogger(__name__)
 

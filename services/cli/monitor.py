@@ -7,7 +7,7 @@ from pathlib import Path
 
 from editstream.arrowlog import read_log
 from editstream.monitoring import AlarmThresholds, alarms, by_version, recent, retention_by_age, throughput
-from services.store import RedisStore, status
+from services.transport.store import RedisStore, status
 
 
 def render(store: RedisStore | None, run_dir: Path, thresholds: AlarmThresholds) -> str:

@@ -37,10 +37,11 @@ from editstream.arrowlog import read_log
 from editstream.demo_facts import demo_facts
 from editstream.events import event_fields
 from editstream.hostile import HOSTILE
-from services.demo import method_options
-from services.redis_server import RedisServer
-from services.store import RedisStore, connect
-from services.system import System, SystemConfig
+from services.transport.redis_server import RedisServer
+from services.transport.store import RedisStore, connect
+from services.wiring.clients import ReplicaClient
+from services.wiring.demo import method_options
+from services.wiring.system import System, SystemConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def _recovered(system: System, store: RedisStore, name: str, killed_at: float, t
         try:
             if name.startswith("replica"):
                 head = head or store.last_seq()
-                state = ray.get(system.handle(name).call.remote("state"), timeout=5)
+                state = ray.get(ReplicaClient(system.handle(name)).state(), timeout=5)
                 if state["version"] >= head and state["ready"]:
                     return round(time.time() - killed_at, 2)
             else:

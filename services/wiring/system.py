@@ -22,17 +22,18 @@ import ray
 
 from editstream.errors import ConfigError
 from editstream.methods import method_class
-from services.loop import Loop
-from services.placement import Resources, actor_options
-from services.store import RedisStore, connect
+from services.transport.store import RedisStore, connect
+from services.wiring.clients import EvaluatorClient, ReplicaClient, StatsClient
+from services.wiring.placement import Resources, actor_options
+from services.workers.loop import Loop
 
 log = logging.getLogger(__name__)
 
 SERVICES = {
-    "ingest": "services.ingest:Ingestor",
-    "editor": "services.editor:Editor",
-    "replica": "services.replica:ReplicaService",
-    "evaluator": "services.evaluator:Evaluator",
+    "ingest": "services.workers.ingest:Ingestor",
+    "editor": "services.workers.editor:Editor",
+    "replica": "services.workers.replica_host:ReplicaService",
+    "evaluator": "services.workers.evaluator:Evaluator",
 }
 
 
@@ -228,7 +229,7 @@ class System:
     def _update_evaluators(self) -> None:
         handles = self.replica_handles()
         for name in self.names("evaluator"):
-            self.handle(name).call.remote("set_replicas", handles)
+            EvaluatorClient(self.handle(name)).set_replicas(handles)
 
     # --- health and state ----------------------------------------------------------------------
     def supervise(self, timeout_s: float = 5.0) -> list[str]:
@@ -247,7 +248,7 @@ class System:
         return replaced
 
     def replica_states(self) -> list[dict]:
-        return ray.get([h.call.remote("state") for h in self.replica_handles()])
+        return ray.get([ReplicaClient(h).state() for h in self.replica_handles()])
 
     def wait_for_version(self, version: int, timeout_s: float = 300.0) -> bool:
         deadline = time.time() + timeout_s
@@ -263,7 +264,7 @@ class System:
         names = self.names("evaluator")
         deadline = time.time() + timeout_s
         while time.time() < deadline:
-            stats = [self.call(n, "stats") for n in names]
+            stats = ray.get([EvaluatorClient(self.handle(n)).stats() for n in names])
             if all(s["rounds"] >= rounds and s["version"] >= min_version for s in stats):
                 return True
             time.sleep(0.2)
@@ -279,10 +280,11 @@ class System:
         until_cut: bool = False,
     ) -> list[dict]:
         handle = self.replica_handles()[replica]
-        return ray.get(handle.call.remote("ask", prompts, max_new_tokens, min_version, 30.0, chat, until_cut))
+        return ray.get(ReplicaClient(handle).ask(prompts, max_new_tokens, min_version, chat=chat, until_cut=until_cut))
 
-    def call(self, name: str, method: str, *args: Any) -> Any:
-        return ray.get(self.handle(name).call.remote(method, *args))
+    def stats(self, name: str) -> dict:
+        """The counters of the ingest, editor or evaluator actor `name`."""
+        return ray.get(StatsClient(self.handle(name)).stats())
 
     def stop(self) -> None:
         ray.get([a.stop.remote() for *_, a in self.actors.values()])

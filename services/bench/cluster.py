@@ -19,10 +19,11 @@ from typing import Any
 import ray
 
 from editstream.demo_facts import demo_facts
-from services.bench_pipeline import _summary
-from services.demo import feed
-from services.store import RedisStore
-from services.system import System
+from services.bench.pipeline import _summary
+from services.transport.store import RedisStore
+from services.wiring.clients import ReplicaClient
+from services.wiring.demo import feed
+from services.wiring.system import System
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _load(handles: list[Any], clients: int, seconds: float) -> tuple[list[float]
         k = i
         while time.perf_counter() < deadline:
             t = time.perf_counter()
-            ray.get(handles[k % len(handles)].call.remote("ask", [PROMPTS[k % len(PROMPTS)]], 8))
+            ray.get(ReplicaClient(handles[k % len(handles)]).ask([PROMPTS[k % len(PROMPTS)]], 8))
             with lock:
                 latencies.append(time.perf_counter() - t)
             k += 1

@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 from editstream.arrowlog import read_log
 from editstream.edits import EditRequest
 from editstream.monitoring import AlarmThresholds, alarms
-from services.demo import feed
-from services.system import System, SystemConfig
+from services.wiring.demo import feed
+from services.wiring.system import System, SystemConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run_study(
             time.sleep(30)
             log.info("progress: %s", {m: s.replica_states()[0]["version"] for m, s in systems.items()})
         for s in systems.values():
-            s.wait_for_evaluation(rounds=s.call("evaluator-0", "stats")["rounds"] + 1, timeout_s=120)
+            s.wait_for_evaluation(rounds=s.stats("evaluator-0")["rounds"] + 1, timeout_s=120)
     finally:
         for m, s in systems.items():
             done.setdefault(m, {"applied": s.replica_states()[0]["version"], "seconds": None, "timed_out": True})

@@ -22,9 +22,9 @@ from editstream.errors import NotReadyError, OrderError
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
 from editstream.replica import Replica
-from services.cluster import node_name
-from services.metrics import Metrics
-from services.store import RedisStore, connect
+from services.transport.store import RedisStore, connect
+from services.wiring.cluster import node_name
+from services.workers.prometheus import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,9 @@ from ray import serve
 
 from editstream.errors import ConfigError, InvalidEditError
 from editstream.events import Retract, parse_event
-from services.placement import SLOTS
-from services.store import RedisStore, connect, status
+from services.transport.store import RedisStore, connect, status
+from services.wiring.clients import ReplicaClient
+from services.wiring.placement import SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Gateway:
         for i in range(len(names)):  # a replica that died since its last heartbeat: try the next one
             name = names[(start + i) % len(names)]
             try:
-                return await self._handle(name).call.remote("ask", prompts, max_tokens, min_version)
+                return await ReplicaClient(self._handle(name)).ask(prompts, max_tokens, min_version)
             except (ValueError, ray.exceptions.RayActorError) as e:
                 self._handles.pop(name, None)
                 last_error = e

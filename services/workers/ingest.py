@@ -16,8 +16,8 @@ import redis
 
 from editstream.errors import InvalidEditError
 from editstream.events import Retract, edit_to_payload, parse_event
-from services.metrics import Metrics
-from services.store import GroupReader, RedisStore, connect
+from services.transport.store import GroupReader, RedisStore, connect
+from services.workers.prometheus import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def content_hash(payload: dict) -> str:
 
 
 class Ingestor:
-    """The ingest loop as a plain class; `services.system` wraps it in a Ray actor."""
+    """The ingest loop as a plain class; `services.wiring.system` wraps it in a Ray actor."""
 
     def __init__(
         self,

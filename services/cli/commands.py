@@ -21,9 +21,10 @@ from editstream.data import load_edits, read_records
 from editstream.edits import EditRequest
 from editstream.errors import InvalidEditError
 from editstream.events import event_fields, parse_event
-from services.demo import feed
-from services.store import RedisStore, connect, status
-from services.system import System, SystemConfig
+from services.transport.store import RedisStore, connect, status
+from services.wiring.clients import ReplicaClient
+from services.wiring.demo import feed
+from services.wiring.system import System, SystemConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     url = ""
     if http is not None:
-        from services.gateway import start_http
+        from services.http.gateway import start_http
 
         url = start_http(
             config.redis_url, config.namespace, config.model, http.host, http.port, http.token, http.write_token
@@ -222,7 +223,7 @@ def ask(namespace: str, prompt: str, replica: str, min_version: int, max_new_tok
     except ValueError:
         print(f"no replica {replica!r} in namespace {namespace!r}: is `editstream serve` running?", file=sys.stderr)
         return 2
-    (answer,) = ray.get(handle.call.remote("ask", [prompt], max_new_tokens, min_version))
+    (answer,) = ray.get(ReplicaClient(handle).ask([prompt], max_new_tokens, min_version))
     print(json.dumps(answer, indent=2))
     return 0
 

@@ -25,9 +25,10 @@ from typing import Any
 import ray
 
 from editstream.demo_facts import demo_facts
-from services.demo import edit_log, feed, method_options, percentile
-from services.store import RedisStore, connect
-from services.system import System, SystemConfig
+from services.transport.store import RedisStore, connect
+from services.wiring.clients import EvaluatorClient, ReplicaClient
+from services.wiring.demo import edit_log, feed, method_options, percentile
+from services.wiring.system import System, SystemConfig
 
 
 def _system(
@@ -105,7 +106,7 @@ def sustained_run(
         elapsed = time.time() - started
         done.set()
         reached["applied_all"] = round(elapsed, 2)
-        editor = ray.get(system.handle("editor-0").call.remote("stats"))
+        editor = system.stats("editor-0")
         states = system.replica_states()
         journal_ids = {e.payload["edit_id"] for e in store.journal_after(0, count=10**7)}
         lost = len({f.edit_id for f in facts} - journal_ids)
@@ -133,7 +134,7 @@ def _timer(handle) -> Any:
 
     def one(p: str) -> float:
         t = time.perf_counter()
-        ray.get(handle.call.remote("ask", [p], 8))
+        ray.get(ReplicaClient(handle).ask([p], 8))
         return time.perf_counter() - t
 
     return one
@@ -160,20 +161,20 @@ def evaluator_run(
         system.wait_for_version(n, timeout_s=600)
         probed, spared = system.replica_handles()
         evaluator = system.handle("evaluator-0")
-        ray.get(evaluator.call.remote("set_replicas", [probed]))
+        ray.get(EvaluatorClient(evaluator).set_replicas([probed]))
         timers = {"on": _timer(probed), "off": _timer(spared)}
         prompts = [f.prompt for f in demo_facts(20)]
         for one in timers.values():
             one(prompts[0])
         samples: dict[str, list[float]] = {"on": [], "off": []}
-        rounds_before = ray.get(evaluator.call.remote("stats"))["rounds"]
+        rounds_before = ray.get(EvaluatorClient(evaluator).stats())["rounds"]
         end = time.time() + seconds
         i = 0
         while time.time() < end:
             for side, one in timers.items():
                 samples[side].append(one(prompts[i % len(prompts)]))
             i += 1
-        rounds = ray.get(evaluator.call.remote("stats"))["rounds"] - rounds_before
+        rounds = ray.get(EvaluatorClient(evaluator).stats())["rounds"] - rounds_before
         s_on, s_off = _summary(samples["on"]), _summary(samples["off"])
         return {
             "edits": n,

@@ -27,9 +27,9 @@ from editstream.arrowlog import read_log
 from editstream.demo_facts import demo_facts
 from editstream.edits import EditRequest
 from editstream.events import event_fields
-from services.redis_server import RedisServer, reachable
-from services.store import RedisStore, connect
-from services.system import System, SystemConfig
+from services.transport.redis_server import RedisServer, reachable
+from services.transport.store import RedisStore, connect
+from services.wiring.system import System, SystemConfig
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,9 @@ from editstream import wild
 from editstream.arrowlog import EVAL_SCHEMA, ArrowLog
 from editstream.data import DEFAULT_DATA_DIR, read_records
 from editstream.probes import LOCALITY_POOL
-from services.metrics import Metrics
-from services.store import RedisStore, connect
+from services.transport.store import RedisStore, connect
+from services.wiring.clients import ReplicaClient
+from services.workers.prometheus import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Evaluator:
         started = time.time()
         idx = self.rounds % len(self.replicas)
         replica = self.replicas[idx]
-        state = ray.get(replica.call.remote("state"))
+        state = ray.get(ReplicaClient(replica).state())
         newest = self.store.last_entry_ms()  # None: nothing edited yet, nothing to evaluate
         streaming = newest is None or time.time() * 1000 - newest < self.quiet_ms
         if state["version"] < self.store.last_seq() or streaming:  # applying edits goes first
@@ -118,7 +119,7 @@ class Evaluator:
             return 0
         entries = self._sample_edits(state["version"])
         if entries:  # retracted and superseded edits are meant to be gone: probing them would cry forgetting
-            live = ray.get(replica.call.remote("active", [e.payload["edit_id"] for e in entries]))
+            live = ray.get(ReplicaClient(replica).active([e.payload["edit_id"] for e in entries]))
             entries = [e for e, keep in zip(entries, live, strict=True) if keep]
         contexts, answers, meta = [], [], []
         for e in entries:
@@ -184,7 +185,7 @@ class Evaluator:
         """Perplexity on the general passages, in calls of `call_size` passages (short lock holds)."""
         total, count, version = 0.0, 0, 0
         for i in range(0, len(self.general), self.call_size):
-            res = ray.get(replica.call.remote("nll", self.general[i : i + self.call_size]))
+            res = ray.get(ReplicaClient(replica).nll(self.general[i : i + self.call_size]))
             total, count, version = total + res["nll"], count + res["tokens"], res["version"]
         return version, math.exp(total / max(count, 1))
 
@@ -196,7 +197,7 @@ class Evaluator:
             if out and out[-1]["version"] < self.store.last_seq():
                 raise _Yield  # new journal entries arrived: applying them must not wait behind probes
             chunk = prompts[i : i + self.ask_size]
-            out += ray.get(replica.call.remote("ask", chunk, self.wild_tokens, 0, 30.0, False, True, edited))
+            out += ray.get(ReplicaClient(replica).ask(chunk, self.wild_tokens, until_cut=True, edited=edited))
         return out
 
     def flush(self) -> None:

@@ -19,7 +19,7 @@ from editstream.edits import EditRequest
 from editstream.events import edit_from_payload
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
-from services.store import GroupReader, RedisStore, connect
+from services.transport.store import GroupReader, RedisStore, connect
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""System benchmarks of the running pipeline: latency and ingest, clusters, the forgetting study, chaos."""

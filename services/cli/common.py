@@ -1,0 +1,32 @@
+"""Arguments and option parsing that several command groups share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from editstream.models import EMBEDDED_LLM
+
+log = logging.getLogger("editstream")
+
+
+def parse_options(items: list[str]) -> dict:
+    """KEY=VALUE method options; VALUE is read as JSON when it parses (numbers, true), else a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option {item!r}: expected KEY=VALUE, e.g. expert=full")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def method_args(p: argparse.ArgumentParser) -> None:
+    """--method, --model, --checkpoint: the same three for every command that runs the system."""
+    p.add_argument("--method", default="recipe", help="editing method (default recipe)")
+    p.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
+    p.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")

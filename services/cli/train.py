@@ -1,0 +1,139 @@
+"""Training commands: `editstream train recipe` and `editstream train relation-gate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from editstream.models import EMBEDDED_ENCODER, EMBEDDED_LLM
+
+log = logging.getLogger("editstream")
+
+
+def _train(args: argparse.Namespace) -> int:
+    return _train_gate(args) if args.method == "relation-gate" else _train_recipe(args)
+
+
+def _train_gate(args: argparse.Namespace) -> int:
+    from editstream.data import load_edits
+    from editstream.methods.recipe.relation import train_gate
+    from editstream.models import load_encoder
+
+    encoder = load_encoder(args.encoder, device=args.device)
+    edits = [e for name in args.data for e in load_edits(name)]
+    gate = train_gate(encoder, edits, steps=args.gate_steps, seed=args.seed)
+    gate.info["data"] = list(args.data)
+    gate.info["encoder"] = args.encoder
+    gate.save(Path(args.out))
+    print(json.dumps({"threshold": gate.threshold, **gate.info}, indent=2))
+    return 0
+
+
+def _train_recipe(args: argparse.Namespace) -> int:
+    from editstream.config import config_from_dict
+    from editstream.data import load_edits
+    from editstream.methods.recipe.config import RecipeConfig, TrainConfig
+    from editstream.methods.recipe.train import Trainer
+    from editstream.models import load_causal_lm, load_encoder
+
+    lm = load_causal_lm(args.model, device=args.device)
+    encoder = load_encoder(args.encoder, device=args.device)
+    edits = [e for name in args.data for e in load_edits(name)]
+    config = config_from_dict(
+        RecipeConfig,
+        {
+            "encoder": args.encoder,
+            "generator_input": args.generator_input,
+            "prompt_len": args.prompt_len,
+            "target_mode": args.target_mode,
+            "target_slots": args.target_slots,
+            "end_slots": args.end_slots,
+        },
+    )
+    schedule = config_from_dict(
+        TrainConfig,
+        {
+            "retriever_steps": args.retriever_steps,
+            "retriever_lr": args.retriever_lr,
+            "generator_steps": args.steps,
+            "generator_batch": args.batch,
+            "generator_lr": args.lr,
+            "locality_weight": args.locality_weight,
+            "continuation_weight": args.continuation_weight,
+            "continuation_tokens": args.continuation_tokens,
+            "end_text": args.end_text,
+            "subject_negatives": args.subject_negatives,
+            "validate_every": args.validate_every,
+            "seed": args.seed,
+        },
+    )
+    init_from = Path(args.init_from) if args.init_from else None
+    state = Trainer(lm, encoder, edits, Path(args.out), config, schedule, init_from).run()
+    print(json.dumps(state["history"][-1] if state["history"] else {}, indent=2))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a method's networks (RECIPE) on the train splits")
+    p.add_argument(
+        "method",
+        choices=["recipe", "relation-gate"],
+        help="recipe: retriever and prompt generator; relation-gate: RECIPE's subject-blind second key "
+        "(writes relation-gate.* into --out, beside a checkpoint)",
+    )
+    p.add_argument("--out", required=True, help="directory for checkpoints (resumes if it holds one)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=["counterfact-train", "zsre-train"],
+        help="training files or aliases (never an edit.json split)",
+    )
+    p.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
+    p.add_argument("--encoder", default=EMBEDDED_ENCODER, help="sentence encoder: embedded name, HF id or path")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA if available)")
+    p.add_argument(
+        "--generator-input",
+        default="prompt+target",
+        choices=["prompt+target", "statement"],
+        help="'statement': the paper's generator input; 'prompt+target': our variant",
+    )
+    p.add_argument("--prompt-len", type=int, default=3, help="generated prompt vectors per edit")
+    p.add_argument(
+        "--target-mode",
+        default="appended",
+        choices=["appended", "inside"],
+        help="variant only: target tokens as extra slots (appended) or added onto generated slots",
+    )
+    p.add_argument("--target-slots", type=int, default=12, help="variant only: target tokens the prompt carries")
+    p.add_argument("--steps", type=int, default=600, help="generator training steps")
+    p.add_argument("--retriever-steps", type=int, default=3000, help="retriever training steps")
+    p.add_argument("--batch", type=int, default=16, help="generator batch size (facts per step)")
+    p.add_argument("--lr", type=float, default=1e-3, help="generator learning rate")
+    p.add_argument("--locality-weight", type=float, default=0.0, help="weight of the locality KL term")
+    p.add_argument(
+        "--continuation-weight",
+        type=float,
+        default=1.0,
+        help="weight of the KL, after the target, to the unedited model reading 'prompt target' (0: off)",
+    )
+    p.add_argument("--continuation-tokens", type=int, default=12, help="teacher continuation length (tokens)")
+    p.add_argument("--end-slots", type=int, default=2, help="learned prefix slots after the target (0: none)")
+    p.add_argument("--end-text", default=".\n", help="text whose token embeddings start the end slots")
+    p.add_argument(
+        "--subject-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="retriever negatives: the edit's subject in other relations' prompts, its prompt with other subjects",
+    )
+    p.add_argument("--retriever-lr", type=float, default=2e-3, help="retriever learning rate")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="warm start from this checkpoint directory (weights whose shapes agree), e.g. the packaged one",
+    )
+    p.add_argument("--validate-every", type=int, default=100, help="steps between validations/exports")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gate-steps", type=int, default=3000, help="relation-gate: training steps")
+    p.set_defaults(func=_train)

@@ -1,0 +1,1 @@
+"""The HTTP gateway: a Ray Serve application in front of the replicas."""

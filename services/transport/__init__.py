@@ -1,0 +1,1 @@
+"""Redis transport: the streams, journal and artifact store every service shares, and a private redis-server."""

@@ -1,0 +1,1 @@
+"""The services' plain classes (ingest, editor, replica host, evaluator) that Ray actors wrap, and their loop."""
