@@ -3,10 +3,12 @@ prefix hook in effect (RECIPE) and without; the cut stops a row at its first '.'
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from editstream import wild
 from editstream.demo_facts import demo_facts
+from editstream.errors import ConfigError
 from editstream.generation import greedy
 from editstream.methods import create_method
 from editstream.prefix import soft_prefix
@@ -53,3 +55,9 @@ def test_a_prefix_placed_after_a_head_reads_as_if_typed_there(tiny_lm):
                 out.append(int(tiny_lm.model(inputs_embeds=x).logits[0, -1].argmax()))
                 ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
         assert batched.texts[row] == tiny_lm.tokenizer.decode(out), row
+
+
+def test_an_unknown_edit_scope_is_refused_by_name(tiny_lm):
+    replica = Replica(create_method("none", tiny_lm))
+    with pytest.raises(ConfigError, match="'sentence'"):
+        replica.generate(["Bees make"], 4, scope="sentence")
