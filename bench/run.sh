@@ -17,18 +17,20 @@ if [[ $what == all || $what == quality ]]; then
   done
 fi
 if [[ $what == all || $what == wild ]]; then
-  # WILD (free generation, as a user reads it) beside teacher-forced, the shipped RECIPE checkpoint.
-  # Committed so far: CounterFact T = 1000 (about 50 min here: every probe is a 50-token greedy
-  # generation), ZsRE and QAEdit T = 200 on their first 200 edits. Still to run: ZsRE T = 1000,
-  # QAEdit T = 500, and the comparison rows (text-RAG, unedited, the previous checkpoint
-  # checkpoints/recipe-v1 made as the README says).
+  # WILD (free generation, as a user reads it) beside teacher-forced, the shipped RECIPE checkpoint,
+  # served as users get it (edit scope "answer", relation gate on). CounterFact T = 1000 takes about
+  # 50 min here (every probe is a 50-token greedy generation); QAEdit T = 500 about 25 min. Then the
+  # mechanisms switched off one at a time on 200 CounterFact edits: the edit held for the whole text,
+  # and no relation gate.
   $es bench quality --method recipe --data counterfact --T 1000 --limit 1000 --seed 0 --out bench/results/wild
-  for data in zsre qaedit; do
-    $es bench quality --method recipe --data $data --T 200 --limit 200 --seed 0 --out bench/results/wild
-  done
+  $es bench quality --method recipe --data qaedit --T 500 --limit 500 --seed 0 --out bench/results/wild
+  $es bench quality --method recipe --data zsre --T 200 --limit 200 --seed 0 --out bench/results/wild
+  $es bench quality --method recipe --data counterfact --T 200 --limit 200 --seed 0 --out bench/results/wild \
+    --edit-scope text --tag scope-text
+  $es bench quality --method recipe --data counterfact --T 200 --limit 200 --seed 0 --out bench/results/wild \
+    --option relation_gate=false --tag no-gate
   if [[ ${WILD_FULL:-0} == 1 ]]; then
     $es bench quality --method recipe --data zsre --T 1000 --limit 1000 --seed 0 --out bench/results/wild
-    $es bench quality --method recipe --data qaedit --T 500 --limit 500 --seed 0 --out bench/results/wild
     for data in counterfact zsre qaedit; do
       $es bench quality --method text-rag,none --data $data --T 200 --limit 200 --seed 0 --out bench/results/wild
       $es bench quality --method recipe --checkpoint checkpoints/recipe-v1 --tag v1 --data $data --T 200 \
