@@ -36,14 +36,19 @@ def cell(row: dict, key) -> str:
 
 
 def main(directory: str = "bench/results/wild") -> None:
-    print("| data | method | T | n | " + " | ".join(name for name, _ in COLUMNS) + " | JSON |")
-    print("|---" * (len(COLUMNS) + 5) + "|")
+    names = " | ".join(name for name, _ in COLUMNS)
+    print(f"| data | method | T | n | edit scope / gate | {names} | commit | JSON |")
+    print("|---" * (len(COLUMNS) + 7) + "|")
     for path in sorted(Path(directory).glob("quality-*.json")):
         doc = json.loads(path.read_text())
         name = doc["method"] + (f" ({doc['tag']})" if doc.get("tag") else "")
+        serving = f"{doc.get('edit_scope', 'text')} / {'on' if doc.get('relation_gate') else 'off'}"
         for row in doc["rows"]:
             cells = " | ".join(cell(row, key) for _, key in COLUMNS)
-            print(f"| {doc['data']} | {name} | {row['T']} | {row['n']} | {cells} | `{path.name}` |")
+            print(
+                f"| {doc['data']} | {name} | {row['T']} | {row['n']} | {serving} | {cells} | "
+                f"{doc.get('commit', '?')[:7]} | `{path.name}` |"
+            )
 
 
 if __name__ == "__main__":
