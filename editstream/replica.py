@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,7 @@ class Replica:
         chat: bool = False,
         until_cut: bool = False,
         scope: str | None = None,
+        state_lock: AbstractContextManager | None = None,
     ) -> list[Answer]:
         """Greedy continuation of each prompt (batched, KV-cached), with the edits in effect.
 
@@ -150,15 +152,19 @@ class Replica:
         WILD cut), for probes that only need the cut answer. scope (default: the method's
         `edit_scope`): "answer" lets a plan-only method's fired edit go once the row has said the
         edit's target or reached the cut, whichever comes first, and the base model continues from
-        the prompt and what the edit made it say; "text" keeps the edit to the end.
+        the prompt and what the edit made it say; "text" keeps the edit to the end. state_lock:
+        held while the edit state is read (plan building), released while decoding, so a caller
+        may apply edits meanwhile when the method's `decode_reads_state` is False.
         """
         scope = scope or self.method.edit_scope
         if scope not in SCOPES:
             raise ConfigError(f"edit scope {scope!r}: expected one of {SCOPES}")
         stops = self.stop_token_ids() if until_cut else None
         if not edited or scope == "text" or not self.method.plan_only:
-            return self._generate(prompts, max_new_tokens, edited, chat, stops)[0]
-        answers, first = self._generate(prompts, max_new_tokens, True, chat, self.stop_token_ids(), release=True)
+            return self._generate(prompts, max_new_tokens, edited, chat, stops, state_lock=state_lock)[0]
+        answers, first = self._generate(
+            prompts, max_new_tokens, True, chat, self.stop_token_ids(), release=True, state_lock=state_lock
+        )
         go_on = [
             i
             for i, a in enumerate(answers)
@@ -181,8 +187,9 @@ class Replica:
         return answers
 
     def _template_heads(self, templated: Sequence[str], inner: Sequence[str]) -> torch.Tensor:
-        """Per row, the tokens of the templated text before the inner text."""
-        heads = [t[: t.index(i)] for t, i in zip(templated, inner, strict=True)]
+        """Per row, the tokens of the templated text before the inner text (0 where a template
+        changed the text so that it cannot be found: the prefix then goes first)."""
+        heads = [t[: max(t.find(i), 0)] for t, i in zip(templated, inner, strict=True)]
         ids = self.lm.tokenizer(heads, add_special_tokens=False)["input_ids"]
         return torch.tensor([len(x) for x in ids], dtype=torch.long)
 
@@ -194,17 +201,21 @@ class Replica:
         chat: bool,
         stops: torch.Tensor | None,
         release: bool = False,
+        state_lock: AbstractContextManager | None = None,
     ) -> tuple[list[Answer], Decoded]:
         """One greedy pass under the plan; release: a row that says its fired edit's target ends there."""
-        with self._plan(list(prompts), edited) as plan:
+        with ExitStack() as stack:
+            with state_lock or nullcontext():  # what the plan reads of the edit state, read now
+                plan = stack.enter_context(self._plan(list(prompts), edited))
+                version = self.version
+                until = [self.method.target_of(f) if f else None for f in plan.fired] if release else None
             texts = [chat_text(self.lm, t) for t in plan.texts] if chat else plan.texts
             if chat and plan.set_offsets is not None:  # a prefix goes right before the user's words
                 plan.set_offsets(self._template_heads(texts, plan.texts))
-            until = [self.method.target_of(f) if f else None for f in plan.fired] if release else None
             out = greedy(self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable, until)
         prompt_tokens = [len(t) for t in self.lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
         answers = [
-            Answer(p, t, f, self.version, n, k, "stop" if d else "length")
+            Answer(p, t, f, version, n, k, "stop" if d else "length")
             for p, t, f, n, k, d in zip(
                 prompts, out.texts, plan.fired, prompt_tokens, out.produced, out.ended, strict=True
             )

@@ -5,6 +5,9 @@ services start while Redis is down; a replica notices when Redis handed its seqs
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import redis
 import torch
@@ -142,3 +145,44 @@ def test_a_replica_detects_seqs_reused_after_redis_lost_writes_and_rebuilds(redi
         replica.step()
     assert replica.version == 3
     assert replica.replica.method.edit_ids() == [facts[0].edit_id, facts[3].edit_id, facts[4].edit_id]
+
+
+def test_edits_apply_while_a_query_decodes_and_the_answer_names_the_version_it_read(redis_server):
+    """RECIPE copies what a generation needs when its plan is built, so applying a journal entry
+    does not wait for a generation to finish; the answer reports the version its plan saw."""
+
+    store = RedisStore(connect(redis_server.url), "interleave")
+    facts = demo_facts(3)
+    journal(store, facts[:2])
+    editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "interleave")
+    drain(editor)
+    replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "interleave")
+    drain(replica)
+    journal(store, facts[2:])
+    drain(editor)
+    decoding, applied, answers, done = threading.Event(), threading.Event(), [], []
+    real_forward = replica.replica.lm.model.forward
+
+    def forward(*args, **kwargs):  # the query's first forward waits (5 s at most) for the apply
+        if not decoding.is_set():
+            decoding.set()
+            applied.wait(5)
+        return real_forward(*args, **kwargs)
+
+    def query() -> None:
+        answers.extend(replica.ask([facts[0].prompt], 8))
+        done.append(time.monotonic())
+
+    replica.replica.lm.model.forward = forward
+    try:
+        thread = threading.Thread(target=query)
+        thread.start()
+        assert decoding.wait(30)
+        drain(replica)  # the third fact's entry
+        applied_at = time.monotonic()
+        applied.set()
+        thread.join(60)
+    finally:
+        replica.replica.lm.model.forward = real_forward
+    assert replica.version == 3 and applied_at < done[0]  # applied before the query ended
+    assert answers[0]["version"] == 2 and answers[0]["fired"] == facts[0].edit_id

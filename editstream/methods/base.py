@@ -56,6 +56,9 @@ class EditMethod(ABC):
     # True: an edit acts only through `query_context` (the weights stay the base model's), so a
     # generation can let it go after the answer (see `edit_scope`).
     plan_only: ClassVar[bool] = False
+    # False: everything a generation needs from the edit state is copied when its plan is built
+    # (retrieval hits, prefix tensors), so edits may be applied while it decodes.
+    decode_reads_state: ClassVar[bool] = True
 
     def __init__(self, lm: LoadedLM) -> None:
         self.lm = lm

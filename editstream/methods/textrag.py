@@ -20,6 +20,7 @@ class TextRAG(RetrievingMethod):
 
     name = "text-rag"
     plan_only = True
+    decode_reads_state = False
 
     def __init__(self, lm: LoadedLM, retrieval: RecipeRetrieval) -> None:
         super().__init__(lm, retrieval)

@@ -55,7 +55,11 @@ class ReplicaService:
         self._state: dict = {"name": name, "version": 0, "digest": "", "edits": 0, "ready": False}
         self.store = RedisStore(connect(redis_url), namespace)
         self.replica = Replica(create_method(method, load_causal_lm(model), **(method_options or {})))
+        # _lock guards the edit state and version (applies, plan building, state reads); _model_lock
+        # serialises whatever runs the model (its forward hooks are per model, not per call). A
+        # method whose decoding reads no edit state lets applies go on while a query decodes.
         self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
         self._advanced = threading.Condition(self._lock)
         self._announce_id = "0-0"
         # seq -> wall time (ms) when it took effect here; the newest APPLIED_TIMES_KEPT only (diagnostic)
@@ -229,8 +233,13 @@ class ReplicaService:
                     )
         if min_version:
             self.wait_version(min_version, timeout_s)
-        with self._lock:
-            answers = self.replica.generate(prompts, max_new_tokens, edited=edited, chat=chat, until_cut=until_cut)
+        options = {"edited": edited, "chat": chat, "until_cut": until_cut}
+        if self.replica.method.decode_reads_state:
+            with self._model_lock, self._lock:  # e.g. weight edits: an apply must not land mid-decode
+                answers = self.replica.generate(prompts, max_new_tokens, **options)
+        else:
+            with self._model_lock:
+                answers = self.replica.generate(prompts, max_new_tokens, state_lock=self._lock, **options)
         return [{**dataclasses.asdict(a), "replica": self.name} for a in answers]
 
     def active(self, edit_ids: list[str]) -> list[bool]:
@@ -240,13 +249,13 @@ class ReplicaService:
 
     def score(self, contexts: list[str], answers: list[str], edited: bool = True) -> dict:
         """Teacher-forced argmax at answer tokens (for evaluators), with the version scored at."""
-        with self._lock:
+        with self._model_lock, self._lock:
             preds, ids, fired = self.replica.predict(contexts, answers, edited=edited)
             return {"predicted": preds, "answer_ids": ids, "fired": fired, "version": self.replica.version}
 
     def nll(self, texts: list[str]) -> dict:
         """Summed NLL and token count on `texts` (the evaluators' perplexity probe), with the version."""
-        with self._lock:
+        with self._model_lock, self._lock:
             total, count = self.replica.nll(texts)
             return {"nll": total, "tokens": count, "version": self.replica.version}
 

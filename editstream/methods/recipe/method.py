@@ -117,6 +117,7 @@ class Recipe(RetrievingMethod):
 
     name = "recipe"
     plan_only = True
+    decode_reads_state = False
 
     def __init__(self, lm: LoadedLM, retrieval: RecipeRetrieval) -> None:
         super().__init__(lm, retrieval)
