@@ -19,15 +19,16 @@ fi
 if [[ $what == all || $what == wild ]]; then
   # WILD (free generation, as a user reads it) beside teacher-forced, the shipped RECIPE checkpoint,
   # served as users get it (edit scope "answer", relation gate on). CounterFact T = 1000 takes about
-  # 50 min here (every probe is a 50-token greedy generation); QAEdit T = 500 about 25 min. Then the
-  # mechanisms switched off one at a time on 200 CounterFact edits: the edit held for the whole text,
-  # and no relation gate.
+  # 50 min here (every probe is a 50-token greedy generation); QAEdit T = 500 about 25 min. Then, on
+  # the first 100 CounterFact edits, the served form and each mechanism switched off in turn: the
+  # edit held for the whole text, and no relation gate.
   $es bench quality --method recipe --data counterfact --T 1000 --limit 1000 --seed 0 --out bench/results/wild
   $es bench quality --method recipe --data qaedit --T 500 --limit 500 --seed 0 --out bench/results/wild
   $es bench quality --method recipe --data zsre --T 200 --limit 200 --seed 0 --out bench/results/wild
-  $es bench quality --method recipe --data counterfact --T 200 --limit 200 --seed 0 --out bench/results/wild \
+  $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out bench/results/wild
+  $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out bench/results/wild \
     --edit-scope text --tag scope-text
-  $es bench quality --method recipe --data counterfact --T 200 --limit 200 --seed 0 --out bench/results/wild \
+  $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out bench/results/wild \
     --option relation_gate=false --tag no-gate
   if [[ ${WILD_FULL:-0} == 1 ]]; then
     $es bench quality --method recipe --data zsre --T 1000 --limit 1000 --seed 0 --out bench/results/wild
