@@ -19,9 +19,9 @@ fi
 if [[ $what == all || $what == wild ]]; then
   # WILD (free generation, as a user reads it) beside teacher-forced, the shipped RECIPE checkpoint,
   # served as users get it (edit scope "answer", relation gate on). CounterFact T = 1000 takes about
-  # 50 min here (every probe is a 50-token greedy generation); QAEdit T = 500 about 25 min. Then, on
+  # 50 min here (every probe is a 50-token greedy generation); QAEdit T = 500 about 40 min. Then, on
   # the first 100 CounterFact edits, the served form and each mechanism switched off in turn: the
-  # edit held for the whole text, and no relation gate.
+  # edit held for the whole text, and no relation gate (these three are not committed yet).
   $es bench quality --method recipe --data counterfact --T 1000 --limit 1000 --seed 0 --out bench/results/wild
   $es bench quality --method recipe --data qaedit --T 500 --limit 500 --seed 0 --out bench/results/wild
   $es bench quality --method recipe --data zsre --T 200 --limit 200 --seed 0 --out bench/results/wild
