@@ -7,6 +7,7 @@ the caller; this loop only decodes. Rows stop at end-of-sequence, and optionally
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import torch
 
 from editstream import wild
 from editstream.models import LoadedLM
+
+_TRAILING_WORD = re.compile(r"\w+$")
 
 
 @dataclass
@@ -26,6 +29,11 @@ class Decoded:
     ended: list[bool]
     stopped: list[bool]
     released: list[bool]
+
+
+def _settled(text: str) -> str:
+    """`text` without a trailing word that the next token may still extend ("German" -> "Germanic")."""
+    return _TRAILING_WORD.sub("", text)
 
 
 def stop_token_ids(lm: LoadedLM) -> torch.Tensor:
@@ -49,7 +57,8 @@ def greedy(
     Finished rows leave the batch (their cache rows are dropped, and `select_rows` is told which
     rows go on, for hooks that hold per-row state), so a batch costs what its unfinished rows cost;
     `shrink=False` keeps every row to the end (for hooks that cannot follow). `until`: per row, a
-    text whose words end the row as soon as its output holds them (None: no such end).
+    text whose words end the row as soon as its output holds them, followed by a character that
+    ends the word (None: no such end).
     """
     tok, dev = lm.tokenizer, lm.device
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
@@ -75,7 +84,7 @@ def greedy(
                     continue
                 tokens[row].append(token)
                 ended[row], stopped[row] = is_eos, is_stop and not is_eos
-                if not finished[i] and until[row] and wild.contains(tok.decode(tokens[row]), until[row]):
+                if not finished[i] and until[row] and wild.contains(_settled(tok.decode(tokens[row])), until[row]):
                     released[row] = True
                     finished[i] = True
             done = done | finished
