@@ -22,13 +22,12 @@ _TRAILING_WORD = re.compile(r"\w+$")
 @dataclass
 class Decoded:
     """Generated texts, tokens produced per row, whether each row ended with end-of-sequence, and
-    whether it ended at a stop token or on its `until` text."""
+    whether it ended at a stop token."""
 
     texts: list[str]
     produced: list[int]
     ended: list[bool]
     stopped: list[bool]
-    released: list[bool]
 
 
 def _settled(text: str) -> str:
@@ -51,6 +50,8 @@ def greedy(
     select_rows: Callable[[torch.Tensor], None] | None = None,
     shrink: bool = True,
     until: Sequence[str | None] | None = None,
+    stop_rows: Sequence[bool] | None = None,
+    limits: Sequence[int] | None = None,
 ) -> Decoded:
     """Greedy continuations of `texts` (left-padded in one batch, no special tokens added).
 
@@ -58,14 +59,17 @@ def greedy(
     rows go on, for hooks that hold per-row state), so a batch costs what its unfinished rows cost;
     `shrink=False` keeps every row to the end (for hooks that cannot follow). `until`: per row, a
     text whose words end the row as soon as its output holds them, followed by a character that
-    ends the word (None: no such end).
+    ends the word (None: no such end). `stop_rows`: the rows `stops` applies to (default: all).
+    `limits`: per row, at most this many new tokens (default: `max_new_tokens` for every row).
     """
     tok, dev = lm.tokenizer, lm.device
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     tokens: list[list[int]] = [[] for _ in texts]
-    ended, stopped, released = [False] * len(texts), [False] * len(texts), [False] * len(texts)
+    ended, stopped = [False] * len(texts), [False] * len(texts)
     until = list(until) if until is not None else [None] * len(texts)
+    limits = list(limits) if limits is not None else [max_new_tokens] * len(texts)
+    stoppable = torch.tensor(list(stop_rows) if stop_rows is not None else [True] * len(texts), device=dev)
     alive = torch.arange(len(texts), device=dev)  # the original row of each batch row
     done = torch.zeros(len(texts), dtype=torch.bool, device=dev)  # per batch row
     past = None
@@ -75,7 +79,7 @@ def greedy(
             past = res.past_key_values
             nxt = res.logits[:, -1].argmax(-1)
             eos = nxt == tok.eos_token_id
-            at_stop = torch.isin(nxt, stops) if stops is not None else torch.zeros_like(eos)
+            at_stop = torch.isin(nxt, stops) & stoppable[alive] if stops is not None else torch.zeros_like(eos)
             finished = eos | at_stop
             for i, (row, token, is_eos, is_stop, was_done) in enumerate(
                 zip(alive.tolist(), nxt.tolist(), eos.tolist(), at_stop.tolist(), done.tolist(), strict=True)
@@ -84,8 +88,12 @@ def greedy(
                     continue
                 tokens[row].append(token)
                 ended[row], stopped[row] = is_eos, is_stop and not is_eos
-                if not finished[i] and until[row] and wild.contains(_settled(tok.decode(tokens[row])), until[row]):
-                    released[row] = True
+                if (
+                    len(tokens[row]) >= limits[row]
+                    or not finished[i]
+                    and until[row]
+                    and wild.contains(_settled(tok.decode(tokens[row])), until[row])
+                ):
                     finished[i] = True
             done = done | finished
             if bool(done.all()):
@@ -99,7 +107,7 @@ def greedy(
             ids = nxt[:, None]
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
     decoded = tok.batch_decode(tokens, skip_special_tokens=True)
-    return Decoded(decoded, [len(t) for t in tokens], ended, stopped, released)
+    return Decoded(decoded, [len(t) for t in tokens], ended, stopped)
 
 
 def chat_text(lm: LoadedLM, text: str) -> str:

@@ -163,24 +163,24 @@ class Replica:
         if not edited or scope == "text" or not self.method.plan_only:
             return self._generate(prompts, max_new_tokens, edited, chat, stops, state_lock=state_lock)[0]
         answers, first = self._generate(
-            prompts, max_new_tokens, True, chat, self.stop_token_ids(), release=True, state_lock=state_lock
+            prompts, max_new_tokens, True, chat, self.stop_token_ids(), until_cut, release=True, state_lock=state_lock
         )
+        # rows whose edit let go (its target said, or the first stop reached) and that may go on
         go_on = [
             i
             for i, a in enumerate(answers)
-            if not first.ended[i] and a.completion_tokens < max_new_tokens and not (until_cut and first.stopped[i])
+            if a.fired is not None
+            and not first.ended[i]
+            and a.completion_tokens < max_new_tokens
+            and not (until_cut and first.stopped[i])
         ]
         if not go_on:
             return answers
-        budget = max_new_tokens - min(answers[i].completion_tokens for i in go_on)
+        rooms = [max_new_tokens - answers[i].completion_tokens for i in go_on]
         texts = [(chat_text(self.lm, prompts[i]) if chat else prompts[i]) + answers[i].text for i in go_on]
-        rest = greedy(self.lm, texts, budget, stops)  # the base model, reading what the edit made it say
+        rest = greedy(self.lm, texts, max(rooms), stops, limits=rooms)  # the base model reads what it was made to say
         for i, text, produced, ended in zip(go_on, rest.texts, rest.produced, rest.ended, strict=True):
             a = answers[i]
-            room = max_new_tokens - a.completion_tokens
-            if produced > room:  # rows share one budget: keep each row's own
-                ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"][:room]
-                text, produced, ended = self.lm.tokenizer.decode(ids), room, False
             a.text += text
             a.completion_tokens += produced
             a.finish_reason = "stop" if ended else "length"
@@ -200,19 +200,22 @@ class Replica:
         edited: bool,
         chat: bool,
         stops: torch.Tensor | None,
+        until_cut: bool = True,
         release: bool = False,
         state_lock: AbstractContextManager | None = None,
     ) -> tuple[list[Answer], Decoded]:
-        """One greedy pass under the plan; release: a row that says its fired edit's target ends there."""
+        """One greedy pass under the plan. release: a row whose edit fired ends once it has said the
+        edit's target or at a stop; other rows end at a stop only if `until_cut`."""
         with ExitStack() as stack:
             with state_lock or nullcontext():  # what the plan reads of the edit state, read now
                 plan = stack.enter_context(self._plan(list(prompts), edited))
                 version = self.version
                 until = [self.method.target_of(f) if f else None for f in plan.fired] if release else None
+            stop_rows = [until_cut or u is not None for u in until] if release else None
             texts = [chat_text(self.lm, t) for t in plan.texts] if chat else plan.texts
             if chat and plan.set_offsets is not None:  # a prefix goes right before the user's words
                 plan.set_offsets(self._template_heads(texts, plan.texts))
-            out = greedy(self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable, until)
+            out = greedy(self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable, until, stop_rows)
         prompt_tokens = [len(t) for t in self.lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
         answers = [
             Answer(p, t, f, version, n, k, "stop" if d else "length")

@@ -68,9 +68,10 @@ class EditMethod(ABC):
         # A prompt stored with an edit fires that edit without a search (a product fast path). The
         # quality benchmark turns it off to measure the retriever itself.
         self.exact_lookup = True
-        # How long a fired edit shapes a generation (plan-only methods): "answer" = until the first
-        # WILD stop (".", newline), after which the base model continues the text it now holds;
-        # "text" = the whole generation. Weight edits are always in effect.
+        # How long a fired edit shapes a generation (plan-only methods): "answer" = until the row has
+        # said the edit's target or reached the first WILD stop (".", newline), after which the base
+        # model continues the text it now holds; "text" = the whole generation. Weight edits are
+        # always in effect.
         self.edit_scope = "answer"
 
     @classmethod

@@ -37,7 +37,7 @@ class TextRAG(RetrievingMethod):
         self._statements[artifact.edit_id] = f"{artifact.meta['prompt']} {artifact.meta['target']}"
 
     def _detach(self, edit_id: str) -> None:
-        self.retrieval.index.remove(edit_id)
+        self.retrieval.remove(edit_id)
         self._statements.pop(edit_id, None)
 
     @contextmanager

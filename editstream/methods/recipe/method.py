@@ -66,17 +66,22 @@ class RecipeRetrieval:
         found = [i if s > t else None for s, t, i in zip(scores.tolist(), threshold.tolist(), ids, strict=True)]
         rows = [r for r, (e, f) in enumerate(zip(exact, found, strict=True)) if f is not None and e is None]
         if self.gate is not None and about is not None and rows:
-            metas = [about(found[r]) for r in rows]
+            metas = [(found[r], about(found[r])) for r in rows]
             agree = self.gate.agree(
                 self.encoder,
                 [prompts[r] for r in rows],
-                [m.get("prompt", "") for m in metas],
-                [m.get("subject", "") for m in metas],
+                [(i, m.get("prompt", ""), m.get("subject", "")) for i, m in metas],
             )
             for r, ok in zip(rows, agree, strict=True):
                 if not ok:
                     found[r] = None
         return [e or f for e, f in zip(exact, found, strict=True)]
+
+    def remove(self, edit_id: str) -> None:
+        """Take an edit out of the index (and the gate's cache)."""
+        self.index.remove(edit_id)
+        if self.gate is not None:
+            self.gate.forget(edit_id)
 
 
 def load_retrieval(
@@ -159,7 +164,7 @@ class Recipe(RetrievingMethod):
         self._prompts[artifact.edit_id] = (prompt.half(), artifact.tensors.get("target_ids"))
 
     def _detach(self, edit_id: str) -> None:
-        self.retrieval.index.remove(edit_id)
+        self.retrieval.remove(edit_id)
         self._prompts.pop(edit_id, None)
 
     @contextmanager

@@ -20,7 +20,7 @@ import logging
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class RelationGate:
     projection: torch.nn.Linear
     threshold: float
     info: dict[str, Any]
+    _edits: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)  # (id, masked prompt)
 
     def vectors(self, encoder: LoadedEncoder, texts: Sequence[str]) -> torch.Tensor:
         with torch.inference_mode():
@@ -75,18 +76,30 @@ class RelationGate:
             return torch.nn.functional.normalize(self.projection(x), dim=-1)
 
     def agree(
-        self, encoder: LoadedEncoder, queries: Sequence[str], prompts: Sequence[str], subjects: Sequence[str]
+        self, encoder: LoadedEncoder, queries: Sequence[str], edits: Sequence[tuple[str, str, str]]
     ) -> list[bool]:
-        """Per row: whether the query asks what the edit's prompt asks (True where the gate cannot tell)."""
-        pairs = [(mask_subject(q, s), mask_subject(p, s)) for q, p, s in zip(queries, prompts, subjects, strict=True)]
-        rows = [i for i, (q, p) in enumerate(pairs) if q is not None and p is not None]
-        out = [True] * len(pairs)
-        if rows:
-            v = self.vectors(encoder, [pairs[i][0] for i in rows] + [pairs[i][1] for i in rows])
-            cos = (v[: len(rows)] * v[len(rows) :]).sum(-1).tolist()
-            for i, c in zip(rows, cos, strict=True):
-                out[i] = c > self.threshold
+        """Per row: whether the query asks what the edit (edit id, prompt, subject) asks; True where
+        the gate cannot tell. An edit's relation vector is computed once and kept until `forget`."""
+        masked = [(mask_subject(q, s), mask_subject(p, s)) for q, (_, p, s) in zip(queries, edits, strict=True)]
+        rows = [i for i, (q, p) in enumerate(masked) if q is not None and p is not None]
+        out = [True] * len(queries)
+        if not rows:
+            return out
+        keys = [(edits[i][0], masked[i][1]) for i in rows]
+        missing = sorted({k for k in keys if k not in self._edits})
+        if missing:
+            for k, v in zip(missing, self.vectors(encoder, [p for _, p in missing]), strict=True):
+                self._edits[k] = v
+        q = self.vectors(encoder, [masked[i][0] for i in rows])
+        cos = (q * torch.stack([self._edits[k] for k in keys])).sum(-1).tolist()
+        for i, c in zip(rows, cos, strict=True):
+            out[i] = c > self.threshold
         return out
+
+    def forget(self, edit_id: str) -> None:
+        """Drop a removed edit's cached relation vector."""
+        for key in [k for k in self._edits if k[0] == edit_id]:
+            del self._edits[key]
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
