@@ -7,7 +7,6 @@ the caller; this loop only decodes. Rows stop at end-of-sequence, and optionally
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,8 +14,6 @@ import torch
 
 from editstream import wild
 from editstream.models import LoadedLM
-
-_TRAILING_WORD = re.compile(r"\w+$")
 
 
 @dataclass
@@ -28,11 +25,6 @@ class Decoded:
     produced: list[int]
     ended: list[bool]
     stopped: list[bool]
-
-
-def _settled(text: str) -> str:
-    """`text` without a trailing word that the next token may still extend ("German" -> "Germanic")."""
-    return _TRAILING_WORD.sub("", text)
 
 
 def stop_token_ids(lm: LoadedLM) -> torch.Tensor:
@@ -58,8 +50,8 @@ def greedy(
     Finished rows leave the batch (their cache rows are dropped, and `select_rows` is told which
     rows go on, for hooks that hold per-row state), so a batch costs what its unfinished rows cost;
     `shrink=False` keeps every row to the end (for hooks that cannot follow). `until`: per row, a
-    text whose words end the row as soon as its output holds them, followed by a character that
-    ends the word (None: no such end). `stop_rows`: the rows `stops` applies to (default: all).
+    text whose words end the row as soon as its output holds them (None: no such end).
+    `stop_rows`: the rows `stops` applies to (default: all).
     `limits`: per row, at most this many new tokens (default: `max_new_tokens` for every row).
     """
     tok, dev = lm.tokenizer, lm.device
@@ -92,7 +84,7 @@ def greedy(
                     len(tokens[row]) >= limits[row]
                     or not finished[i]
                     and until[row]
-                    and wild.contains(_settled(tok.decode(tokens[row])), until[row])
+                    and wild.contains(tok.decode(tokens[row]), until[row])
                 ):
                     finished[i] = True
             done = done | finished
