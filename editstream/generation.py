@@ -34,6 +34,16 @@ def stop_token_ids(lm: LoadedLM) -> torch.Tensor:
     return torch.tensor([i for i, p in enumerate(pieces) if "." in p or "\n" in p], dtype=torch.long, device=lm.device)
 
 
+def glue_token_ids(lm: LoadedLM) -> torch.Tensor:
+    """Ids of the tokens that would extend the word before them: their text starts with a letter or
+    digit, with no space or word-start mark ("Ġ", "▁") in front ("ic" after "German")."""
+    tok = lm.tokenizer
+    raw = tok.convert_ids_to_tokens(list(range(len(tok))))
+    pieces = [tok.convert_tokens_to_string([t]) for t in raw]
+    glue = [i for i, (r, p) in enumerate(zip(raw, pieces, strict=True)) if p[:1].isalnum() and r[:1] not in ("Ġ", "▁")]
+    return torch.tensor(glue, dtype=torch.long, device=lm.device)
+
+
 def greedy(
     lm: LoadedLM,
     texts: Sequence[str],
@@ -44,6 +54,7 @@ def greedy(
     until: Sequence[str | None] | None = None,
     stop_rows: Sequence[bool] | None = None,
     limits: Sequence[int] | None = None,
+    unglued: tuple[torch.Tensor, Sequence[bool]] | None = None,
 ) -> Decoded:
     """Greedy continuations of `texts` (left-padded in one batch, no special tokens added).
 
@@ -53,6 +64,8 @@ def greedy(
     text whose words end the row as soon as its output holds them (None: no such end).
     `stop_rows`: the rows `stops` applies to (default: all).
     `limits`: per row, at most this many new tokens (default: `max_new_tokens` for every row).
+    `unglued`: (token ids, rows): the first new token of those rows is none of those ids (a text
+    that ends with a whole word is not extended into a longer one).
     """
     tok, dev = lm.tokenizer, lm.device
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
@@ -66,10 +79,16 @@ def greedy(
     done = torch.zeros(len(texts), dtype=torch.bool, device=dev)  # per batch row
     past = None
     with torch.inference_mode():
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             res = lm.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
             past = res.past_key_values
-            nxt = res.logits[:, -1].argmax(-1)
+            logits = res.logits[:, -1]
+            if unglued is not None and step == 0:
+                barred, rows = unglued
+                picked = torch.tensor(list(rows), dtype=torch.bool, device=dev).nonzero().flatten()
+                logits = logits.clone()
+                logits[picked[:, None], barred[None, :]] = float("-inf")
+            nxt = logits.argmax(-1)
             eos = nxt == tok.eos_token_id
             at_stop = torch.isin(nxt, stops) & stoppable[alive] if stops is not None else torch.zeros_like(eos)
             finished = eos | at_stop

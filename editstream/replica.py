@@ -17,13 +17,20 @@ import torch
 
 from editstream.artifacts import Artifact
 from editstream.errors import ConfigError, OrderError
-from editstream.generation import Decoded, chat_text, greedy, stop_token_ids
+from editstream.generation import Decoded, chat_text, glue_token_ids, greedy, stop_token_ids
 from editstream.methods.base import EditMethod, QueryPlan
 from editstream.metrics import PairBatch, answer_predictions, encode_pairs, positions_to_score
 
 log = logging.getLogger(__name__)
 
 SCOPES = ("answer", "text")
+
+
+def checked_scope(scope: str) -> str:
+    """`scope` if it is an edit scope, else a ConfigError naming it."""
+    if scope not in SCOPES:
+        raise ConfigError(f"edit scope {scope!r}: expected one of {SCOPES}")
+    return scope
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Replica:
         self.lm = method.lm
         self.version = 0
         self._stop_ids: torch.Tensor | None = None
+        self._glue_ids: torch.Tensor | None = None
 
     # --- the journal ---------------------------------------------------------------------------
     def _advance(self, seq: int) -> bool:
@@ -135,6 +143,16 @@ class Replica:
             self._stop_ids = stop_token_ids(self.lm)
         return self._stop_ids
 
+    def set_edit_scope(self, scope: str) -> None:
+        """How far a fired edit of a plan-only method shapes a generation (see `generate`)."""
+        self.method.edit_scope = checked_scope(scope)
+
+    def glue_token_ids(self) -> torch.Tensor:
+        """Ids of tokens that would extend the word before them, computed once per replica."""
+        if self._glue_ids is None:
+            self._glue_ids = glue_token_ids(self.lm)
+        return self._glue_ids
+
     def generate(
         self,
         prompts: Sequence[str],
@@ -156,9 +174,7 @@ class Replica:
         held while the edit state is read (plan building), released while decoding, so a caller
         may apply edits meanwhile when the method's `decode_reads_state` is False.
         """
-        scope = scope or self.method.edit_scope
-        if scope not in SCOPES:
-            raise ConfigError(f"edit scope {scope!r}: expected one of {SCOPES}")
+        scope = checked_scope(scope or self.method.edit_scope)
         stops = self.stop_token_ids() if until_cut else None
         if not edited or scope == "text" or not self.method.plan_only:
             return self._generate(prompts, max_new_tokens, edited, chat, stops, state_lock=state_lock)[0]
@@ -178,7 +194,10 @@ class Replica:
             return answers
         rooms = [max_new_tokens - answers[i].completion_tokens for i in go_on]
         texts = [(chat_text(self.lm, prompts[i]) if chat else prompts[i]) + answers[i].text for i in go_on]
-        rest = greedy(self.lm, texts, max(rooms), stops, limits=rooms)  # the base model reads what it was made to say
+        # the base model reads what it was made to say; a row let go right after the target's last
+        # letters must not glue more letters onto it ("German" + "ic")
+        unglued = (self.glue_token_ids(), [not first.stopped[i] for i in go_on])
+        rest = greedy(self.lm, texts, max(rooms), stops, limits=rooms, unglued=unglued)
         for i, text, produced, ended in zip(go_on, rest.texts, rest.produced, rest.ended, strict=True):
             a = answers[i]
             a.text += text

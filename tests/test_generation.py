@@ -9,7 +9,7 @@ import torch
 from editstream import wild
 from editstream.demo_facts import demo_facts
 from editstream.errors import ConfigError
-from editstream.generation import greedy
+from editstream.generation import glue_token_ids, greedy
 from editstream.methods import create_method
 from editstream.prefix import soft_prefix
 from editstream.replica import Replica
@@ -61,3 +61,21 @@ def test_an_unknown_edit_scope_is_refused_by_name(tiny_lm):
     replica = Replica(create_method("none", tiny_lm))
     with pytest.raises(ConfigError, match="'sentence'"):
         replica.generate(["Bees make"], 4, scope="sentence")
+
+
+def test_a_text_ending_in_a_whole_word_is_not_glued_onto(real_lm):
+    """The tokens barred after an edit lets go are exactly the ones that extend the last word; the
+    bar holds only for the first new token of the rows it names."""
+    tok = real_lm.tokenizer
+    glue = set(glue_token_ids(real_lm).tolist())
+    for piece in ("ic", "ish", "s", "1"):
+        (token,) = tok(piece, add_special_tokens=False)["input_ids"]
+        assert token in glue, piece
+    for piece in (" the", ",", ".", "'s", "\n", " Paris", "-"):
+        assert not glue & set(tok(piece, add_special_tokens=False)["input_ids"]), piece
+    texts = ["The official language of Germany is Germ", "The official language of Germany is Germ"]
+    free = greedy(real_lm, texts, 3)
+    assert free.texts[0][:1].isalpha(), free.texts[0]  # left alone, the model finishes the word
+    barred = greedy(real_lm, texts, 3, unglued=(glue_token_ids(real_lm), [True, False]))
+    assert barred.texts[1] == free.texts[1]
+    assert not barred.texts[0][:1].isalnum(), barred.texts[0]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from editstream.models import EMBEDDED_LLM
-from services.cli.common import method_args, parse_options
+from services.cli.common import edit_scope_arg, method_args, parse_options
 
 log = logging.getLogger("editstream")
 
@@ -36,9 +36,9 @@ def _bench_quality(args: argparse.Namespace) -> int:
         if shared_encoder is not None and name in ("recipe", "text-rag"):
             options["encoder"] = shared_encoder
         method = create_method(name, lm, **options)
-        method.edit_scope = args.edit_scope
         shared_encoder = getattr(getattr(method, "retrieval", None), "encoder", shared_encoder)
         replica = Replica(method)
+        replica.set_edit_scope(args.edit_scope)
         if args.wild_tokens and wild_base is None:
             wild_base = unedited_wild(replica, edits, args.wild_tokens)  # shared by every method of the run
         result = run_quality(replica, edits, chunk_sizes, args.wild_tokens, args.chat, wild_base=wild_base)
@@ -382,13 +382,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also score the chat form (question as the user turn); default: when the prompts are questions",
     )
-    q.add_argument(
-        "--edit-scope",
-        choices=("answer", "text"),
-        default="answer",
-        help="how long a fired edit shapes a generation (RECIPE, SCEN, text-RAG): until the answer's first "
-        "'.' or newline, after which the base model continues (answer, as served), or the whole text",
-    )
+    edit_scope_arg(q)
     q.set_defaults(func=_bench_quality)
     c = bench.add_parser("cost", help="edit throughput vs the encoder, query latency with many edits, memory/edit")
     c.add_argument("--method", default="recipe", choices=("recipe", "scen"), help="which method's costs")

@@ -25,6 +25,17 @@ def parse_options(items: list[str]) -> dict:
     return out
 
 
+def edit_scope_arg(p: argparse.ArgumentParser) -> None:
+    """--edit-scope, for the commands that generate with edits in effect (serve, bench quality)."""
+    p.add_argument(
+        "--edit-scope",
+        choices=("answer", "text"),
+        default="answer",
+        help="how far a fired edit of RECIPE, text-RAG or SCEN shapes an answer: 'answer' (default, as served) "
+        "until the edit's target is said or the first '.'/newline, then the base model goes on; 'text': all of it",
+    )
+
+
 def method_args(p: argparse.ArgumentParser) -> None:
     """--method, --model, --checkpoint: the same three for every command that runs the system."""
     p.add_argument("--method", default="recipe", help="editing method (default recipe)")

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from services.cli.common import method_args
+from services.cli.common import edit_scope_arg, method_args
 
 log = logging.getLogger("editstream")
 
@@ -34,6 +34,7 @@ def _system(args: argparse.Namespace) -> int:
             editors=args.editors,
             evaluators=args.evaluators,
             method_options=method_options(args.method, args.checkpoint),
+            edit_scope=args.edit_scope,
             resources=Resources(args.replica_cpus, args.replica_gpus, args.editor_cpus, args.editor_gpus),
         )
         token = os.environ.get("EDITSTREAM_HTTP_TOKEN") or None
@@ -77,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--replicas", type=int, default=2, help="model replicas (default 2)")
     method_args(p)
+    edit_scope_arg(p)
     p.add_argument("--run-dir", default="runs/serve", help="where the Arrow logs go")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
     p.add_argument("--editors", type=int, default=1, help="editor workers (default 1)")

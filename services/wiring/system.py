@@ -78,6 +78,7 @@ class SystemConfig:
     editor_threads: int = 0  # torch threads per editor; 0: this node's cores shared among the editors
     resources: Resources = field(default_factory=Resources)
     method_options: dict[str, Any] = field(default_factory=dict)
+    edit_scope: str = "answer"  # how far a fired RECIPE/text-RAG/SCEN edit shapes an answer
 
 
 class System:
@@ -157,7 +158,7 @@ class System:
             threads = c.editor_threads or max(1, (os.cpu_count() or 2) // max(1, c.editors))
             return {**self._common(), **model, "consumer": name, "threads": threads}
         if kind == "replica":
-            return {**self._common(), **model, "name": name, "run_dir": c.run_dir}
+            return {**self._common(), **model, "name": name, "run_dir": c.run_dir, "edit_scope": c.edit_scope}
         if kind == "evaluator":
             seed = int(name.rsplit("-", 1)[1])
             return {

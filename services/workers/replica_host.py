@@ -45,6 +45,7 @@ class ReplicaService:
         method_options: dict | None = None,
         run_dir: str | None = None,
         max_tries: int = 3,
+        edit_scope: str = "answer",
     ) -> None:
         torch.set_num_threads(threads)
         self.name, self.method = name, method
@@ -55,6 +56,7 @@ class ReplicaService:
         self._state: dict = {"name": name, "version": 0, "digest": "", "edits": 0, "ready": False}
         self.store = RedisStore(connect(redis_url), namespace)
         self.replica = Replica(create_method(method, load_causal_lm(model), **(method_options or {})))
+        self.replica.set_edit_scope(edit_scope)
         # _lock guards the edit state and version (applies, plan building, state reads); _model_lock
         # serialises whatever runs the model (its forward hooks are per model, not per call). A
         # method whose decoding reads no edit state lets applies go on while a query decodes.
