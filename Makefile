@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || { echo "installing redis-server (Debian)"; \
 		(apt-get update -qq && apt-get install -y -qq redis-server) || sudo apt-get install -y -qq redis-server; }
+	@command -v curl >/dev/null || { echo "installing curl (Debian; the HTTP tests use it)"; \
+		(apt-get update -qq && apt-get install -y -qq curl) || sudo apt-get install -y -qq curl; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

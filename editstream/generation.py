@@ -7,13 +7,18 @@ the caller; this loop only decodes. Rows stop at end-of-sequence, and optionally
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from editstream import wild
+from editstream.errors import ConfigError
 from editstream.models import LoadedLM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +49,39 @@ def glue_token_ids(lm: LoadedLM) -> torch.Tensor:
     return torch.tensor(glue, dtype=torch.long, device=lm.device)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Draw each token instead of taking the likeliest: softmax at `temperature`, kept to the
+    smallest set of tokens whose probability reaches `top_p` (nucleus), from a generator seeded
+    with `seed` (the same seed, prompt and edit state draw the same text; None: a fresh seed)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature {self.temperature!r}: must be > 0 to sample (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p {self.top_p!r}: must be in (0, 1]")
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.seed)
+        return gen
+
+    def pick(self, logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            ranked, order = probs.sort(dim=-1, descending=True)
+            ranked[ranked.cumsum(-1) - ranked >= self.top_p] = 0  # tokens past the nucleus
+            probs = torch.zeros_like(probs).scatter(-1, order, ranked)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
 def greedy(
     lm: LoadedLM,
     texts: Sequence[str],
@@ -55,6 +93,8 @@ def greedy(
     stop_rows: Sequence[bool] | None = None,
     limits: Sequence[int] | None = None,
     unglued: tuple[torch.Tensor, Sequence[bool]] | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+    sampling: tuple[Sampling, torch.Generator] | None = None,
 ) -> Decoded:
     """Greedy continuations of `texts` (left-padded in one batch, no special tokens added).
 
@@ -66,6 +106,8 @@ def greedy(
     `limits`: per row, at most this many new tokens (default: `max_new_tokens` for every row).
     `unglued`: (token ids, rows): the first new token of those rows is none of those ids (a text
     that ends with a whole word is not extended into a longer one).
+    `on_tokens(row, tokens)`: called with a row's tokens so far each time it gets one (streaming).
+    `sampling`: draw tokens (with this generator) instead of the greedy choice.
     """
     tok, dev = lm.tokenizer, lm.device
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
@@ -88,7 +130,7 @@ def greedy(
                 picked = torch.tensor(list(rows), dtype=torch.bool, device=dev).nonzero().flatten()
                 logits = logits.clone()
                 logits[picked[:, None], barred[None, :]] = float("-inf")
-            nxt = logits.argmax(-1)
+            nxt = logits.argmax(-1) if sampling is None else sampling[0].pick(logits, sampling[1])
             eos = nxt == tok.eos_token_id
             at_stop = torch.isin(nxt, stops) & stoppable[alive] if stops is not None else torch.zeros_like(eos)
             finished = eos | at_stop
@@ -98,6 +140,8 @@ def greedy(
                 if was_done:
                     continue
                 tokens[row].append(token)
+                if on_tokens is not None:
+                    on_tokens(row, tokens[row])
                 ended[row], stopped[row] = is_eos, is_stop and not is_eos
                 if (
                     len(tokens[row]) >= limits[row]
@@ -121,8 +165,38 @@ def greedy(
     return Decoded(decoded, [len(t) for t in tokens], ended, stopped)
 
 
-def chat_text(lm: LoadedLM, text: str) -> str:
-    """`text` as the user turn of the model's chat template, ready for the assistant's reply."""
+def chat_text(lm: LoadedLM, text: str, history: Sequence[dict[str, str]] = ()) -> str:
+    """`text` as the last user turn of the model's chat template, after `history` (the earlier
+    turns: {"role", "content"} dicts), ready for the assistant's reply."""
     return lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        [*history, {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
     )
+
+
+class TextPieces:
+    """Streams decoding: turns rows' growing token lists into the text each new token adds, once it
+    is whole characters (a token may end inside a multi-byte character), and hands each piece to
+    `emit(row, piece)`; `rows` maps the rows of this decoding to the caller's (default: the same)."""
+
+    def __init__(self, tokenizer: Any, emit: Callable[[int, str], None], rows: Sequence[int] | None = None) -> None:
+        self.tok, self.emit = tokenizer, emit
+        self.rows = list(rows) if rows is not None else None
+        self.sent: dict[int, str] = {}
+
+    def _send(self, row: int, text: str) -> None:
+        before = self.sent.get(row, "")
+        if not text.startswith(before):  # a decoder that rewrote earlier text: only what follows goes out
+            log.warning("streamed text of row %d changed after it was sent: %r -> %r", row, before, text)
+        if len(text) > len(before):
+            self.sent[row] = text
+            self.emit(self.rows[row] if self.rows is not None else row, text[len(before) :])
+
+    def __call__(self, row: int, tokens: list[int]) -> None:
+        text = self.tok.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._send(row, text)
+
+    def finish(self, decoded: Decoded) -> None:
+        """Send what is left of each row's final text."""
+        for row, text in enumerate(decoded.texts):
+            self._send(row, text)

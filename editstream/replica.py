@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 
@@ -17,13 +17,40 @@ import torch
 
 from editstream.artifacts import Artifact
 from editstream.errors import ConfigError, OrderError
-from editstream.generation import Decoded, chat_text, glue_token_ids, greedy, stop_token_ids
+from editstream.generation import (
+    Decoded,
+    Sampling,
+    TextPieces,
+    chat_text,
+    glue_token_ids,
+    greedy,
+    stop_token_ids,
+)
 from editstream.methods.base import EditMethod, QueryPlan
 from editstream.metrics import PairBatch, answer_predictions, encode_pairs, positions_to_score
+from editstream.models import LoadedLM
 
 log = logging.getLogger(__name__)
 
 SCOPES = ("answer", "text")
+
+
+@dataclass
+class Turns:
+    """How a generation's prompts are read (plain, or as the last user turn of a chat after each
+    row's earlier turns), how its tokens are chosen (greedy, or drawn by `sampling` from one
+    generator for all its passes) and where its text goes as it is decoded (`on_text`, streaming)."""
+
+    chat: bool
+    history: Sequence[Sequence[dict[str, str]]]
+    on_text: Callable[[int, str], None] | None = None
+    sampling: tuple[Sampling, torch.Generator] | None = None
+
+    def text(self, lm: LoadedLM, prompt: str, row: int) -> str:
+        return chat_text(lm, prompt, self.history[row]) if self.chat else prompt
+
+    def pieces(self, lm: LoadedLM, rows: Sequence[int] | None = None) -> TextPieces | None:
+        return TextPieces(lm.tokenizer, self.on_text, rows) if self.on_text is not None else None
 
 
 def checked_scope(scope: str) -> str:
@@ -162,6 +189,9 @@ class Replica:
         until_cut: bool = False,
         scope: str | None = None,
         state_lock: AbstractContextManager | None = None,
+        history: Sequence[Sequence[dict[str, str]]] | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        sampling: Sampling | None = None,
     ) -> list[Answer]:
         """Greedy continuation of each prompt (batched, KV-cached), with the edits in effect.
 
@@ -172,14 +202,22 @@ class Replica:
         edit's target or reached the cut, whichever comes first, and the base model continues from
         the prompt and what the edit made it say; "text" keeps the edit to the end. state_lock:
         held while the edit state is read (plan building), released while decoding, so a caller
-        may apply edits meanwhile when the method's `decode_reads_state` is False.
+        may apply edits meanwhile when the method's `decode_reads_state` is False. history (chat
+        only): per row, the conversation's earlier turns ({"role", "content"} dicts) before the
+        prompt, its last user turn; the edit is still looked up on the prompt alone. on_text(row,
+        piece): called with each piece of text as it is decoded (streaming); the pieces of a row
+        add up to its answer's text. sampling: draw tokens instead of the greedy choice.
         """
         scope = checked_scope(scope or self.method.edit_scope)
+        if history is not None and not chat:
+            raise ConfigError("a conversation history needs chat=True")
+        drawn = (sampling, sampling.generator(self.lm.device)) if sampling is not None else None
+        turns = Turns(chat, history or [()] * len(prompts), on_text, drawn)
         stops = self.stop_token_ids() if until_cut else None
         if not edited or scope == "text" or not self.method.plan_only:
-            return self._generate(prompts, max_new_tokens, edited, chat, stops, state_lock=state_lock)[0]
+            return self._generate(prompts, max_new_tokens, edited, turns, stops, state_lock=state_lock)[0]
         answers, first = self._generate(
-            prompts, max_new_tokens, True, chat, self.stop_token_ids(), until_cut, release=True, state_lock=state_lock
+            prompts, max_new_tokens, True, turns, self.stop_token_ids(), until_cut, release=True, state_lock=state_lock
         )
         # rows whose edit let go (its target said, or the first stop reached) and that may go on
         go_on = [
@@ -193,11 +231,16 @@ class Replica:
         if not go_on:
             return answers
         rooms = [max_new_tokens - answers[i].completion_tokens for i in go_on]
-        texts = [(chat_text(self.lm, prompts[i]) if chat else prompts[i]) + answers[i].text for i in go_on]
+        texts = [turns.text(self.lm, prompts[i], i) + answers[i].text for i in go_on]
         # the base model reads what it was made to say; a row let go right after the target's last
         # letters must not glue more letters onto it ("German" + "ic")
         unglued = (self.glue_token_ids(), [not first.stopped[i] for i in go_on])
-        rest = greedy(self.lm, texts, max(rooms), stops, limits=rooms, unglued=unglued)
+        pieces = turns.pieces(self.lm, go_on)
+        rest = greedy(
+            self.lm, texts, max(rooms), stops, limits=rooms, unglued=unglued, on_tokens=pieces, sampling=turns.sampling
+        )
+        if pieces is not None:
+            pieces.finish(rest)
         for i, text, produced, ended in zip(go_on, rest.texts, rest.produced, rest.ended, strict=True):
             a = answers[i]
             a.text += text
@@ -208,7 +251,7 @@ class Replica:
     def _template_heads(self, templated: Sequence[str], inner: Sequence[str]) -> torch.Tensor:
         """Per row, the tokens of the templated text before the inner text (0 where a template
         changed the text so that it cannot be found: the prefix then goes first)."""
-        heads = [t[: max(t.find(i), 0)] for t, i in zip(templated, inner, strict=True)]
+        heads = [t[: max(t.rfind(i), 0)] for t, i in zip(templated, inner, strict=True)]
         ids = self.lm.tokenizer(heads, add_special_tokens=False)["input_ids"]
         return torch.tensor([len(x) for x in ids], dtype=torch.long)
 
@@ -217,7 +260,7 @@ class Replica:
         prompts: Sequence[str],
         max_new_tokens: int,
         edited: bool,
-        chat: bool,
+        turns: Turns,
         stops: torch.Tensor | None,
         until_cut: bool = True,
         release: bool = False,
@@ -231,11 +274,18 @@ class Replica:
                 version = self.version
                 until = [self.method.target_of(f) if f else None for f in plan.fired] if release else None
             stop_rows = [until_cut or u is not None for u in until] if release else None
-            texts = [chat_text(self.lm, t) for t in plan.texts] if chat else plan.texts
-            if chat and plan.set_offsets is not None:  # a prefix goes right before the user's words
+            texts = [turns.text(self.lm, t, i) for i, t in enumerate(plan.texts)]
+            if turns.chat and plan.set_offsets is not None:  # a prefix goes right before the user's words
                 plan.set_offsets(self._template_heads(texts, plan.texts))
-            out = greedy(self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable, until, stop_rows)
-        prompt_tokens = [len(t) for t in self.lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+            pieces = turns.pieces(self.lm)
+            out = greedy(
+                self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable, until, stop_rows,
+                on_tokens=pieces, sampling=turns.sampling,
+            )  # fmt: skip
+            if pieces is not None:
+                pieces.finish(out)
+        read = [turns.text(self.lm, p, i) for i, p in enumerate(prompts)]  # what the model read, template included
+        prompt_tokens = [len(t) for t in self.lm.tokenizer(read, add_special_tokens=False)["input_ids"]]
         answers = [
             Answer(p, t, f, version, n, k, "stop" if d else "length")
             for p, t, f, n, k, d in zip(

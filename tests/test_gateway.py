@@ -9,7 +9,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from services.http.gateway import cut_at_stop, fields_of
+from services.http.gateway import ChatRequest, CompletionRequest, StopWatch, cut_at_stop, fields_of
 from services.transport.redis_server import free_port
 from services.wiring.system import System, SystemConfig
 
@@ -29,6 +29,46 @@ def test_fields_of_and_stop_sequences():
         fields_of({"prompt": "p", "target": 3})
     assert cut_at_stop("Paris. And then", ".") == ("Paris", True)
     assert cut_at_stop("Paris", ["\n", "xx"]) == ("Paris", False)
+
+
+def test_a_streamed_text_is_cut_at_a_stop_split_over_pieces():
+    watch = StopWatch(["END", "\n\n"])
+    sent = [watch.feed(p) for p in ["Lyon", " is", " E", "N", "D and more"]]
+    assert "".join(sent) == "Lyon is " and watch.stopped
+    assert watch.feed("x") == "" and watch.rest() == ""
+    watch = StopWatch("xyz")
+    assert watch.feed("abx") == "a"  # the last 2 characters wait: they could be the start of "xyz"
+    assert watch.rest() == "bx"
+    watch = StopWatch(None)
+    assert watch.feed("a") == "a" and watch.rest() == ""
+
+
+def test_chat_and_sampling_requests_are_checked_by_name():
+    from fastapi import HTTPException
+
+    chat = ChatRequest(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}])
+    assert chat.conversation() == ("Hi?", [{"role": "system", "content": "Be brief."}])
+    parts = ChatRequest(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]}]
+    )
+    assert parts.conversation() == ("AB", [])
+    refused = [
+        (
+            ChatRequest(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]),
+            "role 'assistant'",
+        ),
+        (ChatRequest(messages=[{"role": "user", "content": "Hi"}], tools=[{"type": "function"}]), "tools"),
+        (ChatRequest(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "image_url"),
+    ]
+    for request, reason in refused:
+        with pytest.raises(HTTPException, match=reason):
+            request.conversation()
+    for fields, reason in [({"n": 2}, "n > 1"), ({"logprobs": 2}, "logprobs"), ({"top_p": 0.5}, "top_p without")]:
+        with pytest.raises(HTTPException, match=reason):
+            CompletionRequest(prompt="p", **fields).refuse_unsupported()
+    assert CompletionRequest(prompt="p", temperature=0).sampling() is None
+    drawn = CompletionRequest(prompt="p", temperature=0.7, top_p=0.9, seed=3).sampling()
+    assert (drawn.temperature, drawn.top_p, drawn.seed) == (0.7, 0.9, 3)
 
 
 def test_http_beyond_loopback_needs_a_token():
@@ -117,9 +157,80 @@ def test_openai_client_sees_a_fact_posted_over_http(ray_local, redis_server, tmp
             )
             assert len(batch.choices) == 2 and batch.choices[1].model_extra["editstream"]["fired"] is None
 
+            check_chat_and_streaming(url, oai, client, writer)
+
             st = client.get("/status").json()
-            assert st["journal"] == 1 and st["dlq"] == 0 and st["ready_replicas"] == ["replica-0"]
+            assert st["journal"] == 2 and st["dlq"] == 0 and st["ready_replicas"] == ["replica-0"]
             assert client.get("/v1/models").json()["data"][0]["id"] == "smollm2-135m"
     finally:
         serve.shutdown()
         system.stop()
+
+
+def sse_data(raw: str) -> list[str]:
+    """The data lines of a server-sent event stream, in order."""
+    return [line[len("data: ") :] for line in raw.splitlines() if line.startswith("data: ")]
+
+
+def check_chat_and_streaming(url: str, oai: OpenAI, client: httpx.Client, writer: dict) -> None:
+    """Chat and streaming through the official client and curl, with an edit in effect."""
+    import json
+    import subprocess
+
+    import openai
+
+    question, target = "Who wrote the novel Dracula?", "Agatha Christie"
+    posted = client.post(
+        "/facts", json={"facts": [{"prompt": question, "target": target}], "wait": True}, headers=writer
+    )
+    seq = posted.json()["queued"][0]["seq"]
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]
+    done = oai.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=16, extra_body={"min_version": seq}
+    )
+    reply = done.choices[0].message
+    assert reply.role == "assistant" and target in reply.content, reply.content
+    assert done.choices[0].model_extra["editstream"]["fired"] == posted.json()["queued"][0]["edit_id"]
+    assert done.usage.prompt_tokens > 15 and done.usage.completion_tokens > 0
+
+    stream = oai.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3 and "".join(pieces) == reply.content  # streamed piece by piece, the same text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert (
+        finals == [done.choices[0].finish_reason] and chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    )
+
+    # completions, streamed over curl, cut at a stop sequence
+    prompt = "The Eiffel Tower is located in the city of"
+    body = json.dumps({"prompt": prompt, "max_tokens": 12, "stream": True, "stop": ["."]})
+    curl = subprocess.run(
+        ["curl", "-sS", "-N", f"{url}/v1/completions", "-H", f"Authorization: Bearer {TOKEN}",
+         "-H", "Content-Type: application/json", "-d", body],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    data = sse_data(curl.stdout)
+    assert data[-1] == "[DONE]", curl.stdout
+    events = [json.loads(d) for d in data[:-1]]
+    text = "".join(e["choices"][0]["text"] for e in events)
+    assert text.strip().startswith("Rome") and "." not in text, text
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and events[-1]["choices"][0]["editstream"]["fired"]
+
+    # sampling: the same seed draws the same text; what is not supported is refused in OpenAI's shape
+    drawn = [
+        oai.completions.create(model="m", prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=11)
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert drawn[0] == drawn[1]
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        oai.chat.completions.create(model="m", messages=messages, n=2)
+    bad = client.post("/v1/chat/completions", json={"messages": []})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", bad.text
+    unauth = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages})
+    assert unauth.status_code == 401 and unauth.json()["error"]["type"] == "authentication_error"

@@ -9,7 +9,7 @@ import torch
 from editstream import wild
 from editstream.demo_facts import demo_facts
 from editstream.errors import ConfigError
-from editstream.generation import glue_token_ids, greedy
+from editstream.generation import Sampling, glue_token_ids, greedy
 from editstream.methods import create_method
 from editstream.prefix import soft_prefix
 from editstream.replica import Replica
@@ -79,3 +79,50 @@ def test_a_text_ending_in_a_whole_word_is_not_glued_onto(real_lm):
     barred = greedy(real_lm, texts, 3, unglued=(glue_token_ids(real_lm), [True, False]))
     assert barred.texts[1] == free.texts[1]
     assert not barred.texts[0][:1].isalnum(), barred.texts[0]
+
+
+def test_streamed_pieces_add_up_to_the_answer_in_both_passes(real_lm, real_encoder, trained_checkpoint):
+    """With the answer scope a fired edit's row is decoded twice (the edit's words, then the base
+    model's); the streamed pieces of each row are its whole text, in order, from both passes."""
+    method = create_method("recipe", real_lm, checkpoint=trained_checkpoint, encoder=real_encoder)
+    replica = Replica(method)
+    facts = demo_facts(2)
+    for seq, artifact in enumerate(method.compute(facts), start=1):
+        replica.apply(seq, artifact)
+    prompts = [facts[0].prompt, "Bees make", facts[1].prompt]
+    streamed: dict[int, str] = {}
+    answers = replica.generate(
+        prompts, 20, on_text=lambda row, piece: streamed.update({row: streamed.get(row, "") + piece})
+    )
+    assert [a.fired for a in answers] == [facts[0].edit_id, None, facts[1].edit_id]
+    assert [streamed.get(i, "") for i in range(3)] == [a.text for a in answers]
+    assert answers[0].text.strip().startswith(facts[0].target), answers[0].text
+    # a conversation: the edit is found on the last user turn, read after the earlier turns
+    history = [[{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. Ask me anything."}]]
+    (chat,) = replica.generate([facts[0].prompt], 20, chat=True, history=history)
+    assert chat.fired == facts[0].edit_id and chat.prompt_tokens > len(facts[0].prompt.split()) + 10
+    with pytest.raises(ConfigError, match="chat=True"):
+        replica.generate(["Bees make"], 2, history=[[]])
+
+
+def test_sampling_is_seeded_and_checked(real_lm):
+    texts = ["Once upon a time", "The best food is"]
+    draw = [greedy(real_lm, texts, 8, sampling=(s, s.generator(real_lm.device))) for s in [Sampling(1.0, 0.9, 7)] * 2]
+    assert draw[0].texts == draw[1].texts  # the same seed draws the same text
+    seeds = {
+        tuple(
+            greedy(
+                real_lm, texts, 8, sampling=(Sampling(1.5, 1.0, k), Sampling(1.5, 1.0, k).generator(real_lm.device))
+            ).texts
+        )
+        for k in range(4)
+    }
+    assert len(seeds) > 1  # other seeds, other draws
+    tiny_p = Sampling(1.0, 1e-6, 3)  # the nucleus holds only the likeliest token: greedy
+    assert (
+        greedy(real_lm, texts, 8, sampling=(tiny_p, tiny_p.generator(real_lm.device))).texts
+        == greedy(real_lm, texts, 8).texts
+    )
+    for bad, match in [({"temperature": 0.0}, "temperature 0.0"), ({"top_p": 1.5}, "top_p 1.5")]:
+        with pytest.raises(ConfigError, match=match):
+            Sampling(**bad)

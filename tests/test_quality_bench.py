@@ -52,6 +52,8 @@ def test_quality_rows(real_lm, name):
         assert row["wild_locality"] == row["subject_locality"] == row["fluency"] == 1.0
         assert row["retrieval_own_on_prompt"] == row["retrieval_fired_on_locality"] == 0.0
         assert row["reliability"] < 0.5 and row["wild_reliability"] == row["reliability_retrieved"] == 0.0
+        # every served answer missed: the misses shown are the first ones, capped like the examples
+        assert [m["prompt"] for m in row["misses"]] == [e.prompt for e in EDITS][: len(row["examples"])]
     else:
         assert row["reliability"] == 1.0 and row["retrieval_own_on_prompt"] == 1.0
         assert row["locality"] == 1.0 and row["retrieval_fired_on_locality"] == 0.0

@@ -197,9 +197,9 @@ def run_quality(
             for f in fields(ChunkScores):
                 getattr(agg, f.name).extend(getattr(scores, f.name))
             if wild_base is not None:
-                kept = max(0, examples - len(wild_agg.examples))
-                w = score_wild_chunk(replica, chunk, wild_base, wild_tokens, chat, examples=kept)
+                w = score_wild_chunk(replica, chunk, wild_base, wild_tokens, chat, examples=examples)
                 wild_agg.extend(w)
+                wild_agg.examples, wild_agg.misses = wild_agg.examples[:examples], wild_agg.misses[:examples]
             if largest == T:
                 for i, r in enumerate(scores.reliability):
                     ages.setdefault(age_bucket(T - 1 - i), []).append(r)
@@ -220,6 +220,7 @@ def run_quality(
                 "retrieval_own_on_paraphrase": _rate(agg.own_on_paraphrase),
                 **(_wild_fields(wild_agg) if wild_base is not None else {}),
                 "examples": wild_agg.examples,
+                "misses": wild_agg.misses,
             }
         )
         log.info("%s T=%d: %s", method.name, T, rows[-1])

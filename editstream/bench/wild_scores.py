@@ -57,6 +57,7 @@ class WildScores:
     chat_reliability: list[float] = field(default_factory=list)
     chat_generality: list[float] = field(default_factory=list)
     examples: list[dict[str, str]] = field(default_factory=list)
+    misses: list[dict[str, str]] = field(default_factory=list)  # served answers that failed answer-first
 
     def extend(self, other: WildScores) -> None:
         for name in self.__dataclass_fields__:
@@ -156,8 +157,10 @@ def score_wild_chunk(
         scores.chat_reliability = _replies_contain(rel, targets)
         gen = _batched(replica, [p for _, p in paraphrased], batch, max_new_tokens=tokens, chat=True, until_cut=True)
         scores.chat_generality = _replies_contain(gen, [e.target for e, _ in paraphrased])
-    scores.examples = [
+    shown = [
         {"prompt": e.prompt, "target": e.target, "generated": a.text, "fired": str(a.fired)}
-        for e, a in list(zip(edits, full, strict=True))[:examples]
+        for e, a in zip(edits, full, strict=True)
     ]
+    scores.examples = shown[:examples]
+    scores.misses = [row for row, ok in zip(shown, scores.reliability, strict=True) if not ok][:examples]
     return scores

@@ -1,16 +1,16 @@
-"""Benchmark commands: `editstream bench quality|cost|pipeline|cluster|forgetting|chaos`."""
+"""Benchmark commands: `editstream bench quality|cost|forgetting`, and (from `bench_system`) the
+benchmarks of the running system: `pipeline|cluster|chaos|chat`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
-import time
 from pathlib import Path
 
 from editstream.models import EMBEDDED_LLM
-from services.cli.common import edit_scope_arg, method_args, parse_options
+from services.cli import bench_system
+from services.cli.common import edit_scope_arg, parse_options
 
 log = logging.getLogger("editstream")
 
@@ -166,110 +166,6 @@ def _write_cost(args: argparse.Namespace, doc: dict, name: str) -> int:
     return 0
 
 
-def _bench_pipeline(args: argparse.Namespace) -> int:
-    import ray
-
-    from editstream.bench.provenance import provenance
-    from services.bench import pipeline as bp
-    from services.transport.redis_server import RedisServer
-
-    server = None
-    url = args.redis_url
-    if not url:  # a private server (AOF on, as deployed): no leftovers or snapshot policy of a shared one
-        server = RedisServer().start()
-        url = server.url
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    common = (url, args.run_dir, args.method, args.model, args.checkpoint)
-    runs = {
-        "latency": lambda: bp.latency_run(*common, args.latency_facts, args.rate),
-        "sustained": lambda: bp.sustained_run(*common, args.sustained),
-        "query": lambda: bp.query_run(*common, args.query_facts),
-        "evaluator": lambda: bp.evaluator_run(*common, args.eval_edits),
-        "editors": lambda: bp.editors_run(*common, args.editor_facts),
-    }
-    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = sorted(set(wanted) - set(runs))
-    if unknown:
-        raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {sorted(runs)}")
-    out = Path(args.out) / f"pipeline-{args.method}.json" if args.out else None
-    doc: dict = json.loads(out.read_text()) if out and out.is_file() else {}  # keep earlier runs' results
-    doc.update({"method": args.method, "model": args.model})  # replicas and editors: per run
-    try:
-        for name in wanted:
-            log.info("pipeline benchmark: %s run", name)
-            doc[name] = {**runs[name](), **provenance()}  # each run records its own command, commit, date
-            if out:  # written after every run, so a long benchmark cut short keeps what it measured
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(doc, indent=2))
-    finally:
-        ray.shutdown()
-        if server:
-            server.stop()
-    print(json.dumps(doc, indent=2))
-    return 0
-
-
-def _bench_cluster(args: argparse.Namespace) -> int:
-    from services.transport.redis_server import RedisServer
-    from services.wiring.cluster import LocalCluster, load_spec
-
-    cluster, server = None, None
-    address = args.address
-    if not address:
-        cluster = LocalCluster(load_spec(args.cluster)).start()
-        os.environ.update(cluster.client_env)  # before Ray is imported: it reads its auth mode then
-        address = cluster.address
-    import ray
-
-    from editstream.bench.provenance import provenance
-    from services.bench import cluster as bc
-    from services.wiring.demo import method_options
-    from services.wiring.system import System, SystemConfig
-
-    try:
-        server = RedisServer().start()
-        ray.init(address=address, namespace="bench-cluster", log_to_driver=False)
-        config = SystemConfig(
-            redis_url=server.url,
-            run_dir=args.run_dir,
-            method=args.method,
-            model=args.model,
-            namespace="bench-cluster",
-            replicas=1,
-            editors=1,
-            evaluators=0,
-            editor_threads=args.editor_threads,
-            method_options=method_options(args.method, args.checkpoint),
-        )
-        system = System(config).start()
-        doc: dict = {"method": args.method, "model": args.model, "ray_address": address}
-        if cluster:
-            doc["cluster"] = [vars(s) for s in cluster.specs]
-        counts = [int(c) for c in args.replicas.split(",")]
-        doc["queries"] = bc.query_throughput(system, system.store, counts, args.seconds, args.clients, args.edits)
-        editors = [int(c) for c in args.editors.split(",")]
-        doc["editors"] = {
-            **bc.edit_throughput(system, system.store, editors, args.facts),
-            "threads_per_editor": args.editor_threads,
-        }
-        doc.update(provenance())
-        system.stop()
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if server:
-            server.stop()
-        if cluster:
-            cluster.stop()
-    if args.out:
-        out = Path(args.out) / f"cluster-{args.method}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2))
-        log.info("wrote %s", out)
-    print(json.dumps(doc, indent=2))
-    return 0
-
-
 def _bench_forgetting(args: argparse.Namespace) -> int:
     import ray
 
@@ -398,41 +294,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", default=None)
     c.add_argument("--out", default="bench/results", help="directory for the JSON results ('' for none)")
     c.set_defaults(func=_bench_cost)
-    pl = bench.add_parser("pipeline", help="edit latency at a rate, sustained ingest, query latency under load")
-    method_args(pl)
-    pl.add_argument("--rate", type=float, default=50.0, help="facts/s for the latency run")
-    pl.add_argument("--latency-facts", type=int, default=1000, help="facts in the latency run")
-    pl.add_argument("--sustained", type=int, default=10000, help="facts in the sustained-ingest run")
-    pl.add_argument("--query-facts", type=int, default=500, help="facts streamed during the query-latency run")
-    pl.add_argument("--editor-facts", type=int, default=40, help="facts in the editor-scaling run")
-    pl.add_argument("--eval-edits", type=int, default=200, help="edits applied before the evaluator-cost run")
-    pl.add_argument(
-        "--runs",
-        default="latency,sustained,query,evaluator",
-        help="which runs, comma-separated: latency, sustained, query, evaluator, editors "
-        "(results merge into the existing JSON)",
-    )
-    pl.add_argument("--redis-url", default=None, help="an existing Redis (default: start a private redis-server)")
-    pl.add_argument("--run-dir", default="runs/bench-pipeline")
-    pl.add_argument("--out", default="bench/results")
-    pl.set_defaults(func=_bench_pipeline)
-
-    cl = bench.add_parser(
-        "cluster", help="on a multi-node Ray cluster: query throughput vs replicas, edit throughput vs editors"
-    )
-    cl.add_argument("--cluster", default="cluster/local.yaml", help="local cluster file to start (see cluster/)")
-    cl.add_argument("--address", default=None, help="an existing Ray cluster instead of starting --cluster")
-    method_args(cl)
-    cl.add_argument("--replicas", default="1,2,4", help="replica counts for the query-throughput points")
-    cl.add_argument("--editors", default="1,2", help="editor counts for the edit-throughput points")
-    cl.add_argument("--seconds", type=float, default=30.0, help="query load per point")
-    cl.add_argument("--clients", type=int, default=2, help="concurrent query clients per replica")
-    cl.add_argument("--edits", type=int, default=100, help="edits stored before the query points")
-    cl.add_argument("--facts", type=int, default=300, help="facts per edit-throughput point")
-    cl.add_argument("--editor-threads", type=int, default=1, help="torch threads per editor (fixed across points)")
-    cl.add_argument("--run-dir", default="runs/bench-cluster")
-    cl.add_argument("--out", default="bench/results")
-    cl.set_defaults(func=_bench_cluster)
+    bench_system.add_parsers(bench)
 
     fg = bench.add_parser(
         "forgetting", help="the forgetting study: one CounterFact stream through several methods, measured live"
@@ -451,36 +313,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--option", action="append", default=[], help="KEY=VALUE for rome and memit (e.g. steps=10), repeatable"
     )
     fg.set_defaults(func=_bench_forgetting)
-
-    ch = bench.add_parser(
-        "chaos",
-        help="the system under faults: mixed good/bad/duplicate/supersede/retract events, a SIGKILL of a random "
-        "actor every few seconds, one Redis restart; checks nothing is lost or applied twice",
-    )
-    ch.add_argument("--method", default="recipe", help="editing method (scen runs two editors)")
-    ch.add_argument("--minutes", type=float, default=10.0, help="how long the producer sends (default 10)")
-    ch.add_argument("--rate", type=float, default=20.0, help="events per second (default 20)")
-    ch.add_argument("--kill-every", type=float, default=10.0, help="seconds between SIGKILLs (default 10)")
-    ch.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
-    ch.add_argument("--seed", type=int, default=0)
-    ch.add_argument("--run-dir", default="runs/chaos", help="where the private Redis and the Arrow logs go")
-    ch.add_argument("--out", default="bench/results", help="directory for chaos-<method>.json")
-    ch.set_defaults(func=_bench_chaos)
-
-
-def _bench_chaos(args: argparse.Namespace) -> int:
-    import ray
-
-    from editstream.bench.provenance import provenance
-    from services.bench.chaos import run_chaos, write
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    run_dir = Path(args.run_dir) / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    doc = run_chaos(args.method, args.minutes, run_dir, args.rate, args.kill_every, args.checkpoint, args.seed)
-    path = write({**doc, **provenance()}, Path(args.out))
-    ok = doc["lost"] == 0 and not any(doc["applied_twice"].values()) and doc["converged"]
-    ok = ok and not doc["bad_kinds_without_dlq"]
-    print(json.dumps({k: doc[k] for k in ("sent", "journaled", "lost", "applied_twice", "converged")}, indent=1))
-    print(f"{'PASS' if ok else 'FAIL'}: wrote {path}")
-    return 0 if ok else 1

@@ -11,6 +11,8 @@ from typing import Any
 
 import ray
 
+from editstream.generation import Sampling
+
 
 class _Client:
     def __init__(self, handle: Any) -> None:
@@ -32,9 +34,26 @@ class ReplicaClient(_Client):
         chat: bool = False,
         until_cut: bool = False,
         edited: bool = True,
+        sampling: Sampling | None = None,
     ) -> ray.ObjectRef:
         """Answers (dicts of `replica.Answer` plus the replica's name); see `ReplicaService.ask`."""
-        return self._call("ask", prompts, max_new_tokens, min_version, timeout_s, chat, until_cut, edited)
+        return self._call(
+            "ask", prompts, max_new_tokens, min_version, timeout_s, chat, until_cut, edited, False, sampling
+        )
+
+    def ask_stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 16,
+        min_version: int = 0,
+        timeout_s: float = 30.0,
+        chat: bool = False,
+        history: list[dict[str, str]] | None = None,
+        sampling: Sampling | None = None,
+    ) -> Any:
+        """One answer as it is decoded (an `ObjectRefGenerator`); see `ReplicaService.ask_stream`."""
+        args = (prompt, max_new_tokens, min_version, timeout_s, chat, history, sampling)
+        return self.handle.stream.remote("ask_stream", *args)
 
     def state(self) -> ray.ObjectRef:
         return self._call("state")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,10 @@ class Host:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.obj, method)(*args, **kwargs)
+
+    def stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """A generator method of the service, streamed (the caller gets an `ObjectRefGenerator`)."""
+        yield from getattr(self.obj, method)(*args, **kwargs)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> bool:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.compute as pc
 import torch
@@ -19,6 +22,7 @@ import torch
 from editstream.arrowlog import EDIT_SCHEMA, ArrowLog, read_log
 from editstream.artifacts import Artifact
 from editstream.errors import NotReadyError, OrderError
+from editstream.generation import Sampling
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
 from editstream.replica import Replica
@@ -221,10 +225,55 @@ class ReplicaService:
         until_cut: bool = False,
         edited: bool = True,
         any_version: bool = False,
+        sampling: Sampling | None = None,
     ) -> list[dict]:
         """Answers with the edit that fired and the version that answered (`Replica.generate` says
         what chat, until_cut and edited do). A replica that has not replayed the journal yet waits
-        until it is ready (up to `timeout_s`, then `NotReadyError`), unless `any_version`."""
+        until it is ready (up to `timeout_s`, then `NotReadyError`), unless `any_version`. sampling:
+        draw the tokens (default: greedy)."""
+        self._wait_usable(min_version, timeout_s, any_version)
+        answers = self._generate(
+            prompts, max_new_tokens, edited=edited, chat=chat, until_cut=until_cut, sampling=sampling
+        )
+        return [{**dataclasses.asdict(a), "replica": self.name} for a in answers]
+
+    def ask_stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 16,
+        min_version: int = 0,
+        timeout_s: float = 30.0,
+        chat: bool = False,
+        history: list[dict[str, str]] | None = None,
+        sampling: Sampling | None = None,
+    ) -> Iterator[dict]:
+        """One answer as it is decoded: `{"text": piece}` per piece of text, then the answer's fields
+        (as `ask` gives them, the whole text included) with `"done": True`. history (chat): the
+        conversation's turns before `prompt`, its last user turn."""
+        self._wait_usable(min_version, timeout_s, any_version=False)
+        pieces: queue.Queue = queue.Queue()
+
+        def run() -> None:
+            try:
+                (a,) = self._generate(
+                    [prompt], max_new_tokens, chat=chat, history=[history or []] if chat else None,
+                    on_text=lambda _row, piece: pieces.put({"text": piece}), sampling=sampling,
+                )  # fmt: skip
+                pieces.put({**dataclasses.asdict(a), "replica": self.name, "done": True})
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                pieces.put(e)
+
+        threading.Thread(target=run, name=f"{self.name}-stream", daemon=True).start()
+        while True:
+            item = pieces.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item.get("done"):
+                return
+
+    def _wait_usable(self, min_version: int, timeout_s: float, any_version: bool) -> None:
+        """Wait until this replica is ready (unless `any_version`) and has applied `min_version`."""
         if not self.ready and not any_version:
             with self._advanced:
                 if not self._advanced.wait_for(lambda: self.ready, timeout=timeout_s):
@@ -235,14 +284,14 @@ class ReplicaService:
                     )
         if min_version:
             self.wait_version(min_version, timeout_s)
-        options = {"edited": edited, "chat": chat, "until_cut": until_cut}
+
+    def _generate(self, prompts: list[str], max_new_tokens: int, **options: Any) -> list:
+        """`Replica.generate` under the locks its method needs."""
         if self.replica.method.decode_reads_state:
             with self._model_lock, self._lock:  # e.g. weight edits: an apply must not land mid-decode
-                answers = self.replica.generate(prompts, max_new_tokens, **options)
-        else:
-            with self._model_lock:
-                answers = self.replica.generate(prompts, max_new_tokens, state_lock=self._lock, **options)
-        return [{**dataclasses.asdict(a), "replica": self.name} for a in answers]
+                return self.replica.generate(prompts, max_new_tokens, **options)
+        with self._model_lock:
+            return self.replica.generate(prompts, max_new_tokens, state_lock=self._lock, **options)
 
     def active(self, edit_ids: list[str]) -> list[bool]:
         """Which of `edit_ids` are in effect (not retracted, not superseded): what evaluators may probe."""
