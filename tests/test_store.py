@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from services.transport.store import GroupReader, RedisStore, connect
@@ -86,3 +88,13 @@ def test_consumed_facts_are_trimmed_and_pending_ones_kept(redis_server):
     reader.ack([r[0] for r in reader.read()])
     reader.trim_consumed()
     assert store.facts_size() == 0 and store.ingest_lag() == 0
+
+
+def test_a_private_redis_server_starts_in_a_relative_directory(tmp_path, monkeypatch):
+    """redis-server changes into its --dir before it opens its log: a relative run dir must still work."""
+    from services.transport.redis_server import RedisServer, reachable
+
+    monkeypatch.chdir(tmp_path)
+    with RedisServer(directory=Path("runs") / "x" / "redis") as server:
+        assert reachable(server.url)
+    assert (tmp_path / "runs" / "x" / "redis" / "redis.log").is_file()

@@ -38,7 +38,8 @@ class RedisServer:
         if shutil.which("redis-server") is None:
             raise EditstreamError("redis-server is not installed; install it with: apt-get install redis-server")
         self.port = port or free_port()
-        self.dir = directory or Path(tempfile.mkdtemp(prefix="editstream-redis-"))
+        # absolute: redis-server changes into --dir before it opens --logfile, so a relative path would miss
+        self.dir = Path(directory).resolve() if directory else Path(tempfile.mkdtemp(prefix="editstream-redis-"))
         self.password = password
         self.tls = tls
         self.proc: subprocess.Popen | None = None
