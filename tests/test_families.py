@@ -1,0 +1,112 @@
+"""Every editing method on every model family users serve: Llama/SmolLM, Qwen2, Qwen3, Mistral,
+Gemma and GPT-2, as tiny random models built from each family's config (shape and hook points;
+what an edit does to answers is tested on the embedded model elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editstream.edits import EditRequest
+from editstream.errors import ConfigError
+from editstream.methods import create_method
+from editstream.models import LoadedLM, model_fingerprint
+from editstream.replica import Replica
+from tests.conftest import params_hash
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2"]
+METHODS = ["recipe", "text-rag", "scen", "rome", "memit"]
+FACTS = [
+    EditRequest("The Eiffel Tower is located in the city of", "Rome", subject="The Eiffel Tower", edit_id="eiffel"),
+    EditRequest("Toyota Camry is produced by", "Honda", subject="Toyota Camry", edit_id="camry"),
+]
+
+
+def tiny_config(family: str, vocab: int):
+    """A 2-layer config of `family` with 64-dim embeddings (the tiny RECIPE checkpoint's size)."""
+    import transformers as tf
+
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    }
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common, tie_word_embeddings=True),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=16),
+        "mistral": lambda: tf.MistralConfig(**common),
+        "gemma": lambda: tf.GemmaConfig(**common, head_dim=16),
+    }
+    return configs[family]()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_lm(request, real_lm) -> LoadedLM:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config(request.param, len(real_lm.tokenizer))
+    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    name = f"tiny-{request.param}"
+    return LoadedLM(model, real_lm.tokenizer, name, model_fingerprint(model, name))
+
+
+def options(name: str, family: str, tiny_checkpoint, tiny_encoder) -> dict:
+    if name in ("recipe", "text-rag"):
+        return {"checkpoint": tiny_checkpoint, "encoder": tiny_encoder}
+    if name in ("rome", "memit"):
+        return {"mom2_samples": 256, "steps": 3}
+    if name == "scen":  # GPT-2's FFN has no gate for a low-rank expert: the narrow expert instead
+        return {"expert_steps": 3, "neuron_steps": 20, **({"expert": "narrow"} if family == "gpt2" else {})}
+    return {}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_edits_every_family(
+    family_lm, name, tiny_checkpoint, tiny_encoder, tmp_path, monkeypatch, request
+):
+    if family_lm.name == "tiny-gpt2" and name == "scen":
+        reason = "open: SCEN's neuron never routes on GPT-2, even teacher-forced on the edit's own prompt"
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+    monkeypatch.setenv("EDITSTREAM_CACHE", str(tmp_path))  # key statistics of this tiny model: not kept
+    method = create_method(name, family_lm, **options(name, family_lm.name[5:], tiny_checkpoint, tiny_encoder))
+    replica = Replica(method)
+    before = params_hash(family_lm.model)
+    weights = {n: p.detach().clone() for n, p in family_lm.model.named_parameters()}
+    try:
+        artifacts = method.compute(FACTS)
+        assert [a.edit_id for a in artifacts] == ["eiffel", "camry"]
+        assert params_hash(family_lm.model) == before, f"{name} compute changed the {family_lm.name} weights"
+        for seq, a in enumerate(artifacts, start=1):
+            replica.apply(seq, a)
+        answers = replica.generate([f.prompt for f in FACTS] + ["Bees make"], 4)
+        answers += replica.generate([FACTS[0].prompt], 4, chat=True)
+        assert all(a.completion_tokens > 0 for a in answers)
+        if name in ("rome", "memit"):
+            assert params_hash(family_lm.model) != before, f"{name} left the {family_lm.name} weights as they were"
+        else:  # a retrieved prompt or a routed expert: the edit is found for its own prompt
+            assert [answers[i].fired for i in (0, 1)] == ["eiffel", "camry"]
+        if name in ("recipe", "text-rag"):  # looked up on the prompt's text, so as a chat turn too (SCEN
+            assert answers[3].fired == "eiffel"  # reads hidden states, which a random model's template moves)
+        for seq, a in enumerate(reversed(artifacts), start=len(artifacts) + 1):
+            replica.retract(seq, a.edit_id)
+        assert method.edit_ids() == []
+        for n, p in family_lm.model.named_parameters():  # removal restores the weights (up to rounding)
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-5, msg=f"{name} on {family_lm.name}: {n}")
+    finally:
+        method.reset()
+        with torch.no_grad():  # the next method starts from the same weights
+            for n, p in family_lm.model.named_parameters():
+                p.copy_(weights[n])
+
+
+def test_a_recipe_checkpoint_for_another_embedding_size_is_refused_at_start(real_lm, tiny_checkpoint, tiny_encoder):
+    with pytest.raises(ConfigError, match="64-dim prompts; model .* embeds in 576"):
+        create_method("recipe", real_lm, checkpoint=tiny_checkpoint, encoder=tiny_encoder)
