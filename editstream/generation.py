@@ -101,7 +101,8 @@ def greedy(
     Finished rows leave the batch (their cache rows are dropped, and `select_rows` is told which
     rows go on, for hooks that hold per-row state), so a batch costs what its unfinished rows cost;
     `shrink=False` keeps every row to the end (for hooks that cannot follow). `until`: per row, a
-    text whose words end the row as soon as its output holds them (None: no such end).
+    text whose words end the row as soon as its output holds them (None: no such end); while the
+    output is still that text's first words, a stop does not end it ("Robert J." of "Robert J Flaherty").
     `stop_rows`: the rows `stops` applies to (default: all).
     `limits`: per row, at most this many new tokens (default: `max_new_tokens` for every row).
     `unglued`: (token ids, rows): the first new token of those rows is none of those ids (a text
@@ -142,13 +143,12 @@ def greedy(
                 tokens[row].append(token)
                 if on_tokens is not None:
                     on_tokens(row, tokens[row])
+                said = tok.decode(tokens[row]) if until[row] else ""
+                if is_stop and not is_eos and until[row] and wild.within(said, until[row]):
+                    finished[i] = is_stop = False  # "Robert J." on the way to "Robert J Flaherty"
                 ended[row], stopped[row] = is_eos, is_stop and not is_eos
-                if (
-                    len(tokens[row]) >= limits[row]
-                    or not finished[i]
-                    and until[row]
-                    and wild.contains(tok.decode(tokens[row]), until[row])
-                ):
+                held = until[row] and not finished[i]
+                if len(tokens[row]) >= limits[row] or held and wild.contains(said, until[row]):
                     finished[i] = True
             done = done | finished
             if bool(done.all()):

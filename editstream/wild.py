@@ -13,8 +13,10 @@ judged against the target:
 Beside them: echo (the uncut continuation repeats the target 3+ times) and fluency (the weighted
 bi-/tri-gram entropy of the uncut continuation, as ROME reports generation entropy).
 
-A target that itself holds a stop character ("Robert C. Newton") is not cut inside itself: when
-the continuation starts with the target (case-insensitively), the cut is searched after it.
+A full stop between the target's words is not the answer's end when the answer goes on to say the
+whole target: "Robert C. Newton" (a target that holds a stop) and "Robert J. Flaherty" (an initial
+written with its dot, for the target "Robert J Flaherty") are each cut after the name, for edited
+and unedited answers alike; "Robert J. Reyes" is still cut at "Robert J".
 """
 
 from __future__ import annotations
@@ -34,14 +36,20 @@ _WORD = re.compile(r"\w+")
 
 
 def cut(text: str, target: str = "") -> str:
-    """The answer as a user reads it: `text` up to the first stop (".", newline) or its end."""
+    """The answer as a user reads it: `text` up to the first stop (".", newline) or its end; a "."
+    inside the target's words is passed over when the text goes on to say all of them."""
     body = text.lstrip()
-    skip = 0
-    t = target.strip()
-    if t and any(s in t for s in STOPS) and body.casefold().startswith(t.casefold()):
-        skip = len(t)
-    ends = [i for i in (body.find(s, skip) for s in STOPS) if i >= 0]
-    return body[: min(ends)] if ends else body
+    says_target = bool(target.strip()) and within(body, target, whole=True)
+    start = 0
+    while True:
+        ends = [i for i in (body.find(s, start) for s in STOPS) if i >= 0]
+        if not ends:
+            return body
+        end = min(ends)
+        if says_target and body[end] == "." and within(body[:end], target):
+            start = end + 1
+            continue
+        return body[:end]
 
 
 def normalize(text: str) -> str:
@@ -69,6 +77,15 @@ def answer_first(answer: str, target: str) -> bool:
 def _count_runs(haystack: list[str], needle: list[str]) -> int:
     n = len(needle)
     return sum(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1)) if n else 0
+
+
+def within(text: str, target: str, whole: bool = False) -> bool:
+    """The words of `text` are the target's first words: some of them, not all (a name said up to
+    an initial: "Robert J" of "Robert J Flaherty"); whole: the text's words start with all of them."""
+    w, t = words(text), words(target)
+    if whole:
+        return bool(t) and w[: len(t)] == t
+    return 0 < len(w) < len(t) and t[: len(w)] == w
 
 
 def contains(answer: str, target: str) -> bool:

@@ -9,7 +9,7 @@ import torch
 from editstream import wild
 from editstream.demo_facts import demo_facts
 from editstream.errors import ConfigError
-from editstream.generation import Sampling, glue_token_ids, greedy
+from editstream.generation import Sampling, glue_token_ids, greedy, stop_token_ids
 from editstream.methods import create_method
 from editstream.prefix import soft_prefix
 from editstream.replica import Replica
@@ -79,6 +79,16 @@ def test_a_text_ending_in_a_whole_word_is_not_glued_onto(real_lm):
     barred = greedy(real_lm, texts, 3, unglued=(glue_token_ids(real_lm), [True, False]))
     assert barred.texts[1] == free.texts[1]
     assert not barred.texts[0][:1].isalnum(), barred.texts[0]
+
+
+def test_a_stop_inside_the_held_words_does_not_end_the_row(real_lm):
+    """The hold on a fired row lasts through "J." and "K." while the output is still the target's
+    first words, and ends at the first stop once it has left them."""
+    texts, stops = ["The Harry Potter books were written by"] * 3, stop_token_ids(real_lm)
+    out = greedy(real_lm, texts, 12, stops, until=[None, "J K Rowling", "J K Smith"])
+    assert out.texts[0] == " J." and out.stopped[0]  # the unheld row ends at the initial's dot
+    assert out.texts[1].strip() == "J.K. Rowling" and not out.stopped[1]
+    assert out.texts[2].strip() == "J.K. Rowling." and out.stopped[2]
 
 
 def test_streamed_pieces_add_up_to_the_answer_in_both_passes(real_lm, real_encoder, trained_checkpoint):

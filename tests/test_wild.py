@@ -27,6 +27,22 @@ def test_a_target_with_a_full_stop_is_not_cut_inside_itself():
     assert wild.cut(" Robert Newton. He was", "Robert C. Newton") == "Robert Newton"
 
 
+def test_an_initial_written_with_its_dot_is_read_through_only_when_the_whole_name_follows():
+    assert wild.cut(" Robert J. Flaherty, 1922. It", "Robert J Flaherty") == "Robert J. Flaherty, 1922"
+    assert wild.cut(" Robert J. Reyes, 1999. It", "Robert J Flaherty") == "Robert J"
+    assert wild.cut(" Robert J.\nFlaherty", "Robert J Flaherty") == "Robert J."  # a newline always ends it
+    assert wild.cut(" Robert J. Flaherty", "") == "Robert J"
+
+
+@pytest.mark.parametrize(
+    "text, whole, expected",
+    [("Robert J", False, True), ("Robert J Flaherty", False, False), ("", False, False),
+     ("Robert K", False, False), ("Robert J. Flaherty wrote", True, True), ("Robert J", True, False)],
+)  # fmt: skip
+def test_within_says_whether_a_text_is_so_far_the_targets_words(text, whole, expected):
+    assert wild.within(text, "Robert J Flaherty", whole=whole) is expected
+
+
 def test_normalize_drops_case_punctuation_and_articles():
     assert wild.normalize("  The  Eiffel-Tower, an icon!") == "eiffel tower icon"
     assert wild.normalize("A") == ""
