@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 
-import faiss
 import numpy as np
 import torch
 
@@ -36,6 +35,8 @@ class KeyIndex(_EditSlots):
     """Edit keys by edit_id, searchable by inner product; add and remove are idempotent."""
 
     def __init__(self, dim: int) -> None:
+        import faiss  # here, not at the top: a GPU replica (tensor index) needs no faiss
+
         super().__init__(dim)
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._ids = itertools.count(1)

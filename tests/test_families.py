@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from editstream.bench.gpu import SHAPES
 from editstream.edits import EditRequest
 from editstream.errors import ConfigError
 from editstream.methods import create_method
@@ -28,15 +29,7 @@ def tiny_config(family: str, vocab: int):
 
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512)
-    common = {
-        "vocab_size": vocab,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    }
+    common = {"vocab_size": vocab, **SHAPES["tiny"]}  # the GPU smoke run's shape too
     configs = {
         "llama": lambda: tf.LlamaConfig(**common, tie_word_embeddings=True),
         "qwen2": lambda: tf.Qwen2Config(**common),
@@ -110,3 +103,26 @@ def test_every_method_edits_every_family(
 def test_a_recipe_checkpoint_for_another_embedding_size_is_refused_at_start(real_lm, tiny_checkpoint, tiny_encoder):
     with pytest.raises(ConfigError, match="64-dim prompts; model .* embeds in 576"):
         create_method("recipe", real_lm, checkpoint=tiny_checkpoint, encoder=tiny_encoder)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_edits_a_bfloat16_model(real_lm, name, tiny_checkpoint, tiny_encoder, tmp_path, monkeypatch):
+    """Models are served in bf16 on GPUs: edits are solved in float32 and applied in the weights' dtype."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(real_lm.tokenizer)), dtype=torch.bfloat16)
+    lm = LoadedLM(model.eval().requires_grad_(False), real_lm.tokenizer, "tiny-llama-bf16", "bf16")
+    monkeypatch.setenv("EDITSTREAM_CACHE", str(tmp_path))
+    method = create_method(name, lm, **options(name, "llama", tiny_checkpoint, tiny_encoder))
+    replica = Replica(method)
+    before = params_hash(model)
+    for seq, a in enumerate(method.compute(FACTS), start=1):
+        replica.apply(seq, a)
+    answers = replica.generate([f.prompt for f in FACTS], 4)
+    assert all(a.completion_tokens > 0 for a in answers)
+    if name in ("rome", "memit"):
+        assert params_hash(model) != before and next(model.parameters()).dtype == torch.bfloat16
+    else:
+        assert [a.fired for a in answers] == ["eiffel", "camry"]
+    method.reset()

@@ -63,19 +63,18 @@ def edit_throughput(method: EditMethod, edits: Sequence[EditRequest], repeats: i
 def fill(method: EditMethod, artifacts: list[Artifact], total: int, key: str = "key") -> None:
     """Apply `artifacts`, then synthetic ones up to `total` stored edits: copies of real artifacts
     whose routing tensor `key` has random directions of the same norms, row by row (so it never matches
-    a probe)."""
+    a probe); called again with a larger `total`, it adds the difference."""
     for a in artifacts[:total]:
         method.apply(a)
     gen = torch.Generator().manual_seed(0)
-    i = 0
-    while len(method.edit_ids()) < total:
+    stored = len(method.edit_ids())  # a second fill adds to the first
+    for i in range(stored, total):
         base = artifacts[i % len(artifacts)]
         real = base.tensors[key].float()
         direction = torch.nn.functional.normalize(torch.randn(real.shape, generator=gen), dim=-1)
         tensors = {**base.tensors, key: (direction * real.norm(dim=-1, keepdim=True)).to(base.tensors[key].dtype)}
         meta = {**base.meta, "prompt": f"synthetic filler {i}"}
         method.apply(Artifact(base.method, f"filler-{i}", base.base_fingerprint, tensors, meta))
-        i += 1
 
 
 def edit_seconds(method: EditMethod, edits: Sequence[EditRequest]) -> tuple[list[Artifact], dict[str, float]]:

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from editstream.models import EMBEDDED_LLM
-from services.cli import bench_system
+from services.cli import bench_gpu, bench_system
 from services.cli.common import edit_scope_arg, parse_options
 
 log = logging.getLogger("editstream")
@@ -295,6 +295,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", default="bench/results", help="directory for the JSON results ('' for none)")
     c.set_defaults(func=_bench_cost)
     bench_system.add_parsers(bench)
+    bench_gpu.add_parser(bench)
 
     fg = bench.add_parser(
         "forgetting", help="the forgetting study: one CounterFact stream through several methods, measured live"

@@ -31,7 +31,7 @@ from editstream.edits import EditRequest
 from editstream.errors import ConfigError
 from editstream.methods.base import EditMethod
 from editstream.methods.rome.stats import DEFAULT_CORPUS, second_moments
-from editstream.methods.rome.weights import delta, key_module, param_name, temporarily_added
+from editstream.methods.rome.weights import delta, key_module, output_of, param_name, temporarily_added
 from editstream.methods.scen.layers import _Stop, capture_layer_input, decoder_layers, positions, run_from
 from editstream.metrics import encode_pairs
 from editstream.models import LoadedLM
@@ -118,7 +118,7 @@ class LocateEdit(EditMethod):
         box: dict[str, torch.Tensor] = {}
 
         def hook(_module, args):
-            box["k"] = args[0][torch.arange(len(texts)), pos]
+            box["k"] = args[0][torch.arange(len(texts)), pos].float()
             raise _Stop
 
         handle = key_module(self.lm.model, layer).register_forward_pre_hook(hook)
@@ -181,9 +181,9 @@ class LocateEdit(EditMethod):
 
         def add_delta(_module, _args, out):
             h = out[0] if isinstance(out, tuple) else out
-            box.setdefault("orig", h[torch.tensor(bare_rows, device=dev), pos[bare_rows]].detach().clone())
+            box.setdefault("orig", h[torch.tensor(bare_rows, device=dev), pos[bare_rows]].detach().float())
             h = h.clone()
-            h[rows, pos] = h[rows, pos] + d[row_owner]
+            h[rows, pos] = h[rows, pos] + d[row_owner].to(h.dtype)
             return (h, *out[1:]) if isinstance(out, tuple) else h
 
         handle = block.register_forward_hook(add_delta)
@@ -195,11 +195,11 @@ class LocateEdit(EditMethod):
         own = torch.tensor(owner, device=dev)
         try:
             with torch.no_grad():
-                base = model.lm_head(run_from(model, layer, inp)[:, off:])
+                base = model.lm_head(run_from(model, layer, inp)[:, off:]).float()
                 kl_ref = F.log_softmax(base[kl_sel, kl_idx], dim=-1)
             opt = torch.optim.Adam([d], lr=c.lr)
             for _ in range(c.steps):
-                logits = model.lm_head(run_from(model, layer, inp)[:, off:])  # answer positions only
+                logits = model.lm_head(run_from(model, layer, inp)[:, off:]).float()  # answer positions only
                 nll_rows = torch.stack(
                     [
                         F.cross_entropy(logits[i, starts[i] - 1 - off : starts[i] - 1 - off + len(t)], t)
@@ -280,12 +280,12 @@ class Rome(LocateEdit):
         with torch.no_grad():
             bare = self._keys(layer, [edit.prompt], subject)
             k = self._keys(layer, self._key_contexts(edit), subject)
-            v_star = module(bare) + d  # the new output wanted for this key
+            v_star = output_of(module, bare) + d  # the new output wanted for this key
             cov = self.mom2[layer]
             cov = cov + self.config.regularise * cov.diagonal().mean() * torch.eye(len(cov), device=cov.device)
             ck = torch.linalg.solve(cov, k)
             right = ck / (ck @ k)
-            u = v_star - module(k)
+            u = v_star - output_of(module, k)
         return [self._artifact(edit, u[None], right[None])]
 
 
@@ -330,7 +330,7 @@ class Memit(LocateEdit):
         box: dict[str, torch.Tensor] = {}
 
         def hook(_module, _args, out):
-            box["h"] = (out[0] if isinstance(out, tuple) else out)[torch.arange(len(pairs)), pos]
+            box["h"] = (out[0] if isinstance(out, tuple) else out)[torch.arange(len(pairs)), pos].float()
             raise _Stop
 
         handle = decoder_layers(self.lm.model)[layer].register_forward_hook(hook)

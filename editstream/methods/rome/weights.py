@@ -43,10 +43,15 @@ def is_transposed(module: nn.Module) -> bool:
 
 def delta(module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """sum_i u_i v_i^T in the weight's orientation; u: (d_model, r) or (d_model,), v: (d_ff, r) or (d_ff,)."""
-    u2 = u.reshape(u.shape[0], -1).to(module.weight)
-    v2 = v.reshape(v.shape[0], -1).to(module.weight)
-    d = u2 @ v2.T
+    u2 = u.reshape(u.shape[0], -1).to(module.weight.device, torch.float32)
+    v2 = v.reshape(v.shape[0], -1).to(module.weight.device, torch.float32)
+    d = (u2 @ v2.T).to(module.weight.dtype)  # solved in float32, stored as the weight is (bf16 too)
     return d.T if is_transposed(module) else d
+
+
+def output_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` in float32, whatever dtype the module's weight has."""
+    return module(x.to(module.weight.dtype)).float()
 
 
 @contextmanager

@@ -27,7 +27,8 @@ class ExpertBank:
         self, kind: str, mlp: nn.Module, width: int, capacity: int, device: torch.device, dtype: torch.dtype
     ) -> None:
         self.kind, self.mlp = kind, mlp
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype = device, dtype  # routing (prototypes, thresholds)
+        self.expert_dtype = next(mlp.parameters()).dtype  # experts act as the FFN does (bf16 too)
         template = new_expert(kind, mlp, width)
         self.d = next(v for k, v in template.items() if k in ("w_in", "a_gate", "gate_proj")).shape[-1]
         self.shapes = {} if kind == "full" else {k: tuple(v.shape) for k, v in template.items()}
@@ -43,7 +44,7 @@ class ExpertBank:
 
     def _alloc(self, capacity: int) -> None:
         def grow(old: torch.Tensor, shape: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:
-            new = torch.full((capacity, *shape), fill, device=self.device, dtype=self.dtype)
+            new = torch.full((capacity, *shape), fill, device=self.device, dtype=old.dtype)
             new[: len(old)] = old
             return new
 
@@ -51,7 +52,7 @@ class ExpertBank:
         self.keys = grow(self.keys, (PROTOTYPES, self.d))
         self.bias = grow(self.bias, (PROTOTYPES,), float("-inf"))  # empty slots and prototypes never fire
         for name, shape in self.shapes.items():
-            old = self.stacked.get(name, torch.zeros(0, *shape, device=self.device, dtype=self.dtype))
+            old = self.stacked.get(name, torch.zeros(0, *shape, device=self.device, dtype=self.expert_dtype))
             self.stacked[name] = grow(old, shape)
         self.free.extend(range(capacity - 1, old_cap - 1, -1))
         self._groups = None
@@ -77,9 +78,9 @@ class ExpertBank:
         self.bias[slot, :k] = neuron_b.to(self.device, self.dtype)
         if self.shapes:
             for name in self.shapes:
-                self.stacked[name][slot] = expert[name].to(self.device, self.dtype)
+                self.stacked[name][slot] = expert[name].to(self.device, self.expert_dtype)
         else:
-            self.full[slot] = {k: v.to(self.device, self.dtype) for k, v in expert.items()}
+            self.full[slot] = {k: v.to(self.device, self.expert_dtype) for k, v in expert.items()}
         self.slots[edit_id] = slot
         self.windows[slot] = list(windows)
         self._groups = None
