@@ -95,6 +95,7 @@ def greedy(
     unglued: tuple[torch.Tensor, Sequence[bool]] | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
     sampling: tuple[Sampling, torch.Generator] | None = None,
+    halt: Sequence[str] = (),
 ) -> Decoded:
     """Greedy continuations of `texts` (left-padded in one batch, no special tokens added).
 
@@ -109,6 +110,7 @@ def greedy(
     that ends with a whole word is not extended into a longer one).
     `on_tokens(row, tokens)`: called with a row's tokens so far each time it gets one (streaming).
     `sampling`: draw tokens (with this generator) instead of the greedy choice.
+    `halt`: texts (a request's stop sequences) that end a row once its output holds one.
     """
     tok, dev = lm.tokenizer, lm.device
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
@@ -143,12 +145,16 @@ def greedy(
                 tokens[row].append(token)
                 if on_tokens is not None:
                     on_tokens(row, tokens[row])
-                said = tok.decode(tokens[row]) if until[row] else ""
+                said = tok.decode(tokens[row]) if until[row] or halt else ""
                 if is_stop and not is_eos and until[row] and wild.within(said, until[row]):
                     finished[i] = is_stop = False  # "Robert J." on the way to "Robert J Flaherty"
                 ended[row], stopped[row] = is_eos, is_stop and not is_eos
                 held = until[row] and not finished[i]
-                if len(tokens[row]) >= limits[row] or held and wild.contains(said, until[row]):
+                if (
+                    len(tokens[row]) >= limits[row]
+                    or (held and wild.contains(said, until[row]))
+                    or any(h in said for h in halt)
+                ):
                     finished[i] = True
             done = done | finished
             if bool(done.all()):

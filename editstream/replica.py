@@ -45,6 +45,10 @@ class Turns:
     history: Sequence[Sequence[dict[str, str]]]
     on_text: Callable[[int, str], None] | None = None
     sampling: tuple[Sampling, torch.Generator] | None = None
+    halt: tuple[str, ...] = ()  # stop sequences: a row ends once its text holds one
+
+    def halted(self, text: str) -> bool:
+        return any(h in text for h in self.halt)
 
     def text(self, lm: LoadedLM, prompt: str, row: int) -> str:
         return chat_text(lm, prompt, self.history[row]) if self.chat else prompt
@@ -192,6 +196,7 @@ class Replica:
         history: Sequence[Sequence[dict[str, str]]] | None = None,
         on_text: Callable[[int, str], None] | None = None,
         sampling: Sampling | None = None,
+        stop: Sequence[str] = (),
     ) -> list[Answer]:
         """Greedy continuation of each prompt (batched, KV-cached), with the edits in effect.
 
@@ -206,13 +211,15 @@ class Replica:
         only): per row, the conversation's earlier turns ({"role", "content"} dicts) before the
         prompt, its last user turn; the edit is still looked up on the prompt alone. on_text(row,
         piece): called with each piece of text as it is decoded (streaming); the pieces of a row
-        add up to its answer's text. sampling: draw tokens instead of the greedy choice.
+        add up to its answer's text. sampling: draw tokens instead of the greedy choice. stop: texts
+        that end a row's decoding once its text holds one (a request's stop sequences; the text
+        still holds the stop, for the caller to cut).
         """
         scope = checked_scope(scope or self.method.edit_scope)
         if history is not None and not chat:
             raise ConfigError("a conversation history needs chat=True")
         drawn = (sampling, sampling.generator(self.lm.device)) if sampling is not None else None
-        turns = Turns(chat, history or [()] * len(prompts), on_text, drawn)
+        turns = Turns(chat, history or [()] * len(prompts), on_text, drawn, tuple(s for s in stop if s))
         stops = self.stop_token_ids() if until_cut else None
         if not edited or scope == "text" or not self.method.plan_only:
             return self._generate(prompts, max_new_tokens, edited, turns, stops, state_lock=state_lock)[0]
@@ -227,6 +234,7 @@ class Replica:
             and not first.ended[i]
             and a.completion_tokens < max_new_tokens
             and not (until_cut and first.stopped[i])
+            and not turns.halted(a.text)
         ]
         if not go_on:
             return answers
@@ -237,8 +245,9 @@ class Replica:
         unglued = (self.glue_token_ids(), [not first.stopped[i] for i in go_on])
         pieces = turns.pieces(self.lm, go_on)
         rest = greedy(
-            self.lm, texts, max(rooms), stops, limits=rooms, unglued=unglued, on_tokens=pieces, sampling=turns.sampling
-        )
+            self.lm, texts, max(rooms), stops, limits=rooms, unglued=unglued, on_tokens=pieces, sampling=turns.sampling,
+            halt=turns.halt,
+        )  # fmt: skip
         if pieces is not None:
             pieces.finish(rest)
         for i, text, produced, ended in zip(go_on, rest.texts, rest.produced, rest.ended, strict=True):
@@ -280,7 +289,7 @@ class Replica:
             pieces = turns.pieces(self.lm)
             out = greedy(
                 self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable, until, stop_rows,
-                on_tokens=pieces, sampling=turns.sampling,
+                on_tokens=pieces, sampling=turns.sampling, halt=turns.halt,
             )  # fmt: skip
             if pieces is not None:
                 pieces.finish(out)

@@ -219,6 +219,9 @@ def check_chat_and_streaming(url: str, oai: OpenAI, client: httpx.Client, writer
     text = "".join(e["choices"][0]["text"] for e in events)
     assert text.strip().startswith("Rome") and "." not in text, text
     assert events[-1]["choices"][0]["finish_reason"] == "stop" and events[-1]["choices"][0]["editstream"]["fired"]
+    stopped = oai.completions.create(model="m", prompt="The capital of Japan is", max_tokens=48, stop=["."])
+    assert "." not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < 12  # the replica stopped decoding at the stop, not at 48 tokens
 
     # sampling: the same seed draws the same text; what is not supported is refused in OpenAI's shape
     drawn = [

@@ -91,6 +91,14 @@ def test_a_stop_inside_the_held_words_does_not_end_the_row(real_lm):
     assert out.texts[2].strip() == "J.K. Rowling." and out.stopped[2]
 
 
+def test_a_request_stop_sequence_ends_decoding(real_lm):
+    replica = Replica(create_method("none", real_lm))
+    texts = ["The Harry Potter books were written by"] * 2
+    free, halted = replica.generate(texts[:1], 12), replica.generate(texts[1:], 12, stop=["xyz", "K."])
+    assert free[0].completion_tokens == 12 and free[0].text.startswith(" J.K. Rowling")
+    assert halted[0].text == " J.K." and halted[0].completion_tokens < 12
+
+
 def test_streamed_pieces_add_up_to_the_answer_in_both_passes(real_lm, real_encoder, trained_checkpoint):
     """With the answer scope a fired edit's row is decoded twice (the edit's words, then the base
     model's); the streamed pieces of each row are its whole text, in order, from both passes."""

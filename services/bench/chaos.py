@@ -13,11 +13,13 @@ At the end, once the producer stopped and every replica caught up, it checks and
 sent / journaled / lost, entries applied per replica and applied twice (from the replicas' edit
 logs), dead-lettered by kind with their reasons (each hostile kind must be there), replica
 versions and digests, and per kill the seconds until the actor answered again (a replica: until it
-was back at the journal's head).
+was ready again at the version the other replica had when it was killed, `catch_up_to`; the
+journal's head can be far ahead of what a slow method's editors have computed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -120,16 +122,26 @@ def _kill(system: System, name: str) -> float:
     return time.time()
 
 
-def _recovered(system: System, store: RedisStore, name: str, killed_at: float, timeout_s: float = 300) -> float | None:
-    """Seconds from the kill until the actor answers (a replica: until it is back at the journal head)."""
+def _peer_version(system: System, name: str) -> int | None:
+    """The highest version another replica had applied (what a restarted `name` must reach again:
+    the journal's head may be ahead of what the editors have computed, with a slow method)."""
+    versions = []
+    for other in system.names("replica"):
+        if other != name:
+            with contextlib.suppress(ray.exceptions.RayError):
+                versions.append(ray.get(ReplicaClient(system.handle(other)).state(), timeout=5)["version"])
+    return max(versions, default=None)
+
+
+def _recovered(system: System, name: str, killed_at: float, target: int | None, timeout_s: float = 300) -> float | None:
+    """Seconds from the kill until the actor answers (a replica: until it is ready and has applied
+    `target`, the version a live peer had at the kill)."""
     deadline = killed_at + timeout_s
-    head = None
     while time.time() < deadline:
         try:
             if name.startswith("replica"):
-                head = head or store.last_seq()
                 state = ray.get(ReplicaClient(system.handle(name)).state(), timeout=5)
-                if state["version"] >= head and state["ready"]:
+                if state["version"] >= (target or 0) and state["ready"]:
                     return round(time.time() - killed_at, 2)
             else:
                 ray.get(system.handle(name).ping.remote(), timeout=5)
@@ -140,8 +152,8 @@ def _recovered(system: System, store: RedisStore, name: str, killed_at: float, t
     return None
 
 
-def _watch(system: System, store: RedisStore, record: dict, killed_at: float) -> None:
-    record["recovered_s"] = _recovered(system, store, record["actor"], killed_at)
+def _watch(system: System, record: dict, killed_at: float) -> None:
+    record["recovered_s"] = _recovered(system, record["actor"], killed_at, record.get("catch_up_to"))
 
 
 def _converge(system: System, store: RedisStore, timeout_s: float) -> list[dict]:
@@ -207,14 +219,17 @@ def run_chaos(
                 redis_restart = {"at_s": round(t - started, 1), "down_s": round(time.time() - t, 2)}
                 continue
             victim = rng.choice(system.names("replica") + system.names("editor") + ["ingest", "evaluator-0"])
+            peer = _peer_version(system, victim) if victim.startswith("replica") else None
             try:
                 killed_at = _kill(system, victim)
             except (ray.exceptions.RayError, ProcessLookupError) as exc:
                 kills.append({"actor": victim, "error": repr(exc)})
                 continue
             record = {"actor": victim, "at_s": round(killed_at - started, 1), "recovered_s": None}
+            if peer is not None:
+                record["catch_up_to"] = peer
             kills.append(record)
-            watcher = threading.Thread(target=_watch, args=(system, store, record, killed_at), daemon=True)
+            watcher = threading.Thread(target=_watch, args=(system, record, killed_at), daemon=True)
             watcher.start()
             watchers.append(watcher)
         producer.join()

@@ -134,10 +134,15 @@ class Decoding(BaseModel):
             "frequency_penalty": bool(self.frequency_penalty),
             "logit_bias": bool(self.logit_bias),
             "top_p without temperature > 0": self.top_p not in (None, 1) and not self.temperature,
+            "more than 4 stop sequences": len(self.stops()) > 4,
         }
         refused = [name for name, on in asked.items() if on]
         if refused:
             raise HTTPException(400, f"not supported: {', '.join(refused)}")
+
+    def stops(self) -> list[str]:
+        """The request's stop sequences: the replica ends decoding at one, the gateway cuts there."""
+        return stop_list(self.stop)
 
     def sampling(self) -> Sampling | None:
         if not self.temperature:
@@ -207,9 +212,14 @@ def fields_of(fact: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """A request's `stop` (one string or a list) as a list of its non-empty sequences."""
+    return [s for s in ([stop] if isinstance(stop, str) else (stop or [])) if s]
+
+
 def cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
     """Text up to the first stop sequence, and whether one was found."""
-    stops = [stop] if isinstance(stop, str) else (stop or [])
+    stops = stop_list(stop)
     cuts = [text.index(s) for s in stops if s and s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
 
@@ -219,7 +229,7 @@ class StopWatch:
     back a tail that could still grow into a stop; `stopped` once one was found."""
 
     def __init__(self, stop: str | list[str] | None) -> None:
-        self.stops = [s for s in ([stop] if isinstance(stop, str) else (stop or [])) if s]
+        self.stops = stop_list(stop)
         self.text, self.sent, self.stopped = "", 0, False
 
     def feed(self, piece: str) -> str:
@@ -286,7 +296,9 @@ class Gateway:
         for name in self._in_turn():  # a replica that died since its last heartbeat: try the next one
             try:
                 client = ReplicaClient(self._handle(name))
-                return await client.ask(prompts, max_tokens, body.min_version, chat=chat, sampling=body.sampling())
+                return await client.ask(
+                    prompts, max_tokens, body.min_version, chat=chat, sampling=body.sampling(), stop=body.stops()
+                )
             except (ValueError, ray.exceptions.RayActorError) as e:
                 self._handles.pop(name, None)
                 last_error = e
@@ -301,7 +313,9 @@ class Gateway:
         for name in self._in_turn():
             try:
                 client = ReplicaClient(self._handle(name))
-                items = client.ask_stream(prompt, max_tokens, body.min_version, 30.0, chat, history, body.sampling())
+                items = client.ask_stream(
+                    prompt, max_tokens, body.min_version, 30.0, chat, history, body.sampling(), body.stops()
+                )
                 first = await (await items.__anext__())
                 return first, items
             except (ValueError, ray.exceptions.RayActorError) as e:

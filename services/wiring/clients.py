@@ -35,10 +35,11 @@ class ReplicaClient(_Client):
         until_cut: bool = False,
         edited: bool = True,
         sampling: Sampling | None = None,
+        stop: list[str] | None = None,
     ) -> ray.ObjectRef:
         """Answers (dicts of `replica.Answer` plus the replica's name); see `ReplicaService.ask`."""
         return self._call(
-            "ask", prompts, max_new_tokens, min_version, timeout_s, chat, until_cut, edited, False, sampling
+            "ask", prompts, max_new_tokens, min_version, timeout_s, chat, until_cut, edited, False, sampling, stop
         )
 
     def ask_stream(
@@ -50,9 +51,10 @@ class ReplicaClient(_Client):
         chat: bool = False,
         history: list[dict[str, str]] | None = None,
         sampling: Sampling | None = None,
+        stop: list[str] | None = None,
     ) -> Any:
         """One answer as it is decoded (an `ObjectRefGenerator`); see `ReplicaService.ask_stream`."""
-        args = (prompt, max_new_tokens, min_version, timeout_s, chat, history, sampling)
+        args = (prompt, max_new_tokens, min_version, timeout_s, chat, history, sampling, stop)
         return self.handle.stream.remote("ask_stream", *args)
 
     def state(self) -> ray.ObjectRef:

@@ -226,14 +226,15 @@ class ReplicaService:
         edited: bool = True,
         any_version: bool = False,
         sampling: Sampling | None = None,
+        stop: list[str] | None = None,
     ) -> list[dict]:
         """Answers with the edit that fired and the version that answered (`Replica.generate` says
         what chat, until_cut and edited do). A replica that has not replayed the journal yet waits
         until it is ready (up to `timeout_s`, then `NotReadyError`), unless `any_version`. sampling:
-        draw the tokens (default: greedy)."""
+        draw the tokens (default: greedy). stop: decoding of a row ends once its text holds one."""
         self._wait_usable(min_version, timeout_s, any_version)
         answers = self._generate(
-            prompts, max_new_tokens, edited=edited, chat=chat, until_cut=until_cut, sampling=sampling
+            prompts, max_new_tokens, edited=edited, chat=chat, until_cut=until_cut, sampling=sampling, stop=stop or ()
         )
         return [{**dataclasses.asdict(a), "replica": self.name} for a in answers]
 
@@ -246,6 +247,7 @@ class ReplicaService:
         chat: bool = False,
         history: list[dict[str, str]] | None = None,
         sampling: Sampling | None = None,
+        stop: list[str] | None = None,
     ) -> Iterator[dict]:
         """One answer as it is decoded: `{"text": piece}` per piece of text, then the answer's fields
         (as `ask` gives them, the whole text included) with `"done": True`. history (chat): the
@@ -257,7 +259,7 @@ class ReplicaService:
             try:
                 (a,) = self._generate(
                     [prompt], max_new_tokens, chat=chat, history=[history or []] if chat else None,
-                    on_text=lambda _row, piece: pieces.put({"text": piece}), sampling=sampling,
+                    on_text=lambda _row, piece: pieces.put({"text": piece}), sampling=sampling, stop=stop or (),
                 )  # fmt: skip
                 pieces.put({**dataclasses.asdict(a), "replica": self.name, "done": True})
             except Exception as e:  # noqa: BLE001 - handed to the caller
