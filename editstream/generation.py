@@ -32,6 +32,12 @@ class Decoded:
     stopped: list[bool]
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (left padding): models with
+    absolute position embeddings (GPT-2) see a padded row as they see it alone."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def stop_token_ids(lm: LoadedLM) -> torch.Tensor:
     """Ids of the tokens whose text holds "." or a newline."""
     tok = lm.tokenizer
@@ -125,7 +131,9 @@ def greedy(
     past = None
     with torch.inference_mode():
         for step in range(max_new_tokens):
-            res = lm.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+            # positions count each row's own tokens (a left-padded row reads as it does alone)
+            where = positions(mask) if past is None else mask.sum(1, keepdim=True) - 1
+            res = lm.model(input_ids=ids, attention_mask=mask, position_ids=where, past_key_values=past, use_cache=True)
             past = res.past_key_values
             logits = res.logits[:, -1]
             if unglued is not None and step == 0:

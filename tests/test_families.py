@@ -62,12 +62,7 @@ def options(name: str, family: str, tiny_checkpoint, tiny_encoder) -> dict:
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_every_method_edits_every_family(
-    family_lm, name, tiny_checkpoint, tiny_encoder, tmp_path, monkeypatch, request
-):
-    if family_lm.name == "tiny-gpt2" and name == "scen":
-        reason = "open: SCEN's neuron never routes on GPT-2, even teacher-forced on the edit's own prompt"
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+def test_every_method_edits_every_family(family_lm, name, tiny_checkpoint, tiny_encoder, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITSTREAM_CACHE", str(tmp_path))  # key statistics of this tiny model: not kept
     method = create_method(name, family_lm, **options(name, family_lm.name[5:], tiny_checkpoint, tiny_encoder))
     replica = Replica(method)

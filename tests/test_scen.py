@@ -103,3 +103,22 @@ def test_two_editors_share_a_burst_of_facts(redis_server):
     assert [e.computed for e in editors] == [1, 1]
     stored = store.get_artifacts("scen", [1, 2])
     assert all(stored.values())
+
+
+def test_a_captured_layer_input_keeps_the_attention_mask_gpt2_passes_positionally(real_lm):
+    """GPT-2 hands its blocks the attention mask as a positional argument: a left-padded row run from
+    a captured layer input must read as the same text alone (it attended to the padding before)."""
+    import transformers as tf
+
+    from editstream.methods.scen.layers import capture_layer_input, mlp_input
+
+    torch.manual_seed(0)
+    config = tf.GPT2Config(vocab_size=len(real_lm.tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    tok = real_lm.tokenizer
+    texts = ["The Eiffel Tower", "A much longer text about something else entirely"]
+    batch, alone = (tok(t, return_tensors="pt", padding=True, add_special_tokens=False) for t in (texts, texts[:1]))
+    padded = mlp_input(model, 1, capture_layer_input(model, 1, batch["input_ids"], batch["attention_mask"]))
+    single = mlp_input(model, 1, capture_layer_input(model, 1, alone["input_ids"], alone["attention_mask"]))
+    n = single.shape[1]
+    torch.testing.assert_close(padded[0, -n:], single[0], rtol=0, atol=1e-5)

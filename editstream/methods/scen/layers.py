@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from editstream.errors import ConfigError
+from editstream.generation import positions
 
 
 class _Stop(Exception):
@@ -41,16 +42,12 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 @dataclass
 class LayerInput:
-    """What one decoder layer received: hidden states and the keyword arguments beside them."""
+    """What one decoder layer received: hidden states and the arguments beside them (GPT-2 passes
+    its attention mask positionally: dropping `args` would let padded rows attend to the padding)."""
 
     hidden: torch.Tensor  # (B, T, d)
     kwargs: dict[str, Any]
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 at each row's first real token (left padding): models with
-    absolute position embeddings (GPT-2) see a padded row as they see it alone."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+    args: tuple = ()
 
 
 def capture_layer_input(model: nn.Module, layer: int, input_ids: torch.Tensor, mask: torch.Tensor) -> LayerInput:
@@ -59,6 +56,7 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: torch.Tensor, m
 
     def hook(_module, args, kwargs):
         box["hidden"] = args[0] if args else kwargs["hidden_states"]
+        box["args"] = tuple(args[1:])
         box["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _Stop
 
@@ -70,14 +68,14 @@ def capture_layer_input(model: nn.Module, layer: int, input_ids: torch.Tensor, m
         pass
     finally:
         handle.remove()
-    return LayerInput(box["hidden"], box["kwargs"])
+    return LayerInput(box["hidden"], box["kwargs"], box["args"])
 
 
 def run_from(model: nn.Module, layer: int, inp: LayerInput) -> torch.Tensor:
     """Final normalised hidden states from running decoder layers `layer`.. on `inp`."""
     h = inp.hidden
     for block in decoder_layers(model)[layer:]:
-        out = block(h, **inp.kwargs)
+        out = block(h, *inp.args, **inp.kwargs)
         h = out[0] if isinstance(out, tuple) else out
     return final_norm(model)(h)
 
@@ -94,7 +92,7 @@ def mlp_input(model: nn.Module, layer: int, inp: LayerInput) -> torch.Tensor:
     handle = block.mlp.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            block(inp.hidden, **inp.kwargs)
+            block(inp.hidden, *inp.args, **inp.kwargs)
     except _Stop:
         pass
     finally:
