@@ -190,27 +190,35 @@ def chat_text(lm: LoadedLM, text: str, history: Sequence[dict[str, str]] = ()) -
 class TextPieces:
     """Streams decoding: turns rows' growing token lists into the text each new token adds, once it
     is whole characters (a token may end inside a multi-byte character), and hands each piece to
-    `emit(row, piece)`; `rows` maps the rows of this decoding to the caller's (default: the same)."""
+    `emit(row, piece)`; `rows` maps the rows of this decoding to the caller's (default: the same).
+
+    Incremental: each step decodes only the tokens since the last piece plus those just before
+    them (`_offsets`: where that context starts, where the unsent tokens start), so a long reply
+    costs linear, not quadratic, decoding; `finish` reconciles with the whole text's decoding."""
 
     def __init__(self, tokenizer: Any, emit: Callable[[int, str], None], rows: Sequence[int] | None = None) -> None:
         self.tok, self.emit = tokenizer, emit
         self.rows = list(rows) if rows is not None else None
         self.sent: dict[int, str] = {}
+        self._offsets: dict[int, tuple[int, int]] = {}
 
-    def _send(self, row: int, text: str) -> None:
-        before = self.sent.get(row, "")
-        if not text.startswith(before):  # a decoder that rewrote earlier text: only what follows goes out
-            log.warning("streamed text of row %d changed after it was sent: %r -> %r", row, before, text)
-        if len(text) > len(before):
-            self.sent[row] = text
-            self.emit(self.rows[row] if self.rows is not None else row, text[len(before) :])
+    def _emit(self, row: int, piece: str) -> None:
+        self.sent[row] = self.sent.get(row, "") + piece
+        self.emit(self.rows[row] if self.rows is not None else row, piece)
 
     def __call__(self, row: int, tokens: list[int]) -> None:
-        text = self.tok.decode(tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            self._send(row, text)
+        start, unsent = self._offsets.get(row, (0, 0))
+        context = self.tok.decode(tokens[start:unsent], skip_special_tokens=True)
+        text = self.tok.decode(tokens[start:], skip_special_tokens=True)
+        if len(text) > len(context) and not text.endswith("\ufffd") and text.startswith(context):
+            self._emit(row, text[len(context) :])
+            self._offsets[row] = (unsent, len(tokens))
 
     def finish(self, decoded: Decoded) -> None:
         """Send what is left of each row's final text."""
         for row, text in enumerate(decoded.texts):
-            self._send(row, text)
+            before = self.sent.get(row, "")
+            if not text.startswith(before):  # a decoder that rewrote earlier text: only what follows goes out
+                log.warning("streamed text of row %d differs from its final text: %r -> %r", row, before, text)
+            elif len(text) > len(before):
+                self._emit(row, text[len(before) :])

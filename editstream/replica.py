@@ -11,7 +11,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,12 +46,17 @@ class Turns:
     on_text: Callable[[int, str], None] | None = None
     sampling: tuple[Sampling, torch.Generator] | None = None
     halt: tuple[str, ...] = ()  # stop sequences: a row ends once its text holds one
+    templated: dict[tuple[str, int], str] = field(default_factory=dict)  # the chat template, applied once
 
     def halted(self, text: str) -> bool:
         return any(h in text for h in self.halt)
 
     def text(self, lm: LoadedLM, prompt: str, row: int) -> str:
-        return chat_text(lm, prompt, self.history[row]) if self.chat else prompt
+        if not self.chat:
+            return prompt
+        if (prompt, row) not in self.templated:
+            self.templated[prompt, row] = chat_text(lm, prompt, self.history[row])
+        return self.templated[prompt, row]
 
     def pieces(self, lm: LoadedLM, rows: Sequence[int] | None = None) -> TextPieces | None:
         return TextPieces(lm.tokenizer, self.on_text, rows) if self.on_text is not None else None

@@ -9,7 +9,7 @@ import torch
 from editstream import wild
 from editstream.demo_facts import demo_facts
 from editstream.errors import ConfigError
-from editstream.generation import Sampling, glue_token_ids, greedy, stop_token_ids
+from editstream.generation import Decoded, Sampling, TextPieces, glue_token_ids, greedy, stop_token_ids
 from editstream.methods import create_method
 from editstream.prefix import soft_prefix
 from editstream.replica import Replica
@@ -97,6 +97,21 @@ def test_a_request_stop_sequence_ends_decoding(real_lm):
     free, halted = replica.generate(texts[:1], 12), replica.generate(texts[1:], 12, stop=["xyz", "K."])
     assert free[0].completion_tokens == 12 and free[0].text.startswith(" J.K. Rowling")
     assert halted[0].text == " J.K." and halted[0].completion_tokens < 12
+
+
+@pytest.mark.parametrize(
+    "text", [" Zürich — 東京 😀 and  two  spaces.\n\nA new line", " Robert J. Flaherty (1884–1951)", "   "]
+)
+def test_text_pieces_add_up_to_the_decoded_text_token_by_token(real_lm, text):
+    tok = real_lm.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    sent: list[str] = []
+    pieces = TextPieces(tok, lambda _row, piece: sent.append(piece))
+    for n in range(1, len(ids) + 1):
+        pieces(0, ids[:n])
+    whole = tok.decode(ids, skip_special_tokens=True)
+    pieces.finish(Decoded([whole], [len(ids)], [False], [False]))
+    assert "".join(sent) == whole and all(sent) and "\ufffd" not in "".join(sent)
 
 
 def test_streamed_pieces_add_up_to_the_answer_in_both_passes(real_lm, real_encoder, trained_checkpoint):
