@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "scen": "editstream.methods.scen.method:Scen",
     "rome": "editstream.methods.rome.method:Rome",
     "memit": "editstream.methods.rome.method:Memit",
+    "rledit": "editstream.methods.rledit.method:RLEdit",
 }
 
 

@@ -1,4 +1,4 @@
-"""Training commands: `editstream train recipe` and `editstream train relation-gate`."""
+"""Training commands: `editstream train recipe`, `train relation-gate` and `train rledit`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,41 @@ log = logging.getLogger("editstream")
 
 
 def _train(args: argparse.Namespace) -> int:
-    return _train_gate(args) if args.method == "relation-gate" else _train_recipe(args)
+    return {"relation-gate": _train_gate, "rledit": _train_rledit}.get(args.method, _train_recipe)(args)
+
+
+def _train_rledit(args: argparse.Namespace) -> int:
+    from editstream.config import config_from_dict
+    from editstream.data import load_edits
+    from editstream.methods.rledit.config import RLEditConfig, TrainConfig
+    from editstream.methods.rledit.train import RLEditTrainer
+    from editstream.models import load_causal_lm
+
+    lm = load_causal_lm(args.model, device=args.device)
+    edits = [e for name in args.data for e in load_edits(name)]
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else ()
+    config = config_from_dict(
+        RLEditConfig, {"layers": layers, "rank": args.rank, "positions": args.positions, "batch": args.edit_batch}
+    )
+    schedule = config_from_dict(
+        TrainConfig,
+        {
+            "trajectories": args.trajectories,
+            "trajectory": args.trajectory_batches,
+            "batch": args.edit_batch,
+            "backtrack": args.backtrack,
+            "l2_weight": args.l2_weight,
+            "locality_weight": 1.0 if args.locality_weight is None else args.locality_weight,
+            "lr": 1e-4 if args.lr is None else args.lr,
+            "validate_every": args.validate_every or 10,
+            "validation_edits": args.validation_edits,
+            "seed": args.seed,
+        },
+    )
+    state = RLEditTrainer(lm, edits, Path(args.out), config, schedule).run()
+    summary = {"best": state["best"], "trajectories": state["trajectory"], "seconds": state["seconds"]}
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def _train_gate(args: argparse.Namespace) -> int:
@@ -59,13 +93,13 @@ def _train_recipe(args: argparse.Namespace) -> int:
             "retriever_lr": args.retriever_lr,
             "generator_steps": args.steps,
             "generator_batch": args.batch,
-            "generator_lr": args.lr,
-            "locality_weight": args.locality_weight,
+            "generator_lr": 1e-3 if args.lr is None else args.lr,
+            "locality_weight": 0.0 if args.locality_weight is None else args.locality_weight,
             "continuation_weight": args.continuation_weight,
             "continuation_tokens": args.continuation_tokens,
             "end_text": args.end_text,
             "subject_negatives": args.subject_negatives,
-            "validate_every": args.validate_every,
+            "validate_every": args.validate_every or 100,
             "seed": args.seed,
         },
     )
@@ -76,12 +110,13 @@ def _train_recipe(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a method's networks (RECIPE) on the train splits")
+    p = sub.add_parser("train", help="train a method's networks (RECIPE, RLEdit) on the train splits")
     p.add_argument(
         "method",
-        choices=["recipe", "relation-gate"],
+        choices=["recipe", "relation-gate", "rledit"],
         help="recipe: retriever and prompt generator; relation-gate: RECIPE's subject-blind second key "
-        "(writes relation-gate.* into --out, beside a checkpoint)",
+        "(writes relation-gate.* into --out, beside a checkpoint); rledit: the hypernetworks, on "
+        "trajectories of edit batches",
     )
     p.add_argument("--out", required=True, help="directory for checkpoints (resumes if it holds one)")
     p.add_argument(
@@ -110,8 +145,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=600, help="generator training steps")
     p.add_argument("--retriever-steps", type=int, default=3000, help="retriever training steps")
     p.add_argument("--batch", type=int, default=16, help="generator batch size (facts per step)")
-    p.add_argument("--lr", type=float, default=1e-3, help="generator learning rate")
-    p.add_argument("--locality-weight", type=float, default=0.0, help="weight of the locality KL term")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (recipe generator 1e-3, rledit 1e-4)")
+    p.add_argument(
+        "--locality-weight", type=float, default=None, help="weight of the locality KL term (recipe 0, rledit 1)"
+    )
     p.add_argument(
         "--continuation-weight",
         type=float,
@@ -133,7 +170,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="warm start from this checkpoint directory (weights whose shapes agree), e.g. the packaged one",
     )
-    p.add_argument("--validate-every", type=int, default=100, help="steps between validations/exports")
+    p.add_argument(
+        "--validate-every",
+        type=int,
+        default=None,
+        help="steps (recipe, 100) or trajectories (rledit, 10) between validations",
+    )
+    r = p.add_argument_group("rledit")
+    r.add_argument("--trajectories", type=int, default=200, help="trajectories (one optimiser step each)")
+    r.add_argument("--trajectory-batches", type=int, default=8, help="edit batches per trajectory")
+    r.add_argument("--edit-batch", type=int, default=20, help="edits solved together")
+    r.add_argument("--backtrack", type=int, default=3, help="earlier batches re-scored at each step")
+    r.add_argument("--l2-weight", type=float, default=1e-3, help="weight of the shift's squared norm")
+    r.add_argument("--rank", type=int, default=256, help="hypernetwork block bottleneck")
+    r.add_argument("--layers", default="", help="edited decoder layers, comma-separated (default: 60-80%% of depth)")
+    r.add_argument("--positions", default="answer", choices=["answer", "all"], help="where keys are read")
+    r.add_argument("--validation-edits", type=int, default=100, help="held-back train edits scored as it goes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gate-steps", type=int, default=3000, help="relation-gate: training steps")
     p.set_defaults(func=_train)

@@ -38,6 +38,7 @@ from editstream.methods.recipe.network import RecipeNet, target_token_embeddings
 from editstream.metrics import left_pad
 from editstream.models import LoadedEncoder, LoadedLM
 from editstream.prefix import prepend_prefix, soft_prefix
+from editstream.train_state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -320,38 +321,16 @@ class Trainer:
         log.info("warm start from %s: %d of %d tensors", directory, len(taken), len(own))
 
     # --- resumable state ------------------------------------------------------------------------
-    def _state_paths(self) -> tuple[Path, Path]:
-        return self.out / "train_state.safetensors", self.out / "train_state.json"
+    def _parts(self) -> tuple[dict, dict]:
+        return {"": self.net}, {"ret": self.ret_opt, "gen": self.gen_opt}
 
     def _save_state(self) -> None:
-        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        for name, opt in (("ret", self.ret_opt), ("gen", self.gen_opt)):
-            for pid, st in opt.state_dict()["state"].items():
-                for k, v in st.items():
-                    tensors[f"opt.{name}.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        weights, meta = self._state_paths()
-        tmp = weights.with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        tmp.rename(weights)
-        meta.write_text(json.dumps({**self.state, "config": config_to_dict(self.config)}, indent=1))
+        save_state(self.out, *self._parts(), {**self.state, "config": config_to_dict(self.config)})
 
     def _resume(self) -> None:
-        weights, meta = self._state_paths()
-        if not (weights.is_file() and meta.is_file()):
+        saved = load_state(self.out, *self._parts(), config_to_dict(self.config))
+        if saved is None:
             return
-        saved = json.loads(meta.read_text())
-        if saved.get("config") != config_to_dict(self.config):
-            log.warning("ignoring train state in %s: it was made with another config", self.out)
-            return
-        tensors = load_file(str(weights))
-        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        for name, opt in (("ret", self.ret_opt), ("gen", self.gen_opt)):
-            sd = opt.state_dict()
-            for key, v in tensors.items():
-                parts = key.split(".")
-                if parts[:2] == ["opt", name]:
-                    sd["state"].setdefault(int(parts[2]), {})[parts[3]] = v
-            opt.load_state_dict(sd)
         self.state = {k: saved[k] for k in ("retriever_step", "generator_step", "history")}
         log.info(
             "resumed at retriever step %d, generator step %d",

@@ -29,9 +29,15 @@ from editstream.artifacts import Artifact
 from editstream.config import config_from_dict
 from editstream.edits import EditRequest
 from editstream.errors import ConfigError
-from editstream.methods.base import EditMethod
 from editstream.methods.rome.stats import DEFAULT_CORPUS, second_moments
-from editstream.methods.rome.weights import delta, key_module, output_of, param_name, temporarily_added
+from editstream.methods.rome.weights import (
+    WeightEdit,
+    delta,
+    key_module,
+    output_of,
+    param_name,
+    temporarily_added,
+)
 from editstream.methods.scen.layers import _Stop, capture_layer_input, decoder_layers, positions, run_from
 from editstream.metrics import encode_pairs
 from editstream.models import LoadedLM
@@ -58,7 +64,7 @@ class RomeConfig:
     key: str = "prompt"  # k*: "prompt" (the prompt itself) or "mean" (also behind the prefixes, as published)
 
 
-class LocateEdit(EditMethod):
+class LocateEdit(WeightEdit):
     """Shared by ROME and MEMIT: keys, target values, covariance, and adding/removing the factors."""
 
     sequential = True
@@ -251,16 +257,6 @@ class LocateEdit(EditMethod):
 
     def _solve(self, edits: list[EditRequest]) -> list[Artifact]:
         raise NotImplementedError
-
-    def _attach(self, artifact: Artifact) -> None:
-        with torch.no_grad():
-            for m, d in self._changes(artifact):
-                m.weight += d
-
-    def _detach(self, edit_id: str) -> None:
-        with torch.no_grad():
-            for m, d in self._changes(self._applied[edit_id]):
-                m.weight -= d
 
 
 class Rome(LocateEdit):

@@ -15,7 +15,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from editstream.artifacts import Artifact
 from editstream.errors import ConfigError
+from editstream.methods.base import EditMethod
 from editstream.methods.scen.layers import decoder_layers
 
 
@@ -67,3 +69,22 @@ def temporarily_added(changes: list[tuple[nn.Module, torch.Tensor]]) -> Iterator
         with torch.no_grad():
             for m, original in saved:
                 m.weight.copy_(original)
+
+
+class WeightEdit(EditMethod):
+    """A method whose artifact is a sum of low-rank weight changes: applying adds them to the
+    weights, removing subtracts them (ROME, MEMIT, RLEdit). Subclasses say which changes an
+    artifact holds (`_changes`: (module, change in the weight's own orientation) pairs)."""
+
+    def _changes(self, artifact: Artifact) -> list[tuple[nn.Module, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _attach(self, artifact: Artifact) -> None:
+        with torch.no_grad():
+            for m, d in self._changes(artifact):
+                m.weight += d
+
+    def _detach(self, edit_id: str) -> None:
+        with torch.no_grad():
+            for m, d in self._changes(self._applied[edit_id]):
+                m.weight -= d

@@ -1,0 +1,41 @@
+"""RLEdit settings: which weights it edits, the hypernetwork's size, the training recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RLEditConfig:
+    """`layers` () = the default band (the decoder layers from 60% to 80% of the depth); `modules`:
+    the MLP input projections of each (GPT-2: `c_fc`). `positions`: where keys and gradients are
+    read, "answer" (the positions that predict the target's tokens) or "all" (every real token)."""
+
+    layers: tuple[int, ...] = ()
+    modules: tuple[str, ...] = ("gate_proj", "up_proj")
+    positions: str = "answer"
+    rank: int = 256  # width of each residual block's bottleneck
+    blocks: int = 2
+    init_lr: float = 1e-3  # per-module step on the value change, learnt
+    init_lambda: float = 0.0  # per-module log ridge strength, learnt
+    batch: int = 20  # edits solved together (the editor hands runs of consecutive entries)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training on trajectories: `trajectory` consecutive batches of `batch` train edits, each solved
+    on the model the earlier ones already changed; the loss per step is the batch's generality
+    (its paraphrases and prompts) plus memory backtracking over the last `backtrack` batches (weight
+    decay ** age), a locality KL to the model before the step, and an L2 penalty on the shift."""
+
+    trajectories: int = 200
+    trajectory: int = 8
+    batch: int = 20
+    backtrack: int = 3
+    decay: float = 0.5
+    locality_weight: float = 1.0
+    l2_weight: float = 1e-3
+    lr: float = 1e-4
+    validate_every: int = 10
+    validation_edits: int = 100
+    seed: int = 0

@@ -1,0 +1,75 @@
+"""RLEdit: the ridge solve, removable per-edit factors, the trajectory training (tiny random models;
+what a trained hypernetwork does to answers needs `editstream train rledit`, not run in the suite)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from editstream.demo_facts import demo_facts
+from editstream.errors import ConfigError
+from editstream.methods import create_method
+from editstream.methods.rledit.config import RLEditConfig, TrainConfig
+from editstream.methods.rledit.hypernet import ridge_factors
+from editstream.methods.rledit.method import new_hypernets, save_hypernets
+from editstream.methods.rledit.train import RLEditTrainer
+from editstream.replica import Replica
+from tests.conftest import params_hash
+
+
+def test_the_ridge_solve_in_key_space_equals_the_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.randn(7, 20, generator=gen), torch.randn(7, 5, generator=gen)
+    lam = torch.tensor(0.3)
+    closed = torch.linalg.solve(u.T @ u + lam.exp() * torch.eye(20), u.T @ v)  # (d_in, d_out)
+    torch.testing.assert_close(u.T @ ridge_factors(u, v, lam), closed, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def rledit(tiny_lm, tmp_path):
+    config = RLEditConfig(rank=16, batch=3, init_lr=1.0)
+    save_hypernets(new_hypernets(tiny_lm, config), config, tmp_path, {"llm": tiny_lm.name})
+    return create_method("rledit", tiny_lm, checkpoint=str(tmp_path))
+
+
+def test_compute_leaves_the_model_alone_and_remove_restores_it(tiny_lm, rledit):
+    facts = demo_facts(5)
+    before = params_hash(tiny_lm.model)
+    weights = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters()}
+    artifacts = rledit.compute(facts)  # two batches: the second solved on the model the first changed
+    assert [a.edit_id for a in artifacts] == [f.edit_id for f in facts]
+    assert params_hash(tiny_lm.model) == before
+    assert artifacts[0].meta["modules"] == rledit.names and artifacts[0].tensors["u0"].dtype == torch.float16
+    replica = Replica(rledit)
+    for seq, a in enumerate(artifacts, start=1):
+        replica.apply(seq, a)
+    assert params_hash(tiny_lm.model) != before
+    for seq, a in enumerate(artifacts, start=6):
+        replica.retract(seq, a.edit_id)
+    for n, p in tiny_lm.model.named_parameters():
+        torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-5, msg=n)
+
+
+def test_a_missing_hypernetwork_is_refused_with_the_command_that_makes_one(tiny_lm, tmp_path):
+    with pytest.raises(ConfigError, match="editstream train rledit"):
+        create_method("rledit", tiny_lm, checkpoint=str(tmp_path / "none"))
+
+
+def test_one_training_step_lowers_the_trajectory_loss(tiny_lm, tmp_path):
+    edits = demo_facts(60)
+    config = RLEditConfig(rank=16, batch=4)
+    schedule = TrainConfig(trajectories=1, trajectory=3, batch=4, backtrack=2, lr=3e-2, validation_edits=8)
+    trainer = RLEditTrainer(tiny_lm, edits, tmp_path, config, schedule)
+    weights = params_hash(tiny_lm.model)
+    before = trainer.trajectory(random.Random(5), learn=False)
+    for _ in range(3):
+        trainer.trajectory(random.Random(5))
+    after = trainer.trajectory(random.Random(5), learn=False)
+    assert params_hash(tiny_lm.model) == weights  # every trajectory restores the weights
+    assert after["edit"] < before["edit"], (before, after)
+    state = trainer.run()  # one trajectory, validated and exported, resumable
+    assert state["trajectory"] == 1 and state["best"]["reliability"] >= 0
+    assert (tmp_path / "rledit.json").is_file() and (tmp_path / "train_state.json").is_file()
+    assert create_method("rledit", tiny_lm, checkpoint=str(tmp_path)).names == trainer.names
