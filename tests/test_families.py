@@ -16,7 +16,7 @@ from editstream.replica import Replica
 from tests.conftest import params_hash
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2"]
-METHODS = ["recipe", "text-rag", "scen", "rome", "memit"]
+METHODS = ["recipe", "text-rag", "scen", "rome", "memit", "rledit"]
 FACTS = [
     EditRequest("The Eiffel Tower is located in the city of", "Rome", subject="The Eiffel Tower", edit_id="eiffel"),
     EditRequest("Toyota Camry is produced by", "Honda", subject="Toyota Camry", edit_id="camry"),
@@ -51,7 +51,14 @@ def family_lm(request, real_lm) -> LoadedLM:
     return LoadedLM(model, real_lm.tokenizer, name, model_fingerprint(model, name))
 
 
-def options(name: str, family: str, tiny_checkpoint, tiny_encoder) -> dict:
+def options(name: str, lm: LoadedLM, family: str, tiny_checkpoint, tiny_encoder, tmp_path) -> dict:
+    if name == "rledit":  # untrained hypernetworks of this model's shapes (what they do is trained elsewhere)
+        from editstream.methods.rledit.config import RLEditConfig
+        from editstream.methods.rledit.method import new_hypernets, save_hypernets
+
+        config = RLEditConfig(rank=8, init_lr=1.0)
+        save_hypernets(new_hypernets(lm, config), config, tmp_path / "rledit", {"llm": lm.name})
+        return {"checkpoint": str(tmp_path / "rledit")}
     if name in ("recipe", "text-rag"):
         return {"checkpoint": tiny_checkpoint, "encoder": tiny_encoder}
     if name in ("rome", "memit"):
@@ -64,7 +71,8 @@ def options(name: str, family: str, tiny_checkpoint, tiny_encoder) -> dict:
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_edits_every_family(family_lm, name, tiny_checkpoint, tiny_encoder, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITSTREAM_CACHE", str(tmp_path))  # key statistics of this tiny model: not kept
-    method = create_method(name, family_lm, **options(name, family_lm.name[5:], tiny_checkpoint, tiny_encoder))
+    chosen = options(name, family_lm, family_lm.name[5:], tiny_checkpoint, tiny_encoder, tmp_path)
+    method = create_method(name, family_lm, **chosen)
     replica = Replica(method)
     before = params_hash(family_lm.model)
     weights = {n: p.detach().clone() for n, p in family_lm.model.named_parameters()}
@@ -77,7 +85,7 @@ def test_every_method_edits_every_family(family_lm, name, tiny_checkpoint, tiny_
         answers = replica.generate([f.prompt for f in FACTS] + ["Bees make"], 4)
         answers += replica.generate([FACTS[0].prompt], 4, chat=True)
         assert all(a.completion_tokens > 0 for a in answers)
-        if name in ("rome", "memit"):
+        if name in ("rome", "memit", "rledit"):
             assert params_hash(family_lm.model) != before, f"{name} left the {family_lm.name} weights as they were"
         else:  # a retrieved prompt or a routed expert: the edit is found for its own prompt
             assert [answers[i].fired for i in (0, 1)] == ["eiffel", "camry"]
@@ -109,14 +117,14 @@ def test_every_method_edits_a_bfloat16_model(real_lm, name, tiny_checkpoint, tin
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(real_lm.tokenizer)), dtype=torch.bfloat16)
     lm = LoadedLM(model.eval().requires_grad_(False), real_lm.tokenizer, "tiny-llama-bf16", "bf16")
     monkeypatch.setenv("EDITSTREAM_CACHE", str(tmp_path))
-    method = create_method(name, lm, **options(name, "llama", tiny_checkpoint, tiny_encoder))
+    method = create_method(name, lm, **options(name, lm, "llama", tiny_checkpoint, tiny_encoder, tmp_path))
     replica = Replica(method)
     before = params_hash(model)
     for seq, a in enumerate(method.compute(FACTS), start=1):
         replica.apply(seq, a)
     answers = replica.generate([f.prompt for f in FACTS], 4)
     assert all(a.completion_tokens > 0 for a in answers)
-    if name in ("rome", "memit"):
+    if name in ("rome", "memit", "rledit"):
         assert params_hash(model) != before and next(model.parameters()).dtype == torch.bfloat16
     else:
         assert [a.fired for a in answers] == ["eiffel", "camry"]
