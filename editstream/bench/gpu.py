@@ -9,7 +9,7 @@ query and key heads start equal, so a prompt still finds its own edit). What is 
   stored edits (paraphrase probes, never stored prompts, so the key search runs every time; the
   stored prompts' exact-prompt fast path beside it) and vs SCEN with `scen_stored` experts;
 * edit compute time (one edit at a time) and replica apply time per method: RECIPE, SCEN, ROME, MEMIT
-  (RLEdit is not built yet: reported as such);
+  (RLEdit has no trained hypernetwork yet: reported as such);
 * tokens/s for one batch of `chat_batch` chat requests, unedited and with RECIPE's edits stored.
 
 Stored edits past the real ones are copies of real artifacts with random routing keys
@@ -342,7 +342,7 @@ def run(config: GpuBenchConfig, assets: Path | None = None) -> dict[str, Any]:
     edits: dict[str, Any] = {}
     for name in config.methods:
         if name not in per_method:
-            edits[name] = {"not_measured": f"method {name!r} is not built yet"}
+            edits[name] = {"not_measured": f"method {name!r}: no trained hypernetwork yet"}
             continue
         sample = [f for f in facts if f.subject][: config.edit_samples + 1]
         _part(edits, name, lambda name=name, sample=sample: edit_costs(name, lm, sample, per_method[name]), deadline)
