@@ -30,10 +30,10 @@ def test_the_gpu_script_runs_every_part_on_the_cpu(tmp_path):
     assert doc["query_latency_scen"]["scen@50"]["median_ms"] > 0
     chat = doc["chat_batch"]
     assert chat["unedited"]["batch"] == 4 and chat["recipe"]["tokens"] > 0 and chat["recipe"]["fired"] > 0
-    for name in ("recipe", "scen", "rome", "memit"):
+    for name in ("recipe", "scen", "rome", "memit", "rledit"):
         costs = doc["edit_costs"][name]
         assert costs["compute_s_median"] > 0 and costs["apply"]["median_ms"] > 0, (name, costs)
-    assert "no trained" in doc["edit_costs"]["rledit"]["not_measured"]
+        assert costs["batch"] == (4 if name in ("memit", "rledit") else 1), (name, costs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -8,8 +8,9 @@ query and key heads start equal, so a prompt still finds its own edit). What is 
 * query latency, one prompt at a time, greedy `new_tokens`: unedited vs RECIPE with each count of
   stored edits (paraphrase probes, never stored prompts, so the key search runs every time; the
   stored prompts' exact-prompt fast path beside it) and vs SCEN with `scen_stored` experts;
-* edit compute time (one edit at a time) and replica apply time per method: RECIPE, SCEN, ROME, MEMIT
-  (RLEdit has no trained hypernetwork yet: reported as such);
+* edit compute time and replica apply time per method: RECIPE, SCEN and ROME one edit at a time,
+  MEMIT and RLEdit in batches of 20 (RLEdit with untrained hypernetworks: cost does not depend on
+  their weights);
 * tokens/s for one batch of `chat_batch` chat requests, unedited and with RECIPE's edits stored.
 
 Stored edits past the real ones are copies of real artifacts with random routing keys
@@ -90,12 +91,13 @@ class GpuBenchConfig:
     chat_tokens: int = 64
     budget_s: float = 480.0  # parts that would start later are skipped (a 10-minute device call)
     methods: list[str] = field(default_factory=lambda: ["recipe", "scen", "rome", "memit", "rledit"])
+    batch: int = 20  # MEMIT and RLEdit: edits solved together
 
     @classmethod
     def smoke(cls) -> GpuBenchConfig:
         return cls(
             shape="tiny", encoder="tiny", device="cpu", dtype="float32", stored=[200, 1000], scen_stored=50,
-            real_edits=16, probes=4, rounds=1, new_tokens=4, edit_samples=2, chat_batch=4, chat_tokens=8,
+            real_edits=16, probes=4, rounds=1, new_tokens=4, edit_samples=2, chat_batch=4, chat_tokens=8, batch=4,
         )  # fmt: skip
 
 
@@ -170,6 +172,17 @@ def untrained_checkpoint(lm: LoadedLM, encoder: LoadedEncoder, directory: Path, 
     return directory
 
 
+def untrained_hypernets(lm: LoadedLM, directory: Path) -> Path:
+    """RLEdit hypernetworks for this model's shapes, untrained: an edit's cost does not depend on
+    their weights (what they do to answers does, and is measured elsewhere)."""
+    from editstream.methods.rledit.config import RLEditConfig
+    from editstream.methods.rledit.method import new_hypernets, save_hypernets
+
+    config = RLEditConfig()
+    save_hypernets(new_hypernets(lm, config), config, directory, {"llm": lm.name, "untrained": True})
+    return directory
+
+
 def synthetic_corpus(directory: Path, facts: list[EditRequest]) -> Path:
     """A small text corpus for ROME/MEMIT's key statistics (the data sets do not travel)."""
     texts = [{"text": " ".join(f"{f.prompt} {f.target}." for f in facts[i : i + 8])} for i in range(0, len(facts), 8)]
@@ -187,27 +200,35 @@ def _ms(values: list[float]) -> dict[str, float]:
     return {"median_ms": round(1000 * statistics.median(values), 2), "max_ms": round(1000 * max(values), 2)}
 
 
-def edit_costs(method_name: str, lm: LoadedLM, facts: list[EditRequest], options: dict[str, Any]) -> dict[str, Any]:
+def edit_costs(
+    method_name: str, lm: LoadedLM, facts: list[EditRequest], options: dict[str, Any], batch: int = 20
+) -> dict[str, Any]:
     """Seconds to compute one edit (median over the samples, the first one apart: it builds caches
-    such as ROME's key statistics) and milliseconds to apply and to remove it on a replica."""
+    such as ROME's key statistics; a method that solves batches jointly, MEMIT and RLEdit, is timed
+    on batches of `batch` and reported per edit) and milliseconds to apply and to remove one edit."""
     method = create_method(method_name, lm, **options)
     replica = Replica(method)
+    size = batch if method.batch_edits else 1
     compute, apply, remove = [], [], []
     first_s = None
+    artifacts = []
     try:
-        for seq, fact in enumerate(facts, start=1):
+        for i in range(0, len(facts), size):
+            part = facts[i : i + size]
             t = time.perf_counter()
-            (artifact,) = method.compute([fact])
+            made = method.compute(part)
             _sync(lm.device)
-            took = time.perf_counter() - t
+            took = (time.perf_counter() - t) / len(part)
             if first_s is None:
                 first_s = took
             else:
                 compute.append(took)
-            t = time.perf_counter()
-            replica.apply(seq, artifact)
-            _sync(lm.device)
-            apply.append(time.perf_counter() - t)
+            for artifact in made:
+                t = time.perf_counter()
+                replica.apply(len(artifacts) + 1, artifact)
+                _sync(lm.device)
+                apply.append(time.perf_counter() - t)
+                artifacts.append(artifact)
         for seq, fact in enumerate(facts, start=len(facts) + 1):
             t = time.perf_counter()
             replica.retract(seq, fact.edit_id)
@@ -217,11 +238,12 @@ def edit_costs(method_name: str, lm: LoadedLM, facts: list[EditRequest], options
         method.reset()
     return {
         "n": len(facts),
-        "first_compute_s": round(first_s or 0.0, 3),
+        "batch": size,
+        "first_compute_s_per_edit": round(first_s or 0.0, 4),
         "compute_s_median": round(statistics.median(compute), 4) if compute else None,
         "apply": _ms(apply),
         "remove": _ms(remove),
-        "artifact_bytes": artifact.nbytes,
+        "artifact_bytes_mean": round(statistics.fmean(a.nbytes for a in artifacts)),
     }
 
 
@@ -331,6 +353,7 @@ def run(config: GpuBenchConfig, assets: Path | None = None) -> dict[str, Any]:
 
     corpus = synthetic_corpus(work, demo_facts(400))
     per_method = {
+        "rledit": {"checkpoint": str(untrained_hypernets(lm, work / "rledit"))},
         "recipe": recipe_options,
         "scen": {},
         "rome": {"mom2_corpus": str(corpus), "mom2_samples": 4096},
@@ -341,11 +364,15 @@ def run(config: GpuBenchConfig, assets: Path | None = None) -> dict[str, Any]:
     _part(out, "query_latency_scen", scen_latency, deadline)
     edits: dict[str, Any] = {}
     for name in config.methods:
-        if name not in per_method:
-            edits[name] = {"not_measured": f"method {name!r}: no trained hypernetwork yet"}
-            continue
-        sample = [f for f in facts if f.subject][: config.edit_samples + 1]
-        _part(edits, name, lambda name=name, sample=sample: edit_costs(name, lm, sample, per_method[name]), deadline)
+        batched = name in ("memit", "rledit")
+        wanted = (config.edit_samples + 1) * (config.batch if batched else 1)
+        sample = [f for f in demo_facts(max(wanted * 2, len(facts))) if f.subject][:wanted]
+        _part(
+            edits,
+            name,
+            lambda name=name, sample=sample: edit_costs(name, lm, sample, per_method[name], config.batch),
+            deadline,
+        )
     out["edit_costs"] = edits
     if lm.device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(lm.device)
