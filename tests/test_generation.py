@@ -91,6 +91,20 @@ def test_a_stop_inside_the_held_words_does_not_end_the_row(real_lm):
     assert out.texts[2].strip() == "J.K. Rowling." and out.stopped[2]
 
 
+def test_a_fired_edit_says_something_where_the_unedited_model_ends_at_once(real_lm, real_encoder, trained_checkpoint):
+    """After some questions SmolLM2 writes end-of-text first; a fired edit's row never does."""
+    from editstream.edits import EditRequest
+
+    method = create_method("recipe", real_lm, checkpoint=trained_checkpoint, encoder=real_encoder)
+    replica = Replica(method)
+    fact = EditRequest("In betting, what odds are known as a 'Carpet'?", "3 to 1", edit_id="carpet")
+    replica.apply(1, method.compute([fact])[0])
+    (plain,) = replica.generate([fact.prompt], 24, edited=False)
+    (edited,) = replica.generate([fact.prompt], 24, until_cut=True)
+    assert plain.text == "" and plain.completion_tokens == 1  # the unedited model: end-of-text at once
+    assert edited.fired == "carpet" and wild.answer_first(wild.cut(edited.text, fact.target), fact.target), edited
+
+
 def test_a_request_stop_sequence_ends_decoding(real_lm):
     replica = Replica(create_method("none", real_lm))
     texts = ["The Harry Potter books were written by"] * 2
