@@ -92,6 +92,18 @@ def tiny_checkpoint(tmp_path_factory, tiny_lm: LoadedLM, tiny_encoder: LoadedEnc
 
 
 @pytest.fixture(scope="session")
+def tiny_hypernets(tmp_path_factory, tiny_lm: LoadedLM) -> Path:
+    """Untrained RLEdit hypernetworks shaped for the tiny model (plumbing, not quality)."""
+    from editstream.methods.rledit.config import RLEditConfig
+    from editstream.methods.rledit.method import new_hypernets, save_hypernets
+
+    config = RLEditConfig(rank=8, init_lr=1.0)
+    path = tmp_path_factory.mktemp("tiny-rledit")
+    save_hypernets(new_hypernets(tiny_lm, config), config, path, {"llm": tiny_lm.name})
+    return path
+
+
+@pytest.fixture(scope="session")
 def trained_checkpoint() -> Path:
     """The RECIPE checkpoint shipped in the package (trained for SmolLM2-135M + MiniLM)."""
     if not (PACKAGED / "recipe.json").is_file():

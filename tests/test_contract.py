@@ -16,10 +16,12 @@ EDITS = [
 
 
 @pytest.fixture(params=sorted(METHODS))
-def method(request, tiny_lm, tiny_encoder, tiny_checkpoint):
-    options = (
-        {"checkpoint": tiny_checkpoint, "encoder": tiny_encoder} if request.param in ("recipe", "text-rag") else {}
-    )
+def method(request, tiny_lm, tiny_encoder, tiny_checkpoint, tiny_hypernets):
+    options = {
+        "recipe": {"checkpoint": tiny_checkpoint, "encoder": tiny_encoder},
+        "text-rag": {"checkpoint": tiny_checkpoint, "encoder": tiny_encoder},
+        "rledit": {"checkpoint": str(tiny_hypernets)},
+    }.get(request.param, {})
     method = create_method(request.param, tiny_lm, **options)
     yield method
     method.reset()  # weight-editing methods changed the shared tiny model: undo
