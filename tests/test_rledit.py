@@ -3,12 +3,14 @@ what a trained hypernetwork does to answers needs `editstream train rledit`, not
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 
 from editstream.demo_facts import demo_facts
+from editstream.edits import LocalityProbe
 from editstream.errors import ConfigError
 from editstream.methods import create_method
 from editstream.methods.rledit.config import RLEditConfig, TrainConfig
@@ -58,7 +60,8 @@ def test_a_missing_hypernetwork_is_refused_with_the_command_that_makes_one(tiny_
 
 
 def test_one_training_step_lowers_the_trajectory_loss(tiny_lm, tmp_path):
-    edits = demo_facts(60)
+    probe = (LocalityProbe("Bees make", "honey"),)
+    edits = [dataclasses.replace(e, locality=probe) for e in demo_facts(60)]
     config = RLEditConfig(rank=16, batch=4)
     schedule = TrainConfig(trajectories=1, trajectory=3, batch=4, backtrack=2, lr=3e-2, validation_edits=8)
     trainer = RLEditTrainer(tiny_lm, edits, tmp_path, config, schedule)
@@ -70,6 +73,7 @@ def test_one_training_step_lowers_the_trajectory_loss(tiny_lm, tmp_path):
     assert params_hash(tiny_lm.model) == weights  # every trajectory restores the weights
     assert after["edit"] < before["edit"], (before, after)
     state = trainer.run()  # one trajectory, validated and exported, resumable
-    assert state["trajectory"] == 1 and state["best"]["reliability"] >= 0
+    best = state["best"]
+    assert state["trajectory"] == 1 and 0 <= best["locality"] <= 1 and best["score"] >= 0, best
     assert (tmp_path / "rledit.json").is_file() and (tmp_path / "train_state.json").is_file()
     assert create_method("rledit", tiny_lm, checkpoint=str(tmp_path)).names == trainer.names

@@ -182,7 +182,10 @@ class RLEditTrainer:
     # --- validation -------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
         """Edit the held-back edits in batches, one after another, then score them all teacher-forced:
-        reliability (prompts), generality (first paraphrases), and the mean of the two."""
+        reliability (prompts), generality (first paraphrases), locality (agreement with the unedited
+        model on their locality probes), and the mean of the three (of those measured)."""
+        probes = [(p.prompt, p.answer) for e in self.val for p in e.locality[:1]]
+        before = predictions(self.lm, [p for p, _ in probes], [a for _, a in probes])[0] if probes else []
         saved = [m.weight.detach().clone() for m in self.modules]
         self.nets.eval()
         try:
@@ -192,14 +195,19 @@ class RLEditTrainer:
                 with torch.no_grad():
                     for j, m in enumerate(self.modules):
                         m.weight += delta(m, self.nets.factors(j, u[j], grads[j]).T, u[j].T)
-            rel = teacher_forced(self.lm, [e.prompt for e in self.val], [e.target for e in self.val])
+            prompts, targets = [e.prompt for e in self.val], [e.target for e in self.val]
+            scores = {"reliability": teacher_forced(self.lm, prompts, targets)}
             paired = [(e.paraphrases[0], e.target) for e in self.val if e.paraphrases]
-            gen = teacher_forced(self.lm, [p for p, _ in paired], [t for _, t in paired]) if paired else float("nan")
+            if paired:
+                scores["generality"] = teacher_forced(self.lm, [p for p, _ in paired], [t for _, t in paired])
+            if probes:
+                after = predictions(self.lm, [p for p, _ in probes], [a for _, a in probes])[0]
+                scores["locality"] = mean_accuracy(after, before)
         finally:
             with torch.no_grad():
                 for m, w in zip(self.modules, saved, strict=True):
                     m.weight.copy_(w)
-        return {"reliability": rel, "generality": gen, "score": (rel + gen) / 2 if paired else rel}
+        return {**scores, "score": sum(scores.values()) / len(scores)}
 
     # --- the run ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -232,14 +240,27 @@ class RLEditTrainer:
         save_hypernets(self.nets, self.config, self.out, info)
 
 
-def teacher_forced(lm: LoadedLM, texts: Sequence[str], targets: Sequence[str], batch: int = 32) -> float:
-    """Mean teacher-forced token accuracy of `targets` after `texts`."""
-    scores = []
+def predictions(
+    lm: LoadedLM, texts: Sequence[str], targets: Sequence[str], batch: int = 32
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Teacher-forced argmax at each target token after each text, and the target tokens."""
+    preds: list[list[int]] = []
+    answers: list[list[int]] = []
     with torch.no_grad():
         for i in range(0, len(texts), batch):
             pb = encode_pairs(lm.tokenizer, list(texts[i : i + batch]), list(targets[i : i + batch]))
             ids, mask = pb.input_ids.to(lm.device), pb.attention_mask.to(lm.device)
             logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-            preds = answer_predictions(logits[:, -positions_to_score(pb) :], pb)
-            scores += [token_accuracy(p, a) for p, a in zip(preds, pb.answer_ids, strict=True)]
+            preds += answer_predictions(logits[:, -positions_to_score(pb) :], pb)
+            answers += pb.answer_ids
+    return preds, answers
+
+
+def mean_accuracy(predicted: Sequence[Sequence[int]], expected: Sequence[Sequence[int]]) -> float:
+    scores = [token_accuracy(p, a) for p, a in zip(predicted, expected, strict=True)]
     return sum(scores) / len(scores) if scores else float("nan")
+
+
+def teacher_forced(lm: LoadedLM, texts: Sequence[str], targets: Sequence[str]) -> float:
+    """Mean teacher-forced token accuracy of `targets` after `texts`."""
+    return mean_accuracy(*predictions(lm, texts, targets))
