@@ -183,8 +183,11 @@ class Replica:
         """How far a fired edit of a plan-only method shapes a generation (see `generate`)."""
         self.method.edit_scope = checked_scope(scope)
 
-    def eos_ids(self) -> torch.Tensor:
-        return torch.tensor([self.lm.tokenizer.eos_token_id], dtype=torch.long, device=self.lm.device)
+    def silent_ids(self) -> torch.Tensor:
+        """Tokens a fired edit's row may not start with: end-of-text and the stops (".", newline),
+        after which a user reads an empty answer."""
+        eos = torch.tensor([self.lm.tokenizer.eos_token_id], dtype=torch.long, device=self.lm.device)
+        return torch.cat([eos, self.stop_token_ids()])
 
     def glue_token_ids(self) -> torch.Tensor:
         """Ids of tokens that would extend the word before them, computed once per replica."""
@@ -295,9 +298,9 @@ class Replica:
             if turns.chat and plan.set_offsets is not None:  # a prefix goes right before the user's words
                 plan.set_offsets(self._template_heads(texts, plan.texts))
             pieces = turns.pieces(self.lm)
-            # a fired edit says something: its row's first token is not end-of-text (min_new_tokens=1
-            # for the rows an edit answers; the unedited model may end at once after a question)
-            speak = (self.eos_ids(), [f is not None for f in plan.fired]) if edited else None
+            # a fired edit says something: its row's first token is neither end-of-text nor a stop (the
+            # unedited model may end at once after a question, or begin with a blank line)
+            speak = (self.silent_ids(), [f is not None for f in plan.fired]) if edited else None
             out = greedy(
                 self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable, until, stop_rows,
                 unglued=speak, on_tokens=pieces, sampling=turns.sampling, halt=turns.halt,

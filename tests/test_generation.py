@@ -103,6 +103,14 @@ def test_a_fired_edit_says_something_where_the_unedited_model_ends_at_once(real_
     (edited,) = replica.generate([fact.prompt], 24, until_cut=True)
     assert plain.text == "" and plain.completion_tokens == 1  # the unedited model: end-of-text at once
     assert edited.fired == "carpet" and wild.answer_first(wild.cut(edited.text, fact.target), fact.target), edited
+    blank = EditRequest(
+        'Whose "left hand" rule can predict the direction of motion of an electric motor?',
+        "Fleming, Sir John Ambrose",
+        edit_id="valve",
+    )
+    replica.apply(2, method.compute([blank])[0])
+    (first,) = replica.generate([blank.prompt], 24, until_cut=True)  # began with "\n\nThe answer is:"
+    assert first.fired == "valve" and first.text.strip() and first.text[0] not in ".\n", first
 
 
 def test_a_request_stop_sequence_ends_decoding(real_lm):
