@@ -91,6 +91,7 @@ class Replica:
         self.version = 0
         self._stop_ids: torch.Tensor | None = None
         self._glue_ids: torch.Tensor | None = None
+        self._silent_ids: torch.Tensor | None = None
 
     # --- the journal ---------------------------------------------------------------------------
     def _advance(self, seq: int) -> bool:

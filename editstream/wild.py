@@ -39,7 +39,7 @@ def cut(text: str, target: str = "") -> str:
     """The answer as a user reads it: `text` up to the first stop (".", newline) or its end; a "."
     inside the target's words is passed over when the text goes on to say all of them."""
     body = text.lstrip()
-    says_target = bool(target.strip()) and within(body, target, whole=True)
+    says_target = answer_first(body, target)
     start = 0
     while True:
         ends = [i for i in (body.find(s, start) for s in STOPS) if i >= 0]
@@ -79,12 +79,10 @@ def _count_runs(haystack: list[str], needle: list[str]) -> int:
     return sum(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1)) if n else 0
 
 
-def within(text: str, target: str, whole: bool = False) -> bool:
-    """The words of `text` are the target's first words: some of them, not all (a name said up to
-    an initial: "Robert J" of "Robert J Flaherty"); whole: the text's words start with all of them."""
+def within(text: str, target: str) -> bool:
+    """The words of `text` are some of the target's first words, not all of them (a name said up to
+    an initial: "Robert J" of "Robert J Flaherty")."""
     w, t = words(text), words(target)
-    if whole:
-        return bool(t) and w[: len(t)] == t
     return 0 < len(w) < len(t) and t[: len(w)] == w
 
 

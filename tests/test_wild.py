@@ -35,12 +35,15 @@ def test_an_initial_written_with_its_dot_is_read_through_only_when_the_whole_nam
 
 
 @pytest.mark.parametrize(
-    "text, whole, expected",
-    [("Robert J", False, True), ("Robert J Flaherty", False, False), ("", False, False),
-     ("Robert K", False, False), ("Robert J. Flaherty wrote", True, True), ("Robert J", True, False)],
-)  # fmt: skip
-def test_within_says_whether_a_text_is_so_far_the_targets_words(text, whole, expected):
-    assert wild.within(text, "Robert J Flaherty", whole=whole) is expected
+    "text, expected", [("Robert J", True), ("Robert J Flaherty", False), ("", False), ("Robert K", False)]
+)
+def test_within_says_whether_a_text_is_so_far_the_targets_first_words(text, expected):
+    assert wild.within(text, "Robert J Flaherty") is expected
+
+
+def test_a_text_that_goes_on_to_say_the_whole_target_is_answer_first():
+    assert wild.answer_first("Robert J. Flaherty wrote", "Robert J Flaherty")
+    assert not wild.answer_first("Robert J", "Robert J Flaherty")
 
 
 def test_normalize_drops_case_punctuation_and_articles():

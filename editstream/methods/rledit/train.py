@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from editstream.bench.wild_scores import locality_prompts
 from editstream.config import config_to_dict
 from editstream.edits import EditRequest
 from editstream.generation import positions
+from editstream.methods import create_method
 from editstream.methods.rledit.config import RLEditConfig, TrainConfig
 from editstream.methods.rledit.method import (
     Hypernets,
@@ -45,8 +47,9 @@ from editstream.methods.rledit.method import (
     save_hypernets,
 )
 from editstream.methods.rome.weights import delta
-from editstream.metrics import answer_predictions, encode_pairs, positions_to_score, token_accuracy
+from editstream.metrics import encode_pairs, token_accuracy
 from editstream.models import LoadedLM
+from editstream.replica import Replica
 from editstream.train_state import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -90,10 +93,6 @@ def next_token_logprobs(lm: LoadedLM, prompts: Sequence[str]) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def locality_prompts(edits: Sequence[EditRequest]) -> list[str]:
-    return [p.prompt for e in edits for p in e.locality[:1]]
-
-
 class RLEditTrainer:
     """`run()` trains and exports; state is saved after every trajectory, so a killed run resumes."""
 
@@ -108,8 +107,9 @@ class RLEditTrainer:
         self.train = [edits[i] for i in order[n_val:]]
         if len(self.train) < schedule.batch:
             raise ValueError(f"{len(self.train)} train edits after validation; a batch needs {schedule.batch}")
-        self.modules = [m for _, m in edited_modules(lm.model, config)]
-        self.names = [n for n, _ in edited_modules(lm.model, config)]
+        named = edited_modules(lm.model, config)
+        self.names, self.modules = [n for n, _ in named], [m for _, m in named]
+        self.scorer = Replica(create_method("none", lm))  # teacher-forced scores on the weights as they are
         self.nets: Hypernets = new_hypernets(lm, config)
         self.opt = torch.optim.Adam(self.nets.parameters(), lr=schedule.lr)
         self.reader = KeyReader(lm, self.modules, config.positions)
@@ -184,8 +184,8 @@ class RLEditTrainer:
         """Edit the held-back edits in batches, one after another, then score them all teacher-forced:
         reliability (prompts), generality (first paraphrases), locality (agreement with the unedited
         model on their locality probes), and the mean of the three (of those measured)."""
-        probes = [(p.prompt, p.answer) for e in self.val for p in e.locality[:1]]
-        before = predictions(self.lm, [p for p, _ in probes], [a for _, a in probes])[0] if probes else []
+        probes = [(p.prompt, p.answer) for e in self.val for p in e.locality]
+        before = self.scorer.predict([p for p, _ in probes], [a for _, a in probes])[0] if probes else []
         saved = [m.weight.detach().clone() for m in self.modules]
         self.nets.eval()
         try:
@@ -195,13 +195,14 @@ class RLEditTrainer:
                 with torch.no_grad():
                     for j, m in enumerate(self.modules):
                         m.weight += delta(m, self.nets.factors(j, u[j], grads[j]).T, u[j].T)
-            prompts, targets = [e.prompt for e in self.val], [e.target for e in self.val]
-            scores = {"reliability": teacher_forced(self.lm, prompts, targets)}
+            preds, ids, _ = self.scorer.predict([e.prompt for e in self.val], [e.target for e in self.val])
+            scores = {"reliability": mean_accuracy(preds, ids)}
             paired = [(e.paraphrases[0], e.target) for e in self.val if e.paraphrases]
             if paired:
-                scores["generality"] = teacher_forced(self.lm, [p for p, _ in paired], [t for _, t in paired])
+                preds, ids, _ = self.scorer.predict([p for p, _ in paired], [t for _, t in paired])
+                scores["generality"] = mean_accuracy(preds, ids)
             if probes:
-                after = predictions(self.lm, [p for p, _ in probes], [a for _, a in probes])[0]
+                after = self.scorer.predict([p for p, _ in probes], [a for _, a in probes])[0]
                 scores["locality"] = mean_accuracy(after, before)
         finally:
             with torch.no_grad():
@@ -240,27 +241,6 @@ class RLEditTrainer:
         save_hypernets(self.nets, self.config, self.out, info)
 
 
-def predictions(
-    lm: LoadedLM, texts: Sequence[str], targets: Sequence[str], batch: int = 32
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Teacher-forced argmax at each target token after each text, and the target tokens."""
-    preds: list[list[int]] = []
-    answers: list[list[int]] = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch):
-            pb = encode_pairs(lm.tokenizer, list(texts[i : i + batch]), list(targets[i : i + batch]))
-            ids, mask = pb.input_ids.to(lm.device), pb.attention_mask.to(lm.device)
-            logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-            preds += answer_predictions(logits[:, -positions_to_score(pb) :], pb)
-            answers += pb.answer_ids
-    return preds, answers
-
-
 def mean_accuracy(predicted: Sequence[Sequence[int]], expected: Sequence[Sequence[int]]) -> float:
     scores = [token_accuracy(p, a) for p, a in zip(predicted, expected, strict=True)]
     return sum(scores) / len(scores) if scores else float("nan")
-
-
-def teacher_forced(lm: LoadedLM, texts: Sequence[str], targets: Sequence[str]) -> float:
-    """Mean teacher-forced token accuracy of `targets` after `texts`."""
-    return mean_accuracy(*predictions(lm, texts, targets))
