@@ -187,6 +187,13 @@ def chat_text(lm: LoadedLM, text: str, history: Sequence[dict[str, str]] = ()) -
     )
 
 
+def template_heads(lm: LoadedLM, templated: Sequence[str], inner: Sequence[str]) -> list[int]:
+    """Per row, the tokens of the templated text before the inner text (a chat template's head
+    before the user's words; 0 where a template changed the text so that it cannot be found)."""
+    heads = [t[: max(t.rfind(i), 0)] for t, i in zip(templated, inner, strict=True)]
+    return [len(x) for x in lm.tokenizer(heads, add_special_tokens=False)["input_ids"]]
+
+
 class TextPieces:
     """Streams decoding: turns rows' growing token lists into the text each new token adds, once it
     is whole characters (a token may end inside a multi-byte character), and hands each piece to

@@ -25,6 +25,7 @@ from editstream.generation import (
     glue_token_ids,
     greedy,
     stop_token_ids,
+    template_heads,
 )
 from editstream.methods.base import EditMethod, QueryPlan
 from editstream.metrics import PairBatch, answer_predictions, encode_pairs, positions_to_score
@@ -269,13 +270,6 @@ class Replica:
             a.finish_reason = "stop" if ended else "length"
         return answers
 
-    def _template_heads(self, templated: Sequence[str], inner: Sequence[str]) -> torch.Tensor:
-        """Per row, the tokens of the templated text before the inner text (0 where a template
-        changed the text so that it cannot be found: the prefix then goes first)."""
-        heads = [t[: max(t.rfind(i), 0)] for t, i in zip(templated, inner, strict=True)]
-        ids = self.lm.tokenizer(heads, add_special_tokens=False)["input_ids"]
-        return torch.tensor([len(x) for x in ids], dtype=torch.long)
-
     def _generate(
         self,
         prompts: Sequence[str],
@@ -297,7 +291,7 @@ class Replica:
             stop_rows = [until_cut or u is not None for u in until] if release else None
             texts = [turns.text(self.lm, t, i) for i, t in enumerate(plan.texts)]
             if turns.chat and plan.set_offsets is not None:  # a prefix goes right before the user's words
-                plan.set_offsets(self._template_heads(texts, plan.texts))
+                plan.set_offsets(torch.tensor(template_heads(self.lm, texts, plan.texts), dtype=torch.long))
             pieces = turns.pieces(self.lm)
             # a fired edit says something: its row's first token is neither end-of-text nor a stop (the
             # unedited model may end at once after a question, or begin with a blank line)

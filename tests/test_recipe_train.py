@@ -10,9 +10,9 @@ from editstream.methods.recipe.config import RecipeConfig, TrainConfig
 from editstream.methods.recipe.train import Trainer, generator_loss, retriever_loss
 
 
-@pytest.mark.parametrize("wild", [False, True], ids=["target-only", "continuation+negatives"])
+@pytest.mark.parametrize("wild", [False, True], ids=["target-only", "continuation+negatives+chat"])
 def test_training_lowers_losses_and_resumes(tmp_path, tiny_lm, tiny_encoder, wild):
-    edits = load_edits("counterfact-train", limit=80)
+    edits = load_edits("counterfact-train", limit=80) + (load_edits("zsre-train", limit=40) if wild else [])
     config = RecipeConfig(
         encoder="tiny-bert",
         key_dim=16,
@@ -26,6 +26,7 @@ def test_training_lowers_losses_and_resumes(tmp_path, tiny_lm, tiny_encoder, wil
         continuation_weight=1.0 if wild else 0.0,
         continuation_tokens=4,
         subject_negatives=wild,
+        chat_form=wild,
         retriever_steps=60,
         retriever_batch=32,
         generator_steps=30,
@@ -51,6 +52,7 @@ def test_training_lowers_losses_and_resumes(tmp_path, tiny_lm, tiny_encoder, wil
     assert state["generator_step"] == 30 and state["history"]
     last = state["history"][-1]
     assert 0.0 <= last["wild_reliability"] <= 1.0 and ("retrieval_neg_reject" in last) == wild
+    assert ("wild_chat_reliability" in last) == wild  # question rows are scored in chat form too
     net, meta = load_checkpoint(tmp_path)
     assert meta["steps"]["generator_step"] == 30
 

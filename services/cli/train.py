@@ -99,6 +99,7 @@ def _train_recipe(args: argparse.Namespace) -> int:
             "continuation_tokens": args.continuation_tokens,
             "end_text": args.end_text,
             "subject_negatives": args.subject_negatives,
+            "chat_form": args.chat_form,
             "validate_every": args.validate_every or 100,
             "seed": args.seed,
         },
@@ -163,6 +164,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="retriever negatives: the edit's subject in other relations' prompts, its prompt with other subjects",
+    )
+    p.add_argument(
+        "--chat-form",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train question rows as a chat turn (prefix before the user's words, target first in the reply)",
     )
     p.add_argument("--retriever-lr", type=float, default=2e-3, help="retriever learning rate")
     p.add_argument(

@@ -79,6 +79,9 @@ class TrainConfig:
     # Retriever negatives built from the train rows: the edit's subject in another relation's prompt
     # and the edit's prompt with another subject must both pick the sentinel (subject locality).
     subject_negatives: bool = False
+    # Question rows are also trained in chat form: the question as the user turn of the model's chat
+    # template, the prefix before the user's words, the target as the start of the reply.
+    chat_form: bool = False
     validate_every: int = 100
     checkpoint_every: int = 50
     validation_rows: int = 200

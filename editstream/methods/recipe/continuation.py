@@ -27,22 +27,25 @@ class Continuations:
     teacher: torch.Tensor  # (sum of positions, vocab) log-probabilities, in row order
 
 
-def pair_ids(lm: LoadedLM, context: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of a context and of " " + answer, tokenised apart (as `encode_pairs` does)."""
+def pair_ids(lm: LoadedLM, context: str, answer: str, lead: str = " ") -> tuple[list[int], list[int]]:
+    """Token ids of a context and of `lead` + answer, tokenised apart (as `encode_pairs` does); a
+    chat reply starts on its own line, with no space (lead "")."""
     tok = lm.tokenizer
-    return tok(context, add_special_tokens=False)["input_ids"], tok(" " + answer.strip(), add_special_tokens=False)[
+    return tok(context, add_special_tokens=False)["input_ids"], tok(lead + answer.strip(), add_special_tokens=False)[
         "input_ids"
     ]
 
 
 @torch.no_grad()
 def teacher_continuations(
-    lm: LoadedLM, contexts: Sequence[str], targets: Sequence[str], k: int
+    lm: LoadedLM, contexts: Sequence[str], targets: Sequence[str], k: int, leads: Sequence[str] | None = None
 ) -> tuple[Continuations, list[int]]:
     """Greedy k-token continuations of each plain "context target" and the teacher's log-probs;
-    also the number of context + target tokens per row (where the target ends)."""
+    also the number of context + target tokens per row (where the target ends). leads: what goes
+    between each context and its target (default " ")."""
     tok, dev = lm.tokenizer, lm.device
-    heads = [sum(pair_ids(lm, c, t), []) for c, t in zip(contexts, targets, strict=True)]
+    leads = leads or [" "] * len(contexts)
+    heads = [sum(pair_ids(lm, c, t, d), []) for c, t, d in zip(contexts, targets, leads, strict=True)]
     ids, mask = left_pad(heads, tok.pad_token_id if tok.pad_token_id is not None else 0)
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)

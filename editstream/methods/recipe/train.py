@@ -29,7 +29,7 @@ from editstream import wild
 from editstream.config import config_to_dict
 from editstream.edits import EditRequest
 from editstream.errors import ConfigError
-from editstream.generation import greedy
+from editstream.generation import chat_text, greedy, template_heads
 from editstream.methods.recipe.checkpoint import load_checkpoint, save_checkpoint
 from editstream.methods.recipe.config import RecipeConfig, TrainConfig
 from editstream.methods.recipe.continuation import pair_ids, teacher_continuations
@@ -37,7 +37,7 @@ from editstream.methods.recipe.negatives import subject_swaps
 from editstream.methods.recipe.network import RecipeNet, target_token_embeddings
 from editstream.metrics import left_pad
 from editstream.models import LoadedEncoder, LoadedLM
-from editstream.prefix import prepend_prefix, soft_prefix
+from editstream.prefix import insert_prefix, prepend_prefix, soft_prefix
 from editstream.train_state import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,11 @@ def id_logits(
     rows: Sequence[list[int]],
     positions: Sequence[list[int]],
     prefix_mask: torch.Tensor | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Logits at `positions` (indices into each token row) with `prefix` before each row, in row order.
+    """Logits at `positions` (indices into each token row) with `prefix` before each row, in row order;
+    with `offsets`, row i's prefix goes after its first offsets[i] tokens (a chat template's head),
+    and every position must lie after it.
 
     Rows are left-padded into one batch; the decoder runs once and the LM head only where asked.
     """
@@ -160,7 +163,11 @@ def id_logits(
         n_prefix = prefix.shape[1]
         if prefix_mask is None:
             prefix_mask = torch.ones(prefix.shape[:2], device=dev)
-        embeds, mask, pos = prepend_prefix(embeds, mask, prefix, prefix_mask)
+        if offsets is None:
+            embeds, mask, pos = prepend_prefix(embeds, mask, prefix, prefix_mask)
+        else:
+            at = torch.tensor([width - len(r) + o for r, o in zip(rows, offsets, strict=True)], device=dev)
+            embeds, mask, pos = insert_prefix(embeds, mask, prefix, prefix_mask, at)
     else:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = lm.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
@@ -180,18 +187,54 @@ def answer_logits(
     return logits, torch.tensor([t for _, a in pairs for t in a], device=lm.device)
 
 
+@dataclass
+class Readings:
+    """The texts a generator step trains on: per reading, the context the prefix goes into, the
+    target after it, what goes between them (" ", or "" for a chat reply), how many context tokens
+    come before the prefix (a chat template's head) and which edit's prefix it reads."""
+
+    contexts: list[str]
+    targets: list[str]
+    leads: list[str]
+    offsets: list[int]
+    edits: list[int]
+
+
+def readings(lm: LoadedLM, edits: Sequence[EditRequest], chat: bool = False) -> Readings:
+    """Each edit's prompt and first paraphrase, plainly; with `chat`, also each question edit's
+    prompt (even rows) or paraphrase (odd rows) as the user turn of the model's chat template, with
+    the prefix right before the user's words, as `Replica.generate(chat=True)` serves it."""
+    n = len(edits)
+    texts = [e.prompt for e in edits] + [e.paraphrases[0] for e in edits]
+    r = Readings(texts, [e.target for e in edits] * 2, [" "] * 2 * n, [0] * 2 * n, list(range(n)) * 2)
+    if chat:
+        asked = [
+            (i, e.prompt if i % 2 == 0 else e.paraphrases[0])
+            for i, e in enumerate(edits)
+            if e.prompt.rstrip().endswith("?")
+        ]
+        templated = [chat_text(lm, q) for _, q in asked]
+        r.contexts += templated
+        r.targets += [edits[i].target for i, _ in asked]
+        r.leads += [""] * len(asked)
+        r.offsets += template_heads(lm, templated, [q for _, q in asked])
+        r.edits += [i for i, _ in asked]
+    return r
+
+
 def continuation_loss(
-    lm: LoadedLM, prefix: torch.Tensor, mask: torch.Tensor, rows: TrainRows, k: int
+    lm: LoadedLM, prefix: torch.Tensor, mask: torch.Tensor, rows: TrainRows, k: int, chat: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """(cross-entropy on the target, KL to the plain-statement teacher after it, stats), on the
-    prompt and the paraphrase of each row, from one student forward."""
-    contexts = [e.prompt for e in rows.edits] + [e.paraphrases[0] for e in rows.edits]
-    targets = [e.target for e in rows.edits] * 2
-    cont, ends = teacher_continuations(lm, contexts, targets, k)
-    starts = [len(pair_ids(lm, c, t)[0]) for c, t in zip(contexts, targets, strict=True)]
+    prompt and the paraphrase of each row (and, with `chat`, the chat form of question rows), from
+    one student forward."""
+    r = readings(lm, rows.edits, chat)
+    cont, ends = teacher_continuations(lm, r.contexts, r.targets, k, r.leads)
+    starts = [len(pair_ids(lm, c, t, d)[0]) for c, t, d in zip(r.contexts, r.targets, r.leads, strict=True)]
     answer_pos = [list(range(s - 1, e - 1)) for s, e in zip(starts, ends, strict=True)]
     positions = [a + c for a, c in zip(answer_pos, cont.positions, strict=True)]
-    logits = id_logits(lm, prefix.repeat(2, 1, 1), cont.rows, positions, mask.repeat(2, 1))
+    ix = torch.tensor(r.edits, device=prefix.device)
+    logits = id_logits(lm, prefix[ix], cont.rows, positions, mask[ix], r.offsets if chat else None)
     is_answer = torch.tensor([j < len(a) for a, ps in zip(answer_pos, positions, strict=True) for j in range(len(ps))])
     answer_ids = torch.tensor([r[p + 1] for r, a in zip(cont.rows, answer_pos, strict=True) for p in a])
     ce = F.cross_entropy(logits[is_answer], answer_ids.to(logits.device))
@@ -204,7 +247,7 @@ def continuation_loss(
 def generator_loss(net: RecipeNet, lm: LoadedLM, rows: TrainRows, schedule: TrainConfig):
     prefix, mask = generated_prompts(net, lm, rows)
     if schedule.continuation_weight > 0:
-        loss, kl, stats = continuation_loss(lm, prefix, mask, rows, schedule.continuation_tokens)
+        loss, kl, stats = continuation_loss(lm, prefix, mask, rows, schedule.continuation_tokens, schedule.chat_form)
         loss = loss + schedule.continuation_weight * kl
     else:
         targets = [e.target for e in rows.edits]
@@ -232,7 +275,8 @@ def generator_loss(net: RecipeNet, lm: LoadedLM, rows: TrainRows, schedule: Trai
 def validate(net: RecipeNet, lm: LoadedLM, rows: TrainRows, batch: int = 32, wild_tokens: int = 24) -> dict[str, float]:
     """Oracle-retrieval scores on held-back train rows: teacher-forced token accuracy and, as a user
     reads it, WILD answer-first/exact and echo of a greedy `wild_tokens`-token answer (prompt and
-    paraphrase); retrieval hit/reject rates (and subject-swap rejection, where built)."""
+    paraphrase), and for question rows the chat form (the reply's first sentence holds the target);
+    retrieval hit/reject rates (and subject-swap rejection, where built)."""
     net.eval()
     _, acc = retriever_loss(net, rows.r_prompt, rows.r_para, rows.r_loc, rows.r_neg)
     scores: dict[str, list[float]] = {}
@@ -254,6 +298,17 @@ def validate(net: RecipeNet, lm: LoadedLM, rows: TrainRows, batch: int = 32, wil
                     scores.setdefault(f"wild_{name}", []).append(float(wild.answer_first(answer, target)))
                     scores.setdefault(f"wild_exact_{name}", []).append(float(wild.exact(answer, target)))
                     scores.setdefault("echo_2in24", []).append(float(wild.echo(text, target, repeats=2)))
+        asked = [i for i, e in enumerate(part.edits) if e.prompt.rstrip().endswith("?")]
+        if wild_tokens and asked:  # the question as a chat turn: does the reply's first sentence say it
+            questions = [part.edits[i].prompt for i in asked]
+            templated = [chat_text(lm, q) for q in questions]
+            ix = torch.tensor(asked, device=prefix.device)
+            with soft_prefix(lm.model, prefix[ix], mask[ix]) as rows:
+                rows.offsets = torch.tensor(template_heads(lm, templated, questions))
+                texts = greedy(lm, templated, wild_tokens, select_rows=rows.select).texts
+            for text, i in zip(texts, asked, strict=True):
+                said = wild.contains(wild.cut(text, targets[i]), targets[i])
+                scores.setdefault("wild_chat_reliability", []).append(float(said))
     net.train()
     return {
         "retrieval_rel": acc["rel"],
