@@ -7,7 +7,7 @@ import pytest
 from editstream.data import load_edits
 from editstream.methods.recipe.checkpoint import load_checkpoint
 from editstream.methods.recipe.config import RecipeConfig, TrainConfig
-from editstream.methods.recipe.train import Trainer, generator_loss, retriever_loss
+from editstream.methods.recipe.train import Trainer, generator_loss, retriever_loss, validate
 
 
 @pytest.mark.parametrize("wild", [False, True], ids=["target-only", "continuation+negatives+chat"])
@@ -53,6 +53,8 @@ def test_training_lowers_losses_and_resumes(tmp_path, tiny_lm, tiny_encoder, wil
     last = state["history"][-1]
     assert 0.0 <= last["wild_reliability"] <= 1.0 and ("retrieval_neg_reject" in last) == wild
     assert ("wild_chat_reliability" in last) == wild  # question rows are scored in chat form too
+    several = validate(trainer.net, tiny_lm, trainer.val, batch=5, wild_tokens=4)  # rows in several batches
+    assert set(several) == set(last) - {"step", "seconds", "ce", "acc", "cont_kl"}
     net, meta = load_checkpoint(tmp_path)
     assert meta["steps"]["generator_step"] == 30
 

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,9 @@ class Readings:
     offsets: list[int]
     edits: list[int]
 
+    def subset(self, idx: Sequence[int]) -> Readings:
+        return Readings(*([getattr(self, f.name)[i] for i in idx] for f in fields(self)))
+
 
 def readings(lm: LoadedLM, edits: Sequence[EditRequest], chat: bool = False) -> Readings:
     """Each edit's prompt and first paraphrase, plainly; with `chat`, also each question edit's
@@ -222,25 +225,37 @@ def readings(lm: LoadedLM, edits: Sequence[EditRequest], chat: bool = False) -> 
     return r
 
 
-def continuation_loss(
-    lm: LoadedLM, prefix: torch.Tensor, mask: torch.Tensor, rows: TrainRows, k: int, chat: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """(cross-entropy on the target, KL to the plain-statement teacher after it, stats), on the
-    prompt and the paraphrase of each row (and, with `chat`, the chat form of question rows), from
-    one student forward."""
-    r = readings(lm, rows.edits, chat)
+def _read(
+    lm: LoadedLM, prefix: torch.Tensor, mask: torch.Tensor, r: Readings, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For readings of one form: (logits at the target's tokens, their ids, log-probs after the
+    target, the teacher's there), from one teacher and one student forward."""
     cont, ends = teacher_continuations(lm, r.contexts, r.targets, k, r.leads)
     starts = [len(pair_ids(lm, c, t, d)[0]) for c, t, d in zip(r.contexts, r.targets, r.leads, strict=True)]
     answer_pos = [list(range(s - 1, e - 1)) for s, e in zip(starts, ends, strict=True)]
     positions = [a + c for a, c in zip(answer_pos, cont.positions, strict=True)]
     ix = torch.tensor(r.edits, device=prefix.device)
-    logits = id_logits(lm, prefix[ix], cont.rows, positions, mask[ix], r.offsets if chat else None)
+    offsets = r.offsets if any(r.offsets) else None
+    logits = id_logits(lm, prefix[ix], cont.rows, positions, mask[ix], offsets)
     is_answer = torch.tensor([j < len(a) for a, ps in zip(answer_pos, positions, strict=True) for j in range(len(ps))])
-    answer_ids = torch.tensor([r[p + 1] for r, a in zip(cont.rows, answer_pos, strict=True) for p in a])
-    ce = F.cross_entropy(logits[is_answer], answer_ids.to(logits.device))
-    student = logits[~is_answer].float().log_softmax(-1)
-    kl = F.kl_div(student, cont.teacher, log_target=True, reduction="batchmean")
-    acc = (logits[is_answer].argmax(-1).cpu() == answer_ids).float().mean().item()
+    answer_ids = torch.tensor([row[p + 1] for row, a in zip(cont.rows, answer_pos, strict=True) for p in a])
+    return logits[is_answer], answer_ids.to(logits.device), logits[~is_answer].float().log_softmax(-1), cont.teacher
+
+
+def continuation_loss(
+    lm: LoadedLM, prefix: torch.Tensor, mask: torch.Tensor, rows: TrainRows, k: int, chat: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(cross-entropy on the target, KL to the plain-statement teacher after it, stats), on the
+    prompt and the paraphrase of each row (and, with `chat`, the chat form of question rows). Plain
+    and chat readings run as separate batches: padding every short prompt to a chat template's
+    length would triple the step."""
+    r = readings(lm, rows.edits, chat)
+    forms = [[i for i, lead in enumerate(r.leads) if lead == want] for want in (" ", "")]
+    parts = [_read(lm, prefix, mask, r.subset(idx), k) for idx in forms if idx]
+    logits, ids, student, teacher = (torch.cat(x) for x in zip(*parts, strict=True))
+    ce = F.cross_entropy(logits, ids)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    acc = (logits.argmax(-1) == ids).float().mean().item()
     return ce, kl, {"ce": ce.item(), "acc": acc, "cont_kl": kl.item()}
 
 
@@ -291,8 +306,8 @@ def validate(net: RecipeNet, lm: LoadedLM, rows: TrainRows, batch: int = 32, wil
             logits, ids = answer_logits(lm, prefix, ctx, targets, mask)
             scores.setdefault(name, []).extend((logits.argmax(-1) == ids).float().tolist())
             if wild_tokens:
-                with soft_prefix(lm.model, prefix, mask) as rows:
-                    texts = greedy(lm, ctx, wild_tokens, select_rows=rows.select).texts
+                with soft_prefix(lm.model, prefix, mask) as hooked:
+                    texts = greedy(lm, ctx, wild_tokens, select_rows=hooked.select).texts
                 for text, target in zip(texts, targets, strict=True):
                     answer = wild.cut(text, target)
                     scores.setdefault(f"wild_{name}", []).append(float(wild.answer_first(answer, target)))
@@ -303,9 +318,9 @@ def validate(net: RecipeNet, lm: LoadedLM, rows: TrainRows, batch: int = 32, wil
             questions = [part.edits[i].prompt for i in asked]
             templated = [chat_text(lm, q) for q in questions]
             ix = torch.tensor(asked, device=prefix.device)
-            with soft_prefix(lm.model, prefix[ix], mask[ix]) as rows:
-                rows.offsets = torch.tensor(template_heads(lm, templated, questions))
-                texts = greedy(lm, templated, wild_tokens, select_rows=rows.select).texts
+            with soft_prefix(lm.model, prefix[ix], mask[ix]) as hooked:
+                hooked.offsets = torch.tensor(template_heads(lm, templated, questions))
+                texts = greedy(lm, templated, wild_tokens, select_rows=hooked.select).texts
             for text, i in zip(texts, asked, strict=True):
                 said = wild.contains(wild.cut(text, targets[i]), targets[i])
                 scores.setdefault("wild_chat_reliability", []).append(float(said))

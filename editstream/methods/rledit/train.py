@@ -41,7 +41,7 @@ from editstream.methods.rledit.config import RLEditConfig, TrainConfig
 from editstream.methods.rledit.method import (
     Hypernets,
     KeyReader,
-    answer_loss,
+    answer_nll,
     edited_modules,
     new_hypernets,
     save_hypernets,
@@ -82,8 +82,7 @@ def pairs_loss(lm: LoadedLM, edits: Sequence[EditRequest], paraphrases: bool = T
     targets = [e.target for e in edits] + [e.target for e in edits if paraphrases and e.paraphrases]
     batch = encode_pairs(lm.tokenizer, texts, targets)
     ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
-    logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    return answer_loss(logits, batch.answer_ids, batch.answer_start) / len(texts)
+    return answer_nll(lm, ids, mask, batch.answer_ids, batch.answer_start) / len(texts)
 
 
 def next_token_logprobs(lm: LoadedLM, prompts: Sequence[str]) -> torch.Tensor:
