@@ -114,13 +114,9 @@ def test_the_edit_held_for_the_whole_text_echoes(edited):
     assert mean([wild.echo(a.text, f.target) for a, f in zip(answers, facts, strict=True)]) >= 0.1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 14): a cloze prompt sent as a chat turn is read as an unfinished sentence to "
-    "comment on ('The Eiffel Tower is a iconic landmark in Paris, France'); the chat form holds for "
-    "about 0.65 of the demo facts and 0.55 of ZsRE questions",
-)
 def test_a_cloze_fact_holds_in_chat(edited):
+    """A cloze prompt sent as a chat turn: the reply's first sentence holds the edit (the checkpoint
+    trained on chat-form rows; before it the reply commented on the unfinished sentence instead)."""
     replica, facts = edited
     (chat,) = replica.generate([facts[1].prompt], max_new_tokens=50, chat=True)
     assert chat.fired == facts[1].edit_id and wild.contains(wild.cut(chat.text), facts[1].target), chat.text
