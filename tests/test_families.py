@@ -108,15 +108,7 @@ def test_a_recipe_checkpoint_for_another_embedding_size_is_refused_at_start(real
         create_method("recipe", real_lm, checkpoint=tiny_checkpoint, encoder=tiny_encoder)
 
 
-BF16_MEMIT = pytest.mark.xfail(
-    strict=False,
-    reason="open: on some CPUs MEMIT's target optimisation on this tiny bf16 model ends with a zero "
-    "delta (d.norm 0 after 3 steps, so u = 0 and no shift), though a gradient reaches the hooked "
-    "output; it passed in CI at 3d0ee3b and fails on the 2026-11-30 session machine at that commit too",
-)
-
-
-@pytest.mark.parametrize("name", [pytest.param(m, marks=BF16_MEMIT) if m == "memit" else m for m in METHODS])
+@pytest.mark.parametrize("name", METHODS)
 def test_every_method_edits_a_bfloat16_model(real_lm, name, tiny_checkpoint, tiny_encoder, tmp_path, monkeypatch):
     """Models are served in bf16 on GPUs: edits are solved in float32 and applied in the weights' dtype."""
     from transformers import AutoModelForCausalLM

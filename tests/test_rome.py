@@ -91,3 +91,17 @@ def test_rome_on_a_gpt2_family_model(real_lm):
     torch.testing.assert_close(module(key) - before, artifact.tensors["u"][0], rtol=1e-3, atol=1e-5)
     replica.retract(2, artifact.edit_id)
     torch.testing.assert_close(weight.detach(), original, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 6, 12, 30])
+def test_memit_never_edits_the_last_layer(depth):
+    """MEMIT optimises the target hidden state at its top layer's output, which reaches the answer
+    only through a layer above it: its default band ends below the last layer at every depth, and
+    keeps the published band (five layers ending at n // 6 + 1) where there is room."""
+    from editstream.methods.rome.method import Memit
+
+    layers = Memit.default_layers(None, depth)
+    assert layers and max(layers) <= depth - 2 and min(layers) >= 0
+    if depth >= 12:
+        top = depth // 6 + 1
+        assert layers == list(range(max(0, top - 4), top + 1))

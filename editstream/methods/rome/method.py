@@ -292,7 +292,11 @@ class Memit(LocateEdit):
     batch_edits = True
 
     def default_layers(self, n: int) -> list[int]:
-        top = n // 6 + 1
+        """Up to five layers ending at n // 6 + 1, and never the last layer: the target hidden state
+        is optimised at the top edited layer's output, which reaches the answer only through a
+        layer above it (on a 2-layer model the final layer's output at the subject moved nothing,
+        and MEMIT made no edit)."""
+        top = max(0, min(n // 6 + 1, n - 2))
         return list(range(max(0, top - 4), top + 1))
 
     def _solve(self, edits: list[EditRequest]) -> list[Artifact]:
