@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 from editstream.data import load_edits
 from editstream.methods.recipe.checkpoint import load_checkpoint
 from editstream.methods.recipe.config import TrainConfig
-from editstream.methods.recipe.train import encode_rows, validate
+from editstream.methods.recipe.train import encode_rows, split_rows, validate
 from editstream.models import load_causal_lm, load_encoder
 
 
@@ -29,10 +28,9 @@ def main() -> None:
     lm, encoder, schedule = load_causal_lm(), load_encoder(), TrainConfig()
     edits = [e for name in ("counterfact-train", "zsre-train") for e in load_edits(name)]
     rows = encode_rows(edits, encoder, Path(args.cache), statements=False, negatives=True)
-    order = list(range(len(rows.edits)))
-    random.Random(schedule.seed).shuffle(order)  # the trainer's split
+    held_back, _ = split_rows(rows, schedule)  # the trainer's split
     net, _ = load_checkpoint(Path(args.checkpoint))
-    print(json.dumps(validate(net.float().to(lm.device), lm, rows.subset(order[: schedule.validation_rows]))))
+    print(json.dumps(validate(net.float().to(lm.device), lm, held_back)))
 
 
 if __name__ == "__main__":

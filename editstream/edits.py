@@ -44,6 +44,11 @@ class EditRequest:
             object.__setattr__(self, "edit_id", default_edit_id(self.prompt, self.target))
 
     @property
+    def is_question(self) -> bool:
+        """Whether the prompt is a question (then it can also be asked as a chat turn)."""
+        return self.prompt.rstrip().endswith("?")
+
+    @property
     def statement(self) -> str:
         """The fact as one sentence: prompt followed by target."""
         return f"{self.prompt} {self.target}"

@@ -187,9 +187,11 @@ class Replica:
 
     def silent_ids(self) -> torch.Tensor:
         """Tokens a fired edit's row may not start with: end-of-text and the stops (".", newline),
-        after which a user reads an empty answer."""
-        eos = torch.tensor([self.lm.tokenizer.eos_token_id], dtype=torch.long, device=self.lm.device)
-        return torch.cat([eos, self.stop_token_ids()])
+        after which a user reads an empty answer; computed once per replica."""
+        if self._silent_ids is None:
+            eos = torch.tensor([self.lm.tokenizer.eos_token_id], dtype=torch.long, device=self.lm.device)
+            self._silent_ids = torch.cat([eos, self.stop_token_ids()])
+        return self._silent_ids
 
     def glue_token_ids(self) -> torch.Tensor:
         """Ids of tokens that would extend the word before them, computed once per replica."""

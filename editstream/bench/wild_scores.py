@@ -102,7 +102,7 @@ def _replies_contain(answers: Sequence, targets: Sequence[str]) -> list[float]:
 
 def is_question_set(edits: Sequence[EditRequest]) -> bool:
     """Whether most prompts are questions (then the chat form is scored too)."""
-    return sum(e.prompt.rstrip().endswith("?") for e in edits) * 2 > len(edits)
+    return sum(e.is_question for e in edits) * 2 > len(edits)
 
 
 def score_wild_chunk(

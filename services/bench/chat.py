@@ -94,7 +94,7 @@ def run_chat_bench(
 ) -> dict[str, Any]:
     """Time the first streamed token of `n` questions from `data` (stored and paraphrased), unedited
     and with their edits."""
-    edits = [e for e in load_edits(data, limit=n * 2) if e.prompt.rstrip().endswith("?") and e.paraphrases][:n]
+    edits = [e for e in load_edits(data, limit=n * 2) if e.is_question and e.paraphrases][:n]
     if len(edits) < n:
         raise ValueError(
             f"{data!r} has {len(edits)} question prompts with a paraphrase among its first {n * 2} records; need {n}"

@@ -104,6 +104,14 @@ def encode_rows(
     return TrainRows(edits, enc["prompt"], enc["para"], enc["loc"], enc.get("statement"), neg)
 
 
+def split_rows(rows: TrainRows, schedule: TrainConfig) -> tuple[TrainRows, TrainRows]:
+    """(validation, training) rows: the first `validation_rows` of a `seed` shuffle are held back."""
+    order = list(range(len(rows.edits)))
+    random.Random(schedule.seed).shuffle(order)
+    n_val = schedule.validation_rows
+    return rows.subset(order[:n_val]), rows.subset(order[n_val:])
+
+
 def retriever_loss(net: RecipeNet, r_prompt, r_para, r_loc, r_neg=None) -> tuple[torch.Tensor, dict[str, float]]:
     """In-batch contrast over [keys..., sentinel] for prompt, paraphrase and locality queries, and
     (if given) subject-swap negatives (B, m, enc), which must pick the sentinel too."""
@@ -203,6 +211,13 @@ class Readings:
         return Readings(*([getattr(self, f.name)[i] for i in idx] for f in fields(self)))
 
 
+def as_chat(lm: LoadedLM, questions: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Each question as the user turn of the model's chat template, and the template's tokens before
+    it: where `Replica.generate(chat=True)` puts an edit's prefix."""
+    templated = [chat_text(lm, q) for q in questions]
+    return templated, template_heads(lm, templated, questions)
+
+
 def readings(lm: LoadedLM, edits: Sequence[EditRequest], chat: bool = False) -> Readings:
     """Each edit's prompt and first paraphrase, plainly; with `chat`, also each question edit's
     prompt (even rows) or paraphrase (odd rows) as the user turn of the model's chat template, with
@@ -211,16 +226,12 @@ def readings(lm: LoadedLM, edits: Sequence[EditRequest], chat: bool = False) -> 
     texts = [e.prompt for e in edits] + [e.paraphrases[0] for e in edits]
     r = Readings(texts, [e.target for e in edits] * 2, [" "] * 2 * n, [0] * 2 * n, list(range(n)) * 2)
     if chat:
-        asked = [
-            (i, e.prompt if i % 2 == 0 else e.paraphrases[0])
-            for i, e in enumerate(edits)
-            if e.prompt.rstrip().endswith("?")
-        ]
-        templated = [chat_text(lm, q) for _, q in asked]
+        asked = [(i, e.prompt if i % 2 == 0 else e.paraphrases[0]) for i, e in enumerate(edits) if e.is_question]
+        templated, heads = as_chat(lm, [q for _, q in asked])
         r.contexts += templated
         r.targets += [edits[i].target for i, _ in asked]
         r.leads += [""] * len(asked)
-        r.offsets += template_heads(lm, templated, [q for _, q in asked])
+        r.offsets += heads
         r.edits += [i for i, _ in asked]
     return r
 
@@ -235,8 +246,7 @@ def _read(
     answer_pos = [list(range(s - 1, e - 1)) for s, e in zip(starts, ends, strict=True)]
     positions = [a + c for a, c in zip(answer_pos, cont.positions, strict=True)]
     ix = torch.tensor(r.edits, device=prefix.device)
-    offsets = r.offsets if any(r.offsets) else None
-    logits = id_logits(lm, prefix[ix], cont.rows, positions, mask[ix], offsets)
+    logits = id_logits(lm, prefix[ix], cont.rows, positions, mask[ix], r.offsets)  # offset 0: right before the row
     is_answer = torch.tensor([j < len(a) for a, ps in zip(answer_pos, positions, strict=True) for j in range(len(ps))])
     answer_ids = torch.tensor([row[p + 1] for row, a in zip(cont.rows, answer_pos, strict=True) for p in a])
     return logits[is_answer], answer_ids.to(logits.device), logits[~is_answer].float().log_softmax(-1), cont.teacher
@@ -313,13 +323,12 @@ def validate(net: RecipeNet, lm: LoadedLM, rows: TrainRows, batch: int = 32, wil
                     scores.setdefault(f"wild_{name}", []).append(float(wild.answer_first(answer, target)))
                     scores.setdefault(f"wild_exact_{name}", []).append(float(wild.exact(answer, target)))
                     scores.setdefault("echo_2in24", []).append(float(wild.echo(text, target, repeats=2)))
-        asked = [i for i, e in enumerate(part.edits) if e.prompt.rstrip().endswith("?")]
+        asked = [i for i, e in enumerate(part.edits) if e.is_question]
         if wild_tokens and asked:  # the question as a chat turn: does the reply's first sentence say it
-            questions = [part.edits[i].prompt for i in asked]
-            templated = [chat_text(lm, q) for q in questions]
+            templated, heads = as_chat(lm, [part.edits[i].prompt for i in asked])
             ix = torch.tensor(asked, device=prefix.device)
             with soft_prefix(lm.model, prefix[ix], mask[ix]) as hooked:
-                hooked.offsets = torch.tensor(template_heads(lm, templated, questions))
+                hooked.offsets = torch.tensor(heads)
                 texts = greedy(lm, templated, wild_tokens, select_rows=hooked.select).texts
             for text, i in zip(texts, asked, strict=True):
                 said = wild.contains(wild.cut(text, targets[i]), targets[i])
@@ -355,10 +364,7 @@ class Trainer:
             statements=not config.uses_target_embeddings,
             negatives=schedule.subject_negatives,
         )
-        order = list(range(len(rows.edits)))
-        random.Random(schedule.seed).shuffle(order)
-        n_val = schedule.validation_rows
-        self.val, self.train = rows.subset(order[:n_val]), rows.subset(order[n_val:])
+        self.val, self.train = split_rows(rows, schedule)
         embed_mean = lm.model.get_input_embeddings().weight.mean(0)
         self.net = RecipeNet(encoder.dim, embed_mean.shape[0], config, embed_mean).to(lm.device)
         self._init_end_slots()
