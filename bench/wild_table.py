@@ -21,6 +21,7 @@ COLUMNS = (
     ("subject loc", "subject_locality"),
     ("fluency", "fluency"),
     ("chat rel / gen", ("chat_reliability", "chat_generality")),
+    ("chat retrieved", "chat_reliability_retrieved"),
     ("TF rel / gen / loc", ("reliability", "generality", "locality")),
 )
 

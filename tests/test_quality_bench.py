@@ -58,3 +58,37 @@ def test_quality_rows(real_lm, name):
         assert row["reliability"] == 1.0 and row["retrieval_own_on_prompt"] == 1.0
         assert row["locality"] == 1.0 and row["retrieval_fired_on_locality"] == 0.0
         assert all(0.0 <= row[f] <= 1.0 for f in (*wild_fields, "subject_locality", "subject_locality_tf"))
+
+
+QUESTIONS = [
+    EditRequest(
+        "Which city is the Eiffel Tower in?",
+        "Rome",
+        edit_id="eiffel-q",
+        subject="The Eiffel Tower",
+        paraphrases=("In which city does the Eiffel Tower stand?",),
+        locality=(LocalityProbe("The capital of Japan is", "Tokyo"),),
+    ),
+    EditRequest(
+        "Who is the CEO of Acme Rocket Company?",
+        "Maria Keller",
+        edit_id="acme-q",
+        subject="Acme Rocket Company",
+        paraphrases=("Who leads Acme Rocket Company as its CEO?",),
+        locality=(LocalityProbe("Bees make", "honey"),),
+    ),
+]
+
+
+def test_question_sets_score_the_chat_form_served_and_searched(real_lm):
+    """Questions are also asked as a chat turn; the stored question takes the exact-prompt lookup
+    when served, so it is asked again with the lookup off (chat_reliability_retrieved)."""
+    method = create_method("recipe", real_lm)
+    try:
+        (row,) = run_quality(Replica(method), QUESTIONS, [len(QUESTIONS)])["rows"]
+        assert method.exact_lookup  # switched back on after the searched pass
+    finally:
+        method.reset()
+    chat = ("chat_reliability", "chat_generality", "chat_reliability_retrieved")
+    assert all(0.0 <= row[f] <= 1.0 for f in chat), {f: row.get(f) for f in chat}
+    assert row["retrieval_own_on_prompt"] == 1.0

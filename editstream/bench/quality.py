@@ -147,6 +147,7 @@ def _wild_fields(w: WildScores) -> dict[str, Any]:
     if w.chat_reliability:
         row["chat_reliability"] = round(mean(w.chat_reliability), 4)
         row["chat_generality"] = round(mean(w.chat_generality), 4)
+        row["chat_reliability_retrieved"] = round(mean(w.chat_reliability_retrieved), 4)
     return row
 
 

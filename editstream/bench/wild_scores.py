@@ -12,14 +12,16 @@ Per edit, after all edits of its chunk were applied:
   n-gram entropy beside the unedited model's on the same prompt); for scale, how often the unedited
   model's own continuation of the prompt repeats its own cut answer 3+ times (echo_unedited_own);
 * chat (question data): the prompt and paraphrase as the user turn of the chat template, judged by
-  whether the cut reply contains the target as whole words.
+  whether the cut reply contains the target as whole words; the prompt's also with the exact-prompt
+  lookup off (chat_reliability_retrieved), as for reliability.
 
 Unedited generations are made once per run (`unedited_wild`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -56,6 +58,7 @@ class WildScores:
     echo_unedited_own: list[float] = field(default_factory=list)
     chat_reliability: list[float] = field(default_factory=list)
     chat_generality: list[float] = field(default_factory=list)
+    chat_reliability_retrieved: list[float] = field(default_factory=list)
     examples: list[dict[str, str]] = field(default_factory=list)
     misses: list[dict[str, str]] = field(default_factory=list)  # served answers that failed answer-first
 
@@ -100,6 +103,16 @@ def _replies_contain(answers: Sequence, targets: Sequence[str]) -> list[float]:
     return [float(wild.contains(wild.cut(a.text, t), t)) for a, t in zip(answers, targets, strict=True)]
 
 
+@contextmanager
+def searched(replica: Replica) -> Iterator[None]:
+    """The exact-prompt lookup off for the block: every edit must be found by the retriever."""
+    replica.method.exact_lookup = False
+    try:
+        yield
+    finally:
+        replica.method.exact_lookup = True
+
+
 def is_question_set(edits: Sequence[EditRequest]) -> bool:
     """Whether most prompts are questions (then the chat form is scored too)."""
     return sum(e.is_question for e in edits) * 2 > len(edits)
@@ -132,17 +145,16 @@ def score_wild_chunk(
         answer = wild.cut(a.text, e.target)
         scores.generality.append(float(wild.answer_first(answer, e.target)))
         scores.exact_generality.append(float(wild.exact(answer, e.target)))
-    method = replica.method
-    if any(method.exact_edits([e.prompt for e in edits])):  # the shortcut served some prompts: search them
-        method.exact_lookup = False
-        try:
+    # where the exact-prompt shortcut served some prompts, they are asked again with it off (searched);
+    # otherwise (a router or weight method) the served answers were searched already
+    shortcut = any(replica.method.exact_edits([e.prompt for e in edits]))
+    if shortcut:
+        with searched(replica):
             retrieved = _batched(replica, [e.prompt for e in edits], batch, max_new_tokens=tokens, until_cut=True)
-        finally:
-            method.exact_lookup = True
         scores.reliability_retrieved = [
             float(wild.answer_first(wild.cut(a.text, t), t)) for a, t in zip(retrieved, targets, strict=True)
         ]
-    else:  # no exact-prompt lookup fired (a router or weight method): the served answers were searched
+    else:
         scores.reliability_retrieved = list(scores.reliability)
     probes = locality_prompts(edits)
     loc = _batched(replica, probes, batch, max_new_tokens=tokens, until_cut=True)
@@ -155,6 +167,12 @@ def score_wild_chunk(
     if chat:
         rel = _batched(replica, [e.prompt for e in edits], batch, max_new_tokens=tokens, chat=True, until_cut=True)
         scores.chat_reliability = _replies_contain(rel, targets)
+        if shortcut:
+            with searched(replica):
+                rel = _batched(
+                    replica, [e.prompt for e in edits], batch, max_new_tokens=tokens, chat=True, until_cut=True
+                )
+        scores.chat_reliability_retrieved = _replies_contain(rel, targets)
         gen = _batched(replica, [p for _, p in paraphrased], batch, max_new_tokens=tokens, chat=True, until_cut=True)
         scores.chat_generality = _replies_contain(gen, [e.target for e, _ in paraphrased])
     shown = [
