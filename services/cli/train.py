@@ -27,7 +27,14 @@ def _train_rledit(args: argparse.Namespace) -> int:
     edits = [e for name in args.data for e in load_edits(name)]
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else ()
     config = config_from_dict(
-        RLEditConfig, {"layers": layers, "rank": args.rank, "positions": args.positions, "batch": args.edit_batch}
+        RLEditConfig,
+        {
+            "layers": layers,
+            "rank": args.rank,
+            "positions": args.positions,
+            "batch": args.edit_batch,
+            "init_lr": args.init_lr,
+        },
     )
     schedule = config_from_dict(
         TrainConfig,
@@ -39,6 +46,7 @@ def _train_rledit(args: argparse.Namespace) -> int:
             "l2_weight": args.l2_weight,
             "locality_weight": 1.0 if args.locality_weight is None else args.locality_weight,
             "lr": 1e-4 if args.lr is None else args.lr,
+            "log_lr": args.log_lr,
             "validate_every": args.validate_every or 10,
             "validation_edits": args.validation_edits,
             "seed": args.seed,
@@ -189,7 +197,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--edit-batch", type=int, default=20, help="edits solved together")
     r.add_argument("--backtrack", type=int, default=3, help="earlier batches re-scored at each step")
     r.add_argument("--l2-weight", type=float, default=1e-3, help="weight of the shift's squared norm")
+    r.add_argument(
+        "--log-lr", type=float, default=1e-2, help="learning rate of the learnt log step sizes and log ridge strengths"
+    )
     r.add_argument("--rank", type=int, default=256, help="hypernetwork block bottleneck")
+    r.add_argument(
+        "--init-lr", type=float, default=3e-4, help="starting per-module step on the value change (learnt from there)"
+    )
     r.add_argument("--layers", default="", help="edited decoder layers, comma-separated (default: 60-80%% of depth)")
     r.add_argument("--positions", default="answer", choices=["answer", "all"], help="where keys are read")
     r.add_argument("--validation-edits", type=int, default=100, help="held-back train edits scored as it goes")

@@ -16,7 +16,7 @@ class RLEditConfig:
     positions: str = "answer"
     rank: int = 256  # width of each residual block's bottleneck
     blocks: int = 2
-    init_lr: float = 1e-3  # per-module step on the value change, learnt
+    init_lr: float = 3e-4  # per-module step on the value change, learnt (as its log)
     init_lambda: float = 0.0  # per-module log ridge strength, learnt
     batch: int = 20  # edits solved together (the editor hands runs of consecutive entries)
 
@@ -36,6 +36,7 @@ class TrainConfig:
     locality_weight: float = 1.0
     l2_weight: float = 1e-3
     lr: float = 1e-4
+    log_lr: float = 1e-2  # Adam's step on the per-module log step sizes and log ridge strengths
     validate_every: int = 10
     validation_edits: int = 100
     seed: int = 0

@@ -4,11 +4,13 @@ For each edited module and each key position: the module's input `u` (d_in) and 
 gradient with respect to its output `delta` (d_out). One `ShiftNet` per weight shape normalises
 concat(u, delta) with a running mean and variance, passes it through residual low-rank blocks with
 a per-module scale and shift, and splits it into (u~, delta~). The value change at that position is
-v = -lr[m] * (u . u~) * delta~; the weight shift solves min |U dW - V|^2 + exp(lambda[m]) |dW|^2:
+v = -exp(log_lr[m]) * (u . u~) * delta~; the weight shift solves min |U dW - V|^2 + exp(lambda[m]) |dW|^2:
 dW = (U^T U + e^l I)^-1 U^T V = U^T (U U^T + e^l I)^-1 V, which stays low-rank (one term per key).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,9 @@ class ShiftNet(nn.Module):
         self.d_in, self.d_out = d_in, d_out
         self.norm = RunningNorm(d_in + d_out)
         self.blocks = nn.ModuleList(Block(d_in + d_out, rank, n_modules) for _ in range(blocks))
-        self.lr = nn.Parameter(torch.full((n_modules,), lr))
+        # the step is learnt as its logarithm: an optimiser's fixed-size updates would flip the sign of
+        # a raw step of 1e-4 in one move, and the useful steps span orders of magnitude
+        self.log_lr = nn.Parameter(torch.full((n_modules,), math.log(lr)))
         self.log_lambda = nn.Parameter(torch.full((n_modules,), lam))
 
     def values(self, u: torch.Tensor, delta: torch.Tensor, m: int) -> torch.Tensor:
@@ -75,7 +79,7 @@ class ShiftNet(nn.Module):
         for block in self.blocks:
             h = block(h, m)
         u_t, d_t = h.split([self.d_in, self.d_out], dim=-1)
-        return -self.lr[m] * (u.float() * u_t).sum(-1, keepdim=True) * d_t
+        return -self.log_lr[m].exp() * (u.float() * u_t).sum(-1, keepdim=True) * d_t
 
 
 def ridge_factors(u: torch.Tensor, v: torch.Tensor, log_lambda: torch.Tensor) -> torch.Tensor:
