@@ -104,36 +104,38 @@ class ReplicaService:
             self.replica.method.name, [e.seq for e in entries if e.payload["op"] == "edit"]
         )
         done, events = 0, []
-        for entry in entries:
-            payload = entry.payload
-            if payload["op"] == "edit" and blobs.get(entry.seq) is None:
-                if self.store.dead([entry.seq])[entry.seq] is None:
-                    break  # not computed yet: wait for the editor's announcement
-                applied = self._take(entry, None, dead=True)  # dead-lettered: skipped here as everywhere
-            else:
-                artifact = Artifact.from_bytes(blobs[entry.seq]) if payload["op"] == "edit" else None
-                if artifact is not None and artifact.edit_id != payload["edit_id"]:
-                    raise OrderError(
-                        f"the artifact stored for seq {entry.seq} is for edit {artifact.edit_id!r}, but the journal "
-                        f"entry names {payload['edit_id']!r}: the journal and artifact store disagree"
-                    )
-                applied = self._take(entry, artifact)
-            now_ms = self.applied_at[entry.seq] = time.time() * 1000
-            if len(self.applied_at) > APPLIED_TIMES_KEPT:
-                del self.applied_at[next(iter(self.applied_at))]
-            done += 1
-            self.metrics.applied.inc()
-            self.metrics.latency.observe(now_ms - entry.at_ms)
-            if entry.seq > self._logged_up_to:
-                blob = blobs.get(entry.seq) if payload["op"] == "edit" else None
-                events.append(self._event(entry, now_ms, len(blob) if blob else 0, "dead" if not applied else None))
+        try:
+            for entry in entries:
+                payload = entry.payload
+                if payload["op"] == "edit" and blobs.get(entry.seq) is None:
+                    if self.store.dead([entry.seq])[entry.seq] is None:
+                        break  # not computed yet: wait for the editor's announcement
+                    applied = self._take(entry, None, dead=True)  # dead-lettered: skipped here as everywhere
+                else:
+                    artifact = Artifact.from_bytes(blobs[entry.seq]) if payload["op"] == "edit" else None
+                    if artifact is not None and artifact.edit_id != payload["edit_id"]:
+                        raise OrderError(
+                            f"the artifact stored for seq {entry.seq} is for edit {artifact.edit_id!r}, but the "
+                            f"journal entry names {payload['edit_id']!r}: the journal and artifact store disagree"
+                        )
+                    applied = self._take(entry, artifact)
+                now_ms = self.applied_at[entry.seq] = time.time() * 1000
+                if len(self.applied_at) > APPLIED_TIMES_KEPT:
+                    del self.applied_at[next(iter(self.applied_at))]
+                done += 1
+                self.metrics.applied.inc()
+                self.metrics.latency.observe(now_ms - entry.at_ms)
+                if entry.seq > self._logged_up_to:
+                    blob = blobs.get(entry.seq) if payload["op"] == "edit" else None
+                    events.append(self._event(entry, now_ms, len(blob) if blob else 0, "dead" if not applied else None))
+        finally:  # entries applied before a mid-batch error (Redis going down) are logged all the same
+            if events and self.edit_log is not None:
+                self.edit_log.append(events)
         if not self.ready and self.replica.version >= self.catch_up_to:
             with self._advanced:
                 self.ready = True
                 self._advanced.notify_all()
             log.info("%s caught up with the journal at seq %d: ready for queries", self.name, self.catch_up_to)
-        if events and self.edit_log is not None:
-            self.edit_log.append(events)
         if done:
             self.busy_s += time.perf_counter() - started
         if not done:
