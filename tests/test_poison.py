@@ -12,6 +12,7 @@ import pytest
 import redis
 import torch
 
+from editstream.arrowlog import read_log
 from editstream.artifacts import Artifact
 from editstream.demo_facts import demo_facts
 from editstream.errors import NotReadyError
@@ -186,3 +187,28 @@ def test_edits_apply_while_a_query_decodes_and_the_answer_names_the_version_it_r
         replica.replica.lm.model.forward = real_forward
     assert replica.version == 3 and applied_at < done[0]  # applied before the query ended
     assert answers[0]["version"] == 2 and answers[0]["fired"] == facts[0].edit_id
+
+
+def test_entries_applied_before_redis_goes_down_mid_step_are_logged(tmp_path):
+    """A step applies entries 1-2, then Redis goes down as it asks whether entry 3 (not computed yet)
+    was dead-lettered: the two applied entries keep their rows in the edit log (they were dropped
+    with the failed step's rows before)."""
+    with RedisServer(port=free_port(), directory=tmp_path / "redis") as server:
+        store = RedisStore(connect(server.url), "gap")
+        facts = demo_facts(3)
+        journal(store, facts[:2])
+        drain(Editor(server.url, "recipe", EMBEDDED_LLM, "gap"))
+        journal(store, facts[2:])  # journaled, no artifact yet
+        replica = ReplicaService(server.url, "recipe", EMBEDDED_LLM, "replica-0", "gap", run_dir=str(tmp_path / "run"))
+        real_dead = replica.store.dead
+
+        def dead_after_an_outage(seqs):
+            server.kill()  # a real outage, at the moment the step asks about entry 3
+            return real_dead(seqs)
+
+        replica.store.dead = dead_after_an_outage
+        with pytest.raises(redis.ConnectionError):
+            replica.step()
+        assert replica.version == 2  # entries 1 and 2 took effect before the outage
+        replica.flush()
+        assert read_log(tmp_path / "run", "edits").column("seq").to_pylist() == [1, 2]
