@@ -106,11 +106,11 @@ def _replies_contain(answers: Sequence, targets: Sequence[str]) -> list[float]:
 @contextmanager
 def searched(replica: Replica) -> Iterator[None]:
     """The exact-prompt lookup off for the block: every edit must be found by the retriever."""
-    replica.method.exact_lookup = False
+    before, replica.method.exact_lookup = replica.method.exact_lookup, False
     try:
         yield
     finally:
-        replica.method.exact_lookup = True
+        replica.method.exact_lookup = before
 
 
 def is_question_set(edits: Sequence[EditRequest]) -> bool:

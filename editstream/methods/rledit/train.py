@@ -110,9 +110,12 @@ class RLEditTrainer:
         self.names, self.modules = [n for n, _ in named], [m for _, m in named]
         self.scorer = Replica(create_method("none", lm))  # teacher-forced scores on the weights as they are
         self.nets: Hypernets = new_hypernets(lm, config)
-        logs = [p for n, p in self.nets.named_parameters() if n.rsplit(".", 1)[-1] in ("log_lr", "log_lambda")]
-        rest = [p for n, p in self.nets.named_parameters() if n.rsplit(".", 1)[-1] not in ("log_lr", "log_lambda")]
-        self.opt = torch.optim.Adam([{"params": rest}, {"params": logs, "lr": schedule.log_lr}], lr=schedule.lr)
+        groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}  # is it a log step size or ridge strength
+        for name, p in self.nets.named_parameters():
+            groups[name.endswith(("log_lr", "log_lambda"))].append(p)
+        self.opt = torch.optim.Adam(
+            [{"params": groups[False]}, {"params": groups[True], "lr": schedule.log_lr}], lr=schedule.lr
+        )
         self.reader = KeyReader(lm, self.modules, config.positions)
         self.state: dict[str, Any] = {"trajectory": 0, "best": None, "history": []}
         saved = load_state(out, {"nets": self.nets}, {"opt": self.opt}, self._config_key())
