@@ -110,6 +110,22 @@ def test_a_replica_that_has_not_replayed_does_not_answer_unless_asked_for_any_ve
     assert fresh["version"] == 3 and fresh["fired"] == facts[1].edit_id and replica.state()["ready"]
 
 
+def test_a_restarted_replica_is_ready_once_it_has_applied_everything_computed(redis_server):
+    # The journal head is ahead of the editors (SCEN computes slowly): a replica that has applied
+    # every computed entry is as far as any replica can be, and must not wait for the backlog.
+    store = RedisStore(connect(redis_server.url), "backlog")
+    facts = demo_facts(4)
+    journal(store, facts[:2])
+    drain(Editor(redis_server.url, "recipe", EMBEDDED_LLM, "backlog"))
+    journal(store, facts[2:])  # journaled, not computed
+    replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "backlog")
+    drain(replica)
+    assert replica.version == 2 and replica.catch_up_to == 4
+    assert replica.state()["ready"]
+    (answer,) = replica.ask([facts[1].prompt], 4, timeout_s=0.2)
+    assert answer["version"] == 2 and answer["fired"] == facts[1].edit_id
+
+
 def test_services_start_while_redis_is_down_and_connect_in_their_loop(tmp_path):
     server = RedisServer(port=free_port(), directory=tmp_path / "redis")
     replica = ReplicaService(server.url, "recipe", EMBEDDED_LLM, "replica-0", "down")  # nothing listens yet

@@ -103,12 +103,13 @@ class ReplicaService:
         blobs = self.store.get_artifacts(
             self.replica.method.name, [e.seq for e in entries if e.payload["op"] == "edit"]
         )
-        done, events = 0, []
+        done, events, waiting = 0, [], False
         try:
             for entry in entries:
                 payload = entry.payload
                 if payload["op"] == "edit" and blobs.get(entry.seq) is None:
                     if self.store.dead([entry.seq])[entry.seq] is None:
+                        waiting = True
                         break  # not computed yet: wait for the editor's announcement
                     applied = self._take(entry, None, dead=True)  # dead-lettered: skipped here as everywhere
                 else:
@@ -131,11 +132,19 @@ class ReplicaService:
         finally:  # entries applied before a mid-batch error (Redis going down) are logged all the same
             if events and self.edit_log is not None:
                 self.edit_log.append(events)
-        if not self.ready and self.replica.version >= self.catch_up_to:
+        # Ready once replayed to the journal head as it stood at the start, or to the first entry no
+        # editor has computed yet: no replica can be further along than that, so waiting for the
+        # editors' backlog (SCEN computes slowly) would keep a restarted replica out for nothing.
+        if not self.ready and (waiting or self.replica.version >= self.catch_up_to):
             with self._advanced:
                 self.ready = True
                 self._advanced.notify_all()
-            log.info("%s caught up with the journal at seq %d: ready for queries", self.name, self.catch_up_to)
+            log.info(
+                "%s replayed to seq %d (journal head at start %d): ready for queries",
+                self.name,
+                self.replica.version,
+                self.catch_up_to,
+            )
         if done:
             self.busy_s += time.perf_counter() - started
         if not done:
