@@ -13,10 +13,12 @@ from editstream.demo_facts import demo_facts
 from editstream.edits import LocalityProbe
 from editstream.errors import ConfigError
 from editstream.methods import create_method
+from editstream.methods.rledit.below import BelowBand
 from editstream.methods.rledit.config import RLEditConfig, TrainConfig
 from editstream.methods.rledit.hypernet import ridge_factors
 from editstream.methods.rledit.method import new_hypernets, save_hypernets
-from editstream.methods.rledit.train import RLEditTrainer
+from editstream.methods.rledit.train import RLEditTrainer, pairs_loss
+from editstream.methods.scen.layers import decoder_layers
 from editstream.replica import Replica
 from tests.conftest import params_hash
 
@@ -77,3 +79,42 @@ def test_one_training_step_lowers_the_trajectory_loss(tiny_lm, tmp_path):
     assert state["trajectory"] == 1 and 0 <= best["locality"] <= 1 and best["score"] >= 0, best
     assert (tmp_path / "rledit.json").is_file() and (tmp_path / "train_state.json").is_file()
     assert create_method("rledit", tiny_lm, checkpoint=str(tmp_path)).names == trainer.names
+
+
+def test_below_band_skips_the_layers_below_for_a_seen_input_and_changes_nothing(tiny_lm):
+    edits = demo_facts(4)
+    layers = decoder_layers(tiny_lm.model)
+    calls = []
+    counter = layers[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        plain = pairs_loss(tiny_lm, edits)
+        with BelowBand(tiny_lm.model, start=1) as below:
+            first = pairs_loss(tiny_lm, edits)
+            calls.clear()
+            again = pairs_loss(tiny_lm, edits)
+            assert not calls  # layer 0 never ran for the inputs seen
+            assert (below.hits, below.misses) == (2, 2)  # the prompts' batch and the paraphrases' batch
+        pairs_loss(tiny_lm, edits)
+        assert calls  # removed: layer 0 runs again
+    finally:
+        counter.remove()
+    assert decoder_layers(tiny_lm.model) is layers
+    torch.testing.assert_close(first, plain)
+    torch.testing.assert_close(again, plain)
+
+
+def test_a_trajectory_scores_the_same_with_and_without_the_layers_below_cached(tiny_lm, tmp_path):
+    probe = (LocalityProbe("Bees make", "honey"),)
+    edits = [dataclasses.replace(e, locality=probe) for e in demo_facts(40)]
+    schedule = TrainConfig(trajectories=1, trajectory=3, batch=4, backtrack=2, validation_edits=8)
+    trainer = RLEditTrainer(tiny_lm, edits, tmp_path, RLEditConfig(rank=16, batch=4), schedule)
+    nets = {k: v.clone() for k, v in trainer.nets.state_dict().items()}  # its running norms move in a trajectory
+    cached = trainer.trajectory(random.Random(3), learn=False)
+    hits, misses = trainer.cache_counts
+    assert hits >= 3 * 2 and misses > 0, trainer.cache_counts  # every step: the batch's prompts and locality again
+    trainer.schedule = dataclasses.replace(schedule, cache_below=False)
+    trainer.nets.load_state_dict(nets)
+    plain = trainer.trajectory(random.Random(3), learn=False)
+    assert cached.keys() == plain.keys()
+    for key in cached:
+        assert cached[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key

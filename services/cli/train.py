@@ -49,6 +49,7 @@ def _train_rledit(args: argparse.Namespace) -> int:
             "log_lr": args.log_lr,
             "validate_every": args.validate_every or 10,
             "validation_edits": args.validation_edits,
+            "cache_below": not args.no_cache_below,
             "seed": args.seed,
         },
     )
@@ -207,6 +208,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--layers", default="", help="edited decoder layers, comma-separated (default: 60-80%% of depth)")
     r.add_argument("--positions", default="answer", choices=["answer", "all"], help="where keys are read")
     r.add_argument("--validation-edits", type=int, default=100, help="held-back train edits scored as it goes")
+    r.add_argument(
+        "--no-cache-below",
+        action="store_true",
+        help="run every layer on every forward (default: a trajectory keeps the hidden states entering the "
+        "edited band for inputs it forwards again; same losses, fewer layers run)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gate-steps", type=int, default=3000, help="relation-gate: training steps")
     p.set_defaults(func=_train)

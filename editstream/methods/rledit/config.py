@@ -37,6 +37,7 @@ class TrainConfig:
     l2_weight: float = 1e-3
     lr: float = 1e-4
     log_lr: float = 1e-2  # Adam's step on the per-module log step sizes and log ridge strengths
+    cache_below: bool = True  # skip the layers below the band for inputs a trajectory has seen (below.py)
     validate_every: int = 10
     validation_edits: int = 100
     seed: int = 0

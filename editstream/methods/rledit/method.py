@@ -207,11 +207,16 @@ class RLEdit(WeightEdit):
         return cls(lm, nets, config)
 
     def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
+        """Artifacts of `edits` in batches of `config.batch`, each solved on the model the earlier
+        batches changed (as a replica will have it); the weights are restored bit for bit after."""
         out: list[Artifact] = []
-        for i in range(0, len(edits), self.config.batch):
-            changes = [ch for a in out for ch in self._changes(a)]
-            with temporarily_added(changes):  # a later batch is solved on the model the earlier ones changed
-                out += self._solve(list(edits[i : i + self.config.batch]))
+        size = self.config.batch
+        with temporarily_added([(m, torch.zeros_like(m.weight)) for m in self.modules]):
+            for i in range(0, len(edits), size):
+                batch = self._solve(list(edits[i : i + size]))
+                out += batch
+                for artifact in batch if i + size < len(edits) else ():
+                    self._attach(artifact)  # weights only: restored when the block ends
         return out
 
     def _solve(self, edits: list[EditRequest]) -> list[Artifact]:

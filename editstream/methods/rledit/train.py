@@ -37,6 +37,7 @@ from editstream.config import config_to_dict
 from editstream.edits import EditRequest
 from editstream.generation import positions
 from editstream.methods import create_method
+from editstream.methods.rledit.below import BelowBand
 from editstream.methods.rledit.config import RLEditConfig, TrainConfig
 from editstream.methods.rledit.method import (
     Hypernets,
@@ -77,18 +78,28 @@ class Shifts:
 
 
 def pairs_loss(lm: LoadedLM, edits: Sequence[EditRequest], paraphrases: bool = True) -> torch.Tensor:
-    """Mean NLL of the targets after each edit's prompt (and its first paraphrase)."""
-    texts = [e.prompt for e in edits] + [e.paraphrases[0] for e in edits if paraphrases and e.paraphrases]
-    targets = [e.target for e in edits] + [e.target for e in edits if paraphrases and e.paraphrases]
-    batch = encode_pairs(lm.tokenizer, texts, targets)
-    ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
-    return answer_nll(lm, ids, mask, batch.answer_ids, batch.answer_start) / len(texts)
+    """Mean NLL of the targets after each edit's prompt (and its first paraphrase). Prompts and
+    paraphrases are separate batches: the prompts' batch is the one the keys were read from, so
+    `BelowBand` has its lower layers already."""
+    groups = [[(e.prompt, e.target) for e in edits]]
+    if paraphrases:
+        groups.append([(e.paraphrases[0], e.target) for e in edits if e.paraphrases])
+    total, count = torch.zeros((), device=lm.device), 0
+    for pairs in filter(None, groups):
+        batch = encode_pairs(lm.tokenizer, [t for t, _ in pairs], [a for _, a in pairs])
+        ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
+        total = total + answer_nll(lm, ids, mask, batch.answer_ids, batch.answer_start)
+        count += len(pairs)
+    return total / count
 
 
 def next_token_logprobs(lm: LoadedLM, prompts: Sequence[str]) -> torch.Tensor:
-    """Log-probabilities of the token after each prompt, (N, vocab)."""
+    """Log-probabilities of the token after each prompt, (N, vocab); the LM head runs only at the
+    last position (prompts are left-padded)."""
     enc = lm.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    logits = lm.model(**enc, position_ids=positions(enc["attention_mask"])).logits[:, -1]
+    mask = enc["attention_mask"]
+    hidden = lm.model.base_model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions(mask))
+    logits = lm.model.get_output_embeddings()(hidden.last_hidden_state[:, -1])
     return F.log_softmax(logits.float(), dim=-1)
 
 
@@ -108,6 +119,8 @@ class RLEditTrainer:
             raise ValueError(f"{len(self.train)} train edits after validation; a batch needs {schedule.batch}")
         named = edited_modules(lm.model, config)
         self.names, self.modules = [n for n, _ in named], [m for _, m in named]
+        self.band_start = min(int(n.split(".")[0]) for n in self.names)  # nothing below it changes
+        self.cache_counts = (0, 0)  # BelowBand's (hits, misses) in the last trajectory
         self.scorer = Replica(create_method("none", lm))  # teacher-forced scores on the weights as they are
         self.nets: Hypernets = new_hypernets(lm, config)
         groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}  # is it a log step size or ridge strength
@@ -162,6 +175,7 @@ class RLEditTrainer:
         optimiser step (False: only measure, for tests and diagnostics)."""
         s = self.schedule
         saved = [m.weight.detach().clone() for m in self.modules]
+        below = BelowBand(self.lm.model, self.band_start) if s.cache_below and self.band_start > 0 else None
         shifts = Shifts(self.modules)
         self.nets.train()
         self.opt.zero_grad()
@@ -178,6 +192,9 @@ class RLEditTrainer:
             self.opt.zero_grad()
         finally:
             shifts.remove()
+            if below is not None:
+                self.cache_counts = (below.hits, below.misses)
+                below.remove()
             with torch.no_grad():
                 for m, w in zip(self.modules, saved, strict=True):
                     m.weight.copy_(w)
