@@ -45,3 +45,8 @@ def test_feed_refuses_binary_and_contract_breaking_files_and_sends_nothing(capsy
     assert code == 2 and "nothing sent" in err and "record 1" in err and "'target' is empty" in err
     store = RedisStore(connect(redis_server.url), "feedcheck")
     assert store.facts_size() == 0
+
+
+def test_serve_refuses_a_snapshot_interval_below_one(capsys):
+    code, err = run(capsys, "serve", "--snapshot-every", "0", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    assert code == 2 and err.startswith("--snapshot-every 0:") and "\n" not in err

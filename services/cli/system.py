@@ -20,6 +20,9 @@ def _system(args: argparse.Namespace) -> int:
 
     url = args.redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
     if args.command == "serve":
+        if args.snapshot_every < 1:
+            print(f"--snapshot-every {args.snapshot_every}: give a number of journal entries >= 1", file=sys.stderr)
+            return 2
         from services.wiring.demo import method_options
         from services.wiring.placement import Resources
         from services.wiring.system import SystemConfig
@@ -35,6 +38,8 @@ def _system(args: argparse.Namespace) -> int:
             evaluators=args.evaluators,
             method_options=method_options(args.method, args.checkpoint),
             edit_scope=args.edit_scope,
+            snapshot_dir=args.snapshot_dir or None,
+            snapshot_every=args.snapshot_every,
             resources=Resources(args.replica_cpus, args.replica_gpus, args.editor_cpus, args.editor_gpus),
         )
         token = os.environ.get("EDITSTREAM_HTTP_TOKEN") or None
@@ -80,6 +85,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     method_args(p)
     edit_scope_arg(p)
     p.add_argument("--run-dir", default="runs/serve", help="where the Arrow logs go")
+    p.add_argument(
+        "--snapshot-dir",
+        default="",
+        help="replica snapshots (a directory every node can read): a starting replica loads the newest "
+        "one and replays only the journal after it (default: none; every replica replays from seq 0)",
+    )
+    p.add_argument(
+        "--snapshot-every", type=int, default=1000, help="journal entries between snapshots (replica-0 writes them)"
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
     p.add_argument("--editors", type=int, default=1, help="editor workers (default 1)")
     p.add_argument("--evaluators", type=int, default=1, help="evaluators (default 1; 0 for none)")

@@ -84,6 +84,8 @@ class SystemConfig:
     resources: Resources = field(default_factory=Resources)
     method_options: dict[str, Any] = field(default_factory=dict)
     edit_scope: str = "answer"  # how far a fired RECIPE/text-RAG/SCEN edit shapes an answer
+    snapshot_dir: str | None = None  # replica snapshots (a directory every node reads); None: none
+    snapshot_every: int = 1000  # journal entries between snapshots (replica-0 writes them)
 
 
 class System:
@@ -163,7 +165,8 @@ class System:
             threads = c.editor_threads or max(1, (os.cpu_count() or 2) // max(1, c.editors))
             return {**self._common(), **model, "consumer": name, "threads": threads}
         if kind == "replica":
-            return {**self._common(), **model, "name": name, "run_dir": c.run_dir, "edit_scope": c.edit_scope}
+            snaps = {"snapshot_dir": c.snapshot_dir, "snapshot_every": c.snapshot_every}
+            return {**self._common(), **model, "name": name, "run_dir": c.run_dir, "edit_scope": c.edit_scope, **snaps}
         if kind == "evaluator":
             seed = int(name.rsplit("-", 1)[1])
             return {

@@ -1,8 +1,9 @@
 """Replica service: one model copy that follows the journal and answers queries.
 
 It applies journal entries strictly in seq order, waiting for an edit's artifact when the editor
-has not stored it yet. A new or restarted replica starts at version 0 and replays the journal
-with stored artifacts: no recomputation. Queries may carry `min_version` (read-your-writes).
+has not stored it yet. A new or restarted replica starts from the newest snapshot the journal
+still agrees with (when a snapshot store is set; else at version 0) and replays the journal after
+it with stored artifacts: no recomputation. Queries may carry `min_version` (read-your-writes).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch
 
 from editstream.arrowlog import EDIT_SCHEMA, ArrowLog, read_log
 from editstream.artifacts import Artifact
-from editstream.errors import NotReadyError, OrderError
+from editstream.errors import ArtifactError, NotReadyError, OrderError
 from editstream.generation import Sampling
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
 from editstream.replica import Replica
+from editstream.snapshot import capture, load_snapshot, snapshots, write_snapshot
 from services.transport.store import RedisStore, connect
 from services.wiring.cluster import node_name
 from services.workers.prometheus import Metrics
@@ -33,6 +35,7 @@ from services.workers.prometheus import Metrics
 log = logging.getLogger(__name__)
 
 APPLIED_TIMES_KEPT = 100_000  # apply times kept per replica for latency measurements (memory stays flat)
+SNAPSHOT_WRITER = "replica-0"  # the one replica that writes snapshots (they are the same on every replica)
 
 
 class ReplicaService:
@@ -50,6 +53,8 @@ class ReplicaService:
         run_dir: str | None = None,
         max_tries: int = 3,
         edit_scope: str = "answer",
+        snapshot_dir: str | None = None,
+        snapshot_every: int = 0,
     ) -> None:
         torch.set_num_threads(threads)
         self.name, self.method = name, method
@@ -79,6 +84,12 @@ class ReplicaService:
         # never needs Redis, so a replica restarted during an outage comes up and waits in its loop.
         self.catch_up_to: int | None = None
         self.ready = False
+        # Snapshots (one directory per namespace): a starting replica loads the newest one the journal
+        # still agrees with and replays only the tail; SNAPSHOT_WRITER takes one every
+        # `snapshot_every` entries (0: never).
+        self.snapshot_dir = Path(snapshot_dir) / namespace if snapshot_dir else None
+        self.snapshot_every = snapshot_every if name == SNAPSHOT_WRITER else 0
+        self.snapshot_seq = 0  # the seq of the snapshot this replica loaded or last wrote
         self.edit_log: ArrowLog | None = None
         self._logged_up_to = 0  # after a restart, the replayed entries were logged by the earlier run
         if run_dir:  # one file series per namespace and replica: a restart continues its own series
@@ -95,6 +106,7 @@ class ReplicaService:
         """Apply what is ready after the current version; returns how many entries were applied."""
         if self.catch_up_to is None:
             self.catch_up_to = self.store.last_seq()
+            self._restore()
         if time.time() - self._checked > 1.0:
             self._checked = time.time()
             self._check_journal()
@@ -147,6 +159,8 @@ class ReplicaService:
             )
         if done:
             self.busy_s += time.perf_counter() - started
+            if self.snapshot_every and self.ready and self.version - self.snapshot_seq >= self.snapshot_every:
+                self._snapshot()
         if not done:
             self._announce_id = self.store.wait_announce(self._announce_id, block_ms=50)
         if time.time() - self._beat > 1.0:
@@ -155,6 +169,53 @@ class ReplicaService:
             self.metrics.lag.set(max(0, self.store.last_seq() - self.replica.version))
             self.store.heartbeat(self.name, {**self.state(), "time": self._beat})
         return done
+
+    def _restore(self) -> None:
+        """Start from the newest snapshot whose journal entry is still in the journal (a snapshot
+        past the head, or of a seq that now names another fact, is not used)."""
+        if self.snapshot_dir is None or self.replica.version > 0:
+            return
+        lm = self.replica.method.lm
+        for info in snapshots(self.snapshot_dir, self.replica.method.name, lm.fingerprint):
+            found = self.store.journal_get([info.seq]) if 0 < info.seq <= self.catch_up_to else []
+            if (
+                not found
+                or info.entry is None
+                or (found[0].payload["edit_id"], float(found[0].at_ms))
+                != (
+                    info.entry[0],
+                    float(info.entry[1]),
+                )
+            ):
+                log.info("%s: snapshot at seq %d does not match the journal; not used", self.name, info.seq)
+                continue
+            started = time.perf_counter()
+            try:
+                with self._advanced:
+                    load_snapshot(self.replica, info)
+                    self._last_entry = (info.seq, info.entry[0], float(info.entry[1]))
+            except (ArtifactError, OSError, ValueError) as exc:
+                log.warning("%s: snapshot %s not loaded: %s", self.name, info.path, exc)
+                continue
+            self.snapshot_seq = info.seq
+            log.info(
+                "%s: loaded the snapshot at seq %d (%d edits) in %.1f s; replaying the journal after it",
+                self.name,
+                info.seq,
+                len(self.replica.method.edit_ids()),
+                time.perf_counter() - started,
+            )
+            return
+
+    def _snapshot(self) -> None:
+        """Write a snapshot of the state now (taken under the lock, written outside it)."""
+        with self._lock:
+            entry = self._last_entry
+            state = capture(self.replica, (entry[1], entry[2]) if entry and entry[0] == self.version else None)
+        if state.entry is None or self.snapshot_dir is None:
+            return
+        write_snapshot(state, self.snapshot_dir)
+        self.snapshot_seq = state.seq
 
     def _check_journal(self) -> None:
         """Is the journal entry at this replica's version still the one it applied? If Redis lost its
@@ -174,6 +235,7 @@ class ReplicaService:
             self.replica.method.reset()
             self.replica.version = 0
             self._last_entry = None
+            self.snapshot_seq = 0
             self.ready, self.catch_up_to = False, self.store.last_seq()
 
     def _take(self, entry, artifact: Artifact | None, dead: bool = False) -> bool:

@@ -1,0 +1,115 @@
+"""Replica snapshots: the state comes back the same (digest, supersede stacks, answers), a snapshot
+that does not fit is refused, and a replica service starts from one and replays only the tail."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from editstream.demo_facts import demo_facts
+from editstream.errors import ArtifactError
+from editstream.methods import create_method
+from editstream.models import EMBEDDED_LLM
+from editstream.replica import Replica
+from editstream.snapshot import capture, load_snapshot, snapshots, write_snapshot
+from services.transport.store import RedisStore, connect
+from services.workers.editor import Editor
+from services.workers.replica_host import ReplicaService
+from tests.test_poison import drain, journal
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    threads = torch.get_num_threads()  # services set their own thread counts
+    yield
+    torch.set_num_threads(threads)
+
+
+def edited_replica(lm):
+    """A RECIPE replica after 5 edits, a supersede of the first and a retract of the third."""
+    facts = demo_facts(5)
+    newer = dataclasses.replace(facts[0], target="Atlantis", edit_id="newer-0")
+    method = create_method("recipe", lm)
+    replica = Replica(method)
+    for seq, artifact in enumerate(method.compute([*facts, newer]), start=1):
+        replica.apply(seq, artifact)
+    replica.retract(7, facts[2].edit_id)
+    return replica, facts, newer
+
+
+def test_a_snapshot_brings_back_the_same_state_and_answers(real_lm, tmp_path):
+    replica, facts, newer = edited_replica(real_lm)
+    path = write_snapshot(capture(replica, (facts[2].edit_id, 1.0)), tmp_path)
+    (info,) = snapshots(tmp_path, "recipe", real_lm.fingerprint)
+    assert (info.path, info.seq, info.entry) == (path, 7, (facts[2].edit_id, 1.0))
+    restored = Replica(create_method("recipe", real_lm))
+    load_snapshot(restored, info)
+    assert restored.version == 7 and restored.digest() == replica.digest()
+    assert restored.method.active_edit_ids() == replica.method.active_edit_ids()
+    prompts = [facts[0].prompt, facts[2].prompt, facts[4].prompt]
+    assert [a.text for a in restored.generate(prompts, max_new_tokens=6)] == [
+        a.text for a in replica.generate(prompts, max_new_tokens=6)
+    ]
+    # the supersede stack came back too: retracting the newer edit brings the first one back
+    restored.retract(8, newer.edit_id)
+    assert restored.method.is_active(facts[0].edit_id)
+
+
+def test_a_snapshot_that_does_not_fit_is_refused(real_lm, tmp_path):
+    replica, facts, _ = edited_replica(real_lm)
+    path = write_snapshot(capture(replica, (facts[2].edit_id, 1.0)), tmp_path)
+    meta = json.loads((path / "snapshot.json").read_text())
+    (path / "snapshot.json").write_text(json.dumps({**meta, "digest": "0" * 16}))
+    restored = Replica(create_method("recipe", real_lm))
+    with pytest.raises(ArtifactError, match="digest"):
+        load_snapshot(restored, snapshots(tmp_path)[0])
+    assert restored.version == 0 and not restored.method.edit_ids()
+    with pytest.raises(ArtifactError, match="text-rag"):
+        load_snapshot(Replica(create_method("text-rag", real_lm)), snapshots(tmp_path)[0])
+
+
+@pytest.mark.redis
+def test_a_replica_starts_from_the_snapshot_and_replays_only_the_tail(redis_server, tmp_path):
+    store = RedisStore(connect(redis_server.url), "snap")
+    facts = demo_facts(6)
+    editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "snap")
+    opts = {"snapshot_dir": str(tmp_path / "snaps"), "snapshot_every": 2}
+    writer = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "snap", **opts)
+    taken = []
+    for part in (facts[:2], facts[2:4]):
+        journal(store, part)
+        drain(editor)
+        drain(writer)
+        taken.append([s.seq for s in snapshots(tmp_path / "snaps" / "snap")])
+    assert taken == [[2], [4, 2]] and writer.snapshot_seq == 4
+    journal(store, facts[4:])
+    drain(editor)
+    late = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-1", "snap", **opts)
+    applied = []
+    real_apply = late.replica.apply
+    late.replica.apply = lambda seq, artifact: applied.append(seq) or real_apply(seq, artifact)
+    drain(late)
+    assert late.snapshot_seq == 4 and applied == [5, 6]  # loaded up to 4, replayed only the tail
+    drain(writer)
+    assert late.version == writer.version == 6 and late.replica.digest() == writer.replica.digest()
+    # only replica-0 writes them, and the newest two are kept
+    assert [s.seq for s in snapshots(tmp_path / "snaps" / "snap")] == [6, 4] and late.snapshot_seq == 4
+
+
+@pytest.mark.redis
+def test_a_snapshot_the_journal_no_longer_holds_is_not_used(redis_server, tmp_path):
+    store = RedisStore(connect(redis_server.url), "gone")
+    facts = demo_facts(3)
+    journal(store, facts)
+    drain(Editor(redis_server.url, "recipe", EMBEDDED_LLM, "gone"))
+    opts = {"snapshot_dir": str(tmp_path / "snaps"), "snapshot_every": 3}
+    drain(ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "gone", **opts))
+    assert [s.seq for s in snapshots(tmp_path / "snaps" / "gone")] == [3]
+    store.r.delete(*store.r.keys("gone:*"))  # Redis lost everything: seq 3 is another fact now
+    journal(store, demo_facts(4)[1:])
+    fresh = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-1", "gone", **opts)
+    fresh.step()
+    assert fresh.snapshot_seq == 0  # not loaded: the journal at seq 3 names another edit
