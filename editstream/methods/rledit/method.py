@@ -36,7 +36,7 @@ from editstream.models import LoadedLM
 
 log = logging.getLogger(__name__)
 
-PACKAGED = Path(__file__).resolve().parent / "assets"
+PACKAGED = Path(__file__).resolve().parents[2] / "assets" / "rledit-smollm2-135m"  # none ships yet (README)
 FILES = ("rledit.json", "rledit.safetensors")
 
 
