@@ -1,16 +1,14 @@
 """Replica snapshots: one replica's edit state at a journal seq, so a restart replays only the tail.
 
 A snapshot is a directory `snap-<seq>` in a snapshot store (a directory every node can read):
-
-* `artifacts.bin`: the applied artifacts' bytes (safetensors with a JSON header each, as stored in
-  Redis), back to back, in the order they were applied;
-* `snapshot.json`: format, method, base-model fingerprint, the seq, the journal entry at that seq
-  (edit id and time, so a reader can check the journal still holds it), the state digest, and per
-  artifact its edit id, offset and length.
+the method's state as `EditMethod.save_state` writes it (`write_state`: the applied artifacts back
+to back with a JSON index) and a small `snapshot.json`: format, method, base-model fingerprint, the
+seq, the journal entry at that seq (edit id and time, so a reader can check the journal still holds
+it) and the state digest.
 
 It is written under a temporary name and renamed, so a reader never sees half of one; the newest
-`keep` are kept. Loading re-applies the artifacts in their order, which rebuilds superseded stacks
-exactly as they were, and refuses a snapshot whose digest does not come out the same.
+`keep` are kept. Loading is `EditMethod.load_state` (the artifacts re-applied in their order) and
+refuses a snapshot whose digest does not come out the same.
 """
 
 from __future__ import annotations
@@ -18,19 +16,19 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from editstream.artifacts import Artifact
 from editstream.errors import ArtifactError
+from editstream.methods.base import write_state
 from editstream.replica import Replica
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 KEEP = 2
-META, DATA = "snapshot.json", "artifacts.bin"
+META = "snapshot.json"
 
 
 @dataclass(frozen=True)
@@ -73,14 +71,7 @@ def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:
         return final
     tmp = store / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    index, offset = [], 0
-    with (tmp / DATA).open("wb") as out:
-        for artifact in state.artifacts:
-            blob = artifact.to_bytes()
-            out.write(blob)
-            index.append([artifact.edit_id, offset, len(blob)])
-            offset += len(blob)
+    size = write_state(tmp, state.method, state.base_fingerprint, state.artifacts)
     meta = {
         "format": FORMAT,
         "method": state.method,
@@ -88,13 +79,12 @@ def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:
         "seq": state.seq,
         "entry": list(state.entry) if state.entry else None,
         "digest": state.digest,
-        "artifacts": index,
     }
     (tmp / META).write_text(json.dumps(meta))
     tmp.rename(final)
     for old in snapshots(store)[keep:]:
         shutil.rmtree(old.path, ignore_errors=True)
-    log.info("snapshot at seq %d: %d artifacts, %.1f MB in %s", state.seq, len(index), offset / 1e6, final)
+    log.info("snapshot at seq %d: %d artifacts, %.1f MB in %s", state.seq, len(state.artifacts), size / 1e6, final)
     return final
 
 
@@ -132,21 +122,13 @@ def load_snapshot(replica: Replica, info: SnapshotInfo) -> None:
             f"snapshot {info.path} is of {info.method} on base model {info.base_fingerprint}; this replica "
             f"runs {method.name} on {method.lm.fingerprint}"
         )
-    meta = json.loads((info.path / META).read_text())
-    method.reset()
-    replica.version = 0
-    index: Sequence[list] = meta["artifacts"]
-    with (info.path / DATA).open("rb") as data:
-        for edit_id, offset, length in index:
-            data.seek(offset)
-            artifact = Artifact.from_bytes(data.read(length))
-            if artifact.edit_id != edit_id:
-                method.reset()
-                raise ArtifactError(f"snapshot {info.path}: bytes at {offset} are {artifact.edit_id}, not {edit_id}")
-            method.apply(artifact)
-    replica.version = info.seq
-    if replica.digest() != info.digest:
+    try:
+        method.load_state(info.path)
+        replica.version = info.seq
         got = replica.digest()
+        if got != info.digest:
+            raise ArtifactError(f"snapshot {info.path}: state digest {got} after loading, it says {info.digest}")
+    except Exception:
         method.reset()
         replica.version = 0
-        raise ArtifactError(f"snapshot {info.path}: state digest {got} after loading, the snapshot says {info.digest}")
+        raise

@@ -112,6 +112,14 @@ def trained_checkpoint() -> Path:
 
 
 @pytest.fixture
+def keep_torch_threads():
+    """Services set their own torch thread counts: put the session's back after the test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def redis_server(tmp_path):
     from services.transport.redis_server import RedisServer
 

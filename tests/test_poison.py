@@ -10,7 +10,6 @@ import time
 
 import pytest
 import redis
-import torch
 
 from editstream.arrowlog import read_log
 from editstream.artifacts import Artifact
@@ -24,14 +23,7 @@ from services.workers.editor import Editor
 from services.workers.ingest import Ingestor, content_hash
 from services.workers.replica_host import ReplicaService
 
-pytestmark = pytest.mark.redis
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()  # services set their own thread counts
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.redis, pytest.mark.usefixtures("keep_torch_threads")]
 
 
 def journal(store: RedisStore, facts) -> None:

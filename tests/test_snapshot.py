@@ -7,7 +7,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from editstream.demo_facts import demo_facts
 from editstream.errors import ArtifactError
@@ -20,12 +19,7 @@ from services.workers.editor import Editor
 from services.workers.replica_host import ReplicaService
 from tests.test_poison import drain, journal
 
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()  # services set their own thread counts
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 def edited_replica(lm):

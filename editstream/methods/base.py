@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,20 +209,38 @@ class EditMethod(ABC):
 
     def save_state(self, directory: Path) -> None:
         """Write the applied artifacts and their order; `load_state` restores the same state."""
-        directory.mkdir(parents=True, exist_ok=True)
-        order = []
-        for i, artifact in enumerate(self._applied.values()):
-            name = f"{i:08d}.safetensors"
-            (directory / name).write_bytes(artifact.to_bytes())
-            order.append({"edit_id": artifact.edit_id, "file": name})
-        (directory / "state.json").write_text(
-            json.dumps({"method": self.name, "base_fingerprint": self.lm.fingerprint, "order": order}, indent=1)
-        )
+        write_state(directory, self.name, self.lm.fingerprint, self._applied.values())
 
     def load_state(self, directory: Path) -> None:
-        state = json.loads((directory / "state.json").read_text())
+        """Replace the edit state with the one `save_state` (or `write_state`) wrote: the artifacts
+        re-applied in their order, which rebuilds superseded edits' stacks exactly."""
+        state = json.loads((directory / STATE).read_text())
         if state["method"] != self.name:
             raise ArtifactError(f"state in {directory} is for method {state['method']!r}, not {self.name!r}")
         self.reset()
-        for entry in state["order"]:
-            self.apply(Artifact.load(directory / entry["file"]))
+        with (directory / PACK).open("rb") as data:
+            for edit_id, offset, length in state["order"]:
+                data.seek(offset)
+                artifact = Artifact.from_bytes(data.read(length))
+                if artifact.edit_id != edit_id:
+                    self.reset()
+                    raise ArtifactError(f"{directory}: the bytes at {offset} are {artifact.edit_id}, not {edit_id}")
+                self.apply(artifact)
+
+
+STATE, PACK = "state.json", "artifacts.bin"
+
+
+def write_state(directory: Path, method: str, fingerprint: str, artifacts: Iterable[Artifact]) -> int:
+    """A method's applied artifacts, in apply order: their bytes back to back in `artifacts.bin` and
+    `state.json` (method, base model, per artifact its edit id, offset and length). Returns the bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    order, offset = [], 0
+    with (directory / PACK).open("wb") as out:
+        for artifact in artifacts:
+            blob = artifact.to_bytes()
+            out.write(blob)
+            order.append([artifact.edit_id, offset, len(blob)])
+            offset += len(blob)
+    (directory / STATE).write_text(json.dumps({"method": method, "base_fingerprint": fingerprint, "order": order}))
+    return offset

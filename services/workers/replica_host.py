@@ -177,16 +177,7 @@ class ReplicaService:
             return
         lm = self.replica.method.lm
         for info in snapshots(self.snapshot_dir, self.replica.method.name, lm.fingerprint):
-            found = self.store.journal_get([info.seq]) if 0 < info.seq <= self.catch_up_to else []
-            if (
-                not found
-                or info.entry is None
-                or (found[0].payload["edit_id"], float(found[0].at_ms))
-                != (
-                    info.entry[0],
-                    float(info.entry[1]),
-                )
-            ):
+            if info.entry is None or info.seq > self.catch_up_to or not self._journal_holds(info.seq, *info.entry):
                 log.info("%s: snapshot at seq %d does not match the journal; not used", self.name, info.seq)
                 continue
             started = time.perf_counter()
@@ -217,6 +208,11 @@ class ReplicaService:
         write_snapshot(state, self.snapshot_dir)
         self.snapshot_seq = state.seq
 
+    def _journal_holds(self, seq: int, edit_id: str, at_ms: float) -> bool:
+        """Is journal entry `seq` the fact (edit id, time) this replica applied or snapshotted?"""
+        found = self.store.journal_get([seq]) if seq > 0 else []
+        return bool(found) and (found[0].payload["edit_id"], float(found[0].at_ms)) == (edit_id, float(at_ms))
+
     def _check_journal(self) -> None:
         """Is the journal entry at this replica's version still the one it applied? If Redis lost its
         last writes (AOF everysec, a failover) the seqs may have been handed to other facts: then
@@ -224,9 +220,9 @@ class ReplicaService:
         if self._last_entry is None:
             return
         seq, edit_id, at_ms = self._last_entry
-        found = self.store.journal_get([seq])
-        if found and (found[0].payload["edit_id"], found[0].at_ms) == (edit_id, at_ms):
+        if self._journal_holds(seq, edit_id, at_ms):
             return
+        found = self.store.journal_get([seq])
         now = found[0].payload["edit_id"] if found else "nothing"
         log.error(
             "%s: journal seq %d is now %s, not %s as applied: rebuilding from seq 0", self.name, seq, now, edit_id

@@ -10,7 +10,6 @@ there up. The cached tensors are detached: nothing below the band takes a gradie
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from typing import Any
 
@@ -18,8 +17,6 @@ import torch
 from torch import nn
 
 from editstream.methods.scen.layers import decoder_layers
-
-log = logging.getLogger(__name__)
 
 
 def _layers_owner(model: nn.Module) -> tuple[nn.Module, str]:
