@@ -117,15 +117,16 @@ def greedy(
     `on_tokens(row, tokens)`: called with a row's tokens so far each time it gets one (streaming).
     `sampling`: draw tokens (with this generator) instead of the greedy choice.
     `halt`: texts (a request's stop sequences) that end a row once its output holds one.
+    `until`, `stop_rows` and the rows of `unglued` are read after the first forward pass, so a
+    method that decides which edit fired while the prompt is read (SCEN routes in the prefill) can
+    fill them in then.
     """
     tok, dev = lm.tokenizer, lm.device
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     tokens: list[list[int]] = [[] for _ in texts]
     ended, stopped = [False] * len(texts), [False] * len(texts)
-    until = list(until) if until is not None else [None] * len(texts)
     limits = list(limits) if limits is not None else [max_new_tokens] * len(texts)
-    stoppable = torch.tensor(list(stop_rows) if stop_rows is not None else [True] * len(texts), device=dev)
     alive = torch.arange(len(texts), device=dev)  # the original row of each batch row
     done = torch.zeros(len(texts), dtype=torch.bool, device=dev)  # per batch row
     past = None
@@ -136,6 +137,11 @@ def greedy(
             res = lm.model(input_ids=ids, attention_mask=mask, position_ids=where, past_key_values=past, use_cache=True)
             past = res.past_key_values
             logits = res.logits[:, -1]
+            if step == 0:  # per-row rules, read once the prompt has been through the model
+                until = list(until) if until is not None else [None] * len(texts)
+                stoppable = torch.tensor(
+                    list(stop_rows) if stop_rows is not None else [True] * len(texts), dtype=torch.bool, device=dev
+                )
             if unglued is not None and step == 0:
                 barred, rows = unglued
                 picked = torch.tensor(list(rows), dtype=torch.bool, device=dev).nonzero().flatten()

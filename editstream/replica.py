@@ -63,6 +63,26 @@ class Turns:
         return TextPieces(lm.tokenizer, self.on_text, rows) if self.on_text is not None else None
 
 
+class PerFired(Sequence):
+    """Per row of a plan, `rule(the edit that fired on it, or None)`, read when asked: a method that
+    routes inside the model's forward (SCEN) knows which edit fired only once the prefill has run,
+    and `greedy` reads these after it. A rule's value for an edit is kept once read."""
+
+    def __init__(self, plan: QueryPlan, rule: Callable[[str | None], object]) -> None:
+        self.plan, self.rule = plan, rule
+        self._known: dict[str | None, object] = {}
+        list(self)  # what is known now (a searched plan is), read now: under the caller's state lock
+
+    def __len__(self) -> int:
+        return len(self.plan.fired)
+
+    def __getitem__(self, row: int) -> object:  # type: ignore[override]
+        fired = self.plan.fired[row]
+        if fired not in self._known:
+            self._known[fired] = self.rule(fired)
+        return self._known[fired]
+
+
 def checked_scope(scope: str) -> str:
     """`scope` if it is an edit scope, else a ConfigError naming it."""
     if scope not in SCOPES:
@@ -289,15 +309,16 @@ class Replica:
             with state_lock or nullcontext():  # what the plan reads of the edit state, read now
                 plan = stack.enter_context(self._plan(list(prompts), edited))
                 version = self.version
-                until = [self.method.target_of(f) if f else None for f in plan.fired] if release else None
-            stop_rows = [until_cut or u is not None for u in until] if release else None
+                until = PerFired(plan, lambda f: self.method.target_of(f) if f else None) if release else None
+                stop_rows = PerFired(plan, lambda f: until_cut or f is not None) if release else None
+                fired_rows = PerFired(plan, lambda f: f is not None)
             texts = [turns.text(self.lm, t, i) for i, t in enumerate(plan.texts)]
             if turns.chat and plan.set_offsets is not None:  # a prefix goes right before the user's words
                 plan.set_offsets(torch.tensor(template_heads(self.lm, texts, plan.texts), dtype=torch.long))
             pieces = turns.pieces(self.lm)
             # a fired edit says something: its row's first token is neither end-of-text nor a stop (the
             # unedited model may end at once after a question, or begin with a blank line)
-            speak = (self.silent_ids(), [f is not None for f in plan.fired]) if edited else None
+            speak = (self.silent_ids(), fired_rows) if edited else None
             out = greedy(
                 self.lm, texts, max_new_tokens, stops, plan.select_rows, plan.shrinkable, until, stop_rows,
                 unglued=speak, on_tokens=pieces, sampling=turns.sampling, halt=turns.halt,

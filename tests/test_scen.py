@@ -1,16 +1,19 @@
 """SCEN on the real model: an edit fires for its fact, rows of a batch are routed on their own, a
 retract restores the base model exactly, artifacts are small; the bank grows past its capacity.
 Routing keys on the whole subject: a namesake does not fire it, a text that starts with it does.
-Two editors share a burst of facts."""
+The relation gate keeps an edit off other questions about its subject. Two editors share a burst
+of facts."""
 
 import pytest
 import torch
 
 from editstream.edits import EditRequest
 from editstream.events import edit_to_payload
+from editstream.generation import greedy
 from editstream.methods import create_method
 from editstream.metrics import token_accuracy
 from editstream.models import EMBEDDED_LLM
+from editstream.probes import SUBJECT_PROBES
 from editstream.replica import Replica
 from services.transport.store import RedisStore, connect
 from services.workers.editor import Editor
@@ -41,6 +44,41 @@ def test_an_edit_fires_for_its_fact_and_leaves_other_rows_alone(replica):
     assert fired == ["eiffel"]
     (answer,) = replica.generate([FACT.prompt], max_new_tokens=3)
     assert "Rome" in answer.text and answer.fired == "eiffel"
+
+
+def test_the_relation_gate_keeps_an_edit_off_other_questions_about_its_subject(replica):
+    """The neuron keys on the subject, so without the gate the expert fires on other questions about
+    it; with the gate, those whose relation differs get the unedited answer. The gate is not perfect
+    ("The Eiffel Tower is famous for" passes it: cosine 0.51, threshold 0.46), so this checks the
+    probes it turns away, not all four."""
+    if not replica.method.edit_ids():
+        replica.apply(replica.version + 1, replica.method.compute([FACT])[0])
+    probes = [t.format(FACT.subject) for t in SUBJECT_PROBES]
+    gate, replica.method.gate = replica.method.gate, None
+    try:
+        _, _, ungated = replica.predict(probes, ["x"] * len(probes))
+    finally:
+        replica.method.gate = gate
+    before = replica.generate(probes, max_new_tokens=12, edited=False, until_cut=True)
+    after = replica.generate(probes, max_new_tokens=12, until_cut=True)
+    turned_away = [i for i, (u, a) in enumerate(zip(ungated, after, strict=True)) if u and a.fired is None]
+    assert f"Tell me about {FACT.subject}." in [probes[i] for i in turned_away] and len(turned_away) >= 2
+    assert [after[i].text for i in turned_away] == [before[i].text for i in turned_away]
+    _, _, fired = replica.predict([FACT.prompt], [FACT.target])
+    assert fired == ["eiffel"]
+
+
+def test_an_answered_edit_lets_the_base_model_go_on(replica, real_lm):
+    """Edit scope "answer": once the expert's row has said the target, the base model continues from
+    the prompt and the answer (SCEN decides what fired while routing the prefill, after the plan
+    is built: the release must still see it)."""
+    if not replica.method.edit_ids():
+        replica.apply(replica.version + 1, replica.method.compute([FACT])[0])
+    (answer,) = replica.generate([FACT.prompt], max_new_tokens=20, scope="answer")
+    said = " " + FACT.target
+    assert answer.fired == "eiffel" and answer.text.startswith(said)
+    (rest,) = greedy(real_lm, [FACT.prompt + said], 20).texts
+    assert len(answer.text) > len(said) and rest.startswith(answer.text[len(said) :])
 
 
 def test_retract_restores_the_unedited_logits_exactly(replica, real_lm):

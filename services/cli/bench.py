@@ -33,10 +33,10 @@ def _bench_quality(args: argparse.Namespace) -> int:
     for name in args.method.split(","):
         options = {"checkpoint": args.checkpoint} if name in ("recipe", "text-rag") else {}
         options.update(parse_options(args.option))
-        if shared_encoder is not None and name in ("recipe", "text-rag"):
+        if shared_encoder is not None and name in ("recipe", "text-rag", "scen"):
             options["encoder"] = shared_encoder
         method = create_method(name, lm, **options)
-        shared_encoder = getattr(getattr(method, "retrieval", None), "encoder", shared_encoder)
+        shared_encoder = getattr(getattr(method, "retrieval", method), "encoder", None) or shared_encoder
         replica = Replica(method)
         replica.set_edit_scope(args.edit_scope)
         if args.wild_tokens and wild_base is None:

@@ -17,6 +17,9 @@ class ScenConfig:
     width-`width` FFN beside it; "full" (the published form) replaces the FFN with a trained copy
     of it for routed rows. max_negatives: earlier facts a
     new neuron is trained against (nearest by key); 0 means all of them (the published form).
+    relation_gate: the neurons key on the subject, so alone they fire on any question about it; the
+    gate (recipe/relation.py, trained on the train splits) keeps a fired expert only where the
+    question, subject masked, asks what the edit's prompt asks.
     """
 
     layer: int = -1  # the expert's FFN; -1: seven eighths of the way up
@@ -31,6 +34,7 @@ class ScenConfig:
     stop_loss: float = 0.005  # expert training ends once the mean target-token loss is below this
     after_weight: float = 1.0  # KL to the unedited model on the word after the target (no echoing)
     keep_weight: float = 0.0  # KL to the unedited model after other contexts of the subject (other relations)
+    relation_gate: bool = True  # a fired expert must also ask its edit's relation (RECIPE's packaged gate)
     variants: int = 3  # prefixed copies of the prompt, for the expert and as neuron positives
     subject_swaps: int = 8  # hard negatives: the prompt with another subject
     neuron: str = "prototype"  # "prototype": cosine to the fact's key above a fitted threshold; "logistic"

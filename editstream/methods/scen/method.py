@@ -27,6 +27,8 @@ from editstream.config import config_from_dict
 from editstream.edits import EditRequest
 from editstream.errors import ConfigError
 from editstream.methods.base import EditMethod, QueryPlan
+from editstream.methods.recipe.checkpoint import PACKAGED
+from editstream.methods.recipe.relation import RelationGate, load_gate
 from editstream.methods.scen.bank import ExpertBank
 from editstream.methods.scen.config import ScenConfig
 from editstream.methods.scen.expert import expert_output, new_expert
@@ -34,7 +36,7 @@ from editstream.methods.scen.layers import LayerInput, capture_layer_input, deco
 from editstream.methods.scen.neuron import EarlierFacts, Neuron, fit_neuron, logistic_neuron, prototype_neuron
 from editstream.methods.scen.routing import Centers, Window, WindowSums, offsets, token_features, windows_at
 from editstream.metrics import PairBatch, encode_pairs
-from editstream.models import LoadedLM
+from editstream.models import LoadedEncoder, LoadedLM, load_encoder
 from editstream.probes import GENERAL_PROMPTS, PREFIXES, SUBJECT_CONTEXTS, SUBJECTS
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,14 @@ class Scen(EditMethod):
     plan_only = True
     editor_batch = 1  # about a second per fact: parallel editors take one fact at a time
 
-    def __init__(self, lm: LoadedLM, config: ScenConfig) -> None:
+    def __init__(
+        self, lm: LoadedLM, config: ScenConfig, gate: RelationGate | None = None, encoder: LoadedEncoder | None = None
+    ) -> None:
         super().__init__(lm)
+        if gate is not None and encoder is None:
+            raise ConfigError("scen: a relation gate needs the sentence encoder it was trained with")
+        self.gate, self.encoder = gate, encoder
+        self._about: dict[str, tuple[str, str]] = {}  # edit id -> (prompt, subject), what the gate compares
         layers = decoder_layers(lm.model)
         n = len(layers)
         self.layer = config.layer if config.layer >= 0 else (7 * n) // 8
@@ -72,8 +80,15 @@ class Scen(EditMethod):
         self._general: dict[Window, torch.Tensor] = {}  # general-text windows (negatives), by window
 
     @classmethod
-    def build(cls, lm: LoadedLM, **options: Any) -> Scen:
-        return cls(lm, config_from_dict(ScenConfig, options))
+    def build(cls, lm: LoadedLM, encoder: LoadedEncoder | None = None, **options: Any) -> Scen:
+        config = config_from_dict(ScenConfig, options)
+        if not config.relation_gate:
+            return cls(lm, config)
+        gate = load_gate(PACKAGED, lm.device)
+        if gate is None:
+            raise ConfigError(f"scen relation_gate=true, but {PACKAGED} holds no relation gate")
+        encoder = encoder or load_encoder(gate.info.get("encoder", "minilm"), device=str(lm.device))
+        return cls(lm, config, gate, encoder)
 
     # --- features ------------------------------------------------------------------------------
     def _capture(self, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> LayerInput:
@@ -259,9 +274,27 @@ class Scen(EditMethod):
         expert = {k: v for k, v in t.items() if k not in NEURON_KEYS}
         self.bank.add(artifact.edit_id, neuron.weights, neuron.biases, neuron.windows, expert)
         self.earlier.remember(artifact.edit_id, neuron.prototypes())
+        self._about[artifact.edit_id] = (m.get("prompt", ""), m.get("subject", ""))
 
     def _detach(self, edit_id: str) -> None:
         self.bank.remove(edit_id)
+        self._about.pop(edit_id, None)
+        if self.gate is not None:
+            self.gate.forget(edit_id)
+
+    def _gated(self, prompts: Sequence[str], slots: torch.Tensor, fires: torch.Tensor) -> torch.Tensor:
+        """`fires` without the rows whose prompt, its subject masked, does not ask what the fired
+        edit's prompt asks (the relation gate; rows where the gate cannot tell keep their expert)."""
+        rows = fires.nonzero().flatten().tolist()
+        if self.gate is None or not rows:
+            return fires
+        names = self.bank.slot_edit_ids()
+        edits = [(names[int(slots[i])], *self._about[names[int(slots[i])]]) for i in rows]
+        agree = self.gate.agree(self.encoder, [prompts[i] for i in rows], edits)
+        kept = fires.clone()
+        for i, ok in zip(rows, agree, strict=True):
+            kept[i] = ok
+        return kept
 
     def reset(self) -> None:
         super().reset()
@@ -295,6 +328,7 @@ class Scen(EditMethod):
             sums = WindowSums(token_features(x, self.centers, prompt), self.config.max_window)
             where = prompt if self.config.route_on == "subject" else span == last[:, None]
             slots, fires, peak = self.bank.route(sums, where, offsets(prompt))
+            fires = self._gated(prompts, slots, fires)
             state.update(slots=slots, fires=fires, active=self._active(span, peak))  # act where it fired
             names = self.bank.slot_edit_ids()
             for i in fires.nonzero().flatten().tolist():
