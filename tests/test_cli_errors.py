@@ -50,3 +50,11 @@ def test_feed_refuses_binary_and_contract_breaking_files_and_sends_nothing(capsy
 def test_serve_refuses_a_snapshot_interval_below_one(capsys):
     code, err = run(capsys, "serve", "--snapshot-every", "0", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
     assert code == 2 and err.startswith("--snapshot-every 0:") and "\n" not in err
+
+
+def test_serve_refuses_compaction_without_snapshots_or_for_a_sequential_method(capsys):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    code, err = run(capsys, "serve", "--compact", "--redis-url", url)
+    assert code == 2 and err.startswith("--compact needs --snapshot-dir")
+    code, err = run(capsys, "serve", "--compact", "--snapshot-dir", "snaps", "--method", "rome", "--redis-url", url)
+    assert code == 2 and err.startswith("--compact: rome is sequential")

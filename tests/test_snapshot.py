@@ -1,5 +1,8 @@
 """Replica snapshots: the state comes back the same (digest, supersede stacks, answers), a snapshot
-that does not fit is refused, and a replica service starts from one and replays only the tail."""
+that does not fit is refused, and a replica service starts from one and replays only the tail.
+Compaction below a snapshot: Redis keeps only the tail, a replica that starts from the snapshot
+comes out the same as one that replayed everything, supersede and retract stay exact, and a replica
+without snapshots (or a rollback) cannot reach below it."""
 
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ import json
 import pytest
 
 from editstream.demo_facts import demo_facts
-from editstream.errors import ArtifactError
+from editstream.errors import ArtifactError, NotReadyError
 from editstream.methods import create_method
 from editstream.models import EMBEDDED_LLM
 from editstream.replica import Replica
 from editstream.snapshot import capture, load_snapshot, snapshots, write_snapshot
+from services.cli.commands import rollback
 from services.transport.store import RedisStore, connect
 from services.workers.editor import Editor
+from services.workers.ingest import content_hash
 from services.workers.replica_host import ReplicaService
 from tests.test_poison import drain, journal
 
@@ -107,3 +112,56 @@ def test_a_snapshot_the_journal_no_longer_holds_is_not_used(redis_server, tmp_pa
     fresh = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-1", "gone", **opts)
     fresh.step()
     assert fresh.snapshot_seq == 0  # not loaded: the journal at seq 3 names another edit
+
+
+def retract_entry(store: RedisStore, edit_id: str, retract_id: str) -> None:
+    """Append a retract of `edit_id` to the journal as ingest would."""
+    payload = {"op": "retract", "edit_id": retract_id, "retracts": edit_id}
+    store.journal_append(retract_id, content_hash(payload), payload, 0.0, retracts=edit_id)
+
+
+@pytest.mark.redis
+def test_compaction_below_a_snapshot_keeps_every_replica_exact(redis_server, tmp_path, capsys):
+    store = RedisStore(connect(redis_server.url), "compact")
+    facts = demo_facts(8)
+    newer = dataclasses.replace(facts[0], target="Atlantis", edit_id="newer-0")  # supersedes facts[0]
+    editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "compact")
+    opts = {"snapshot_dir": str(tmp_path / "snaps"), "snapshot_every": 4}
+    writer = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "compact", compact=True, **opts)
+    journal(store, [*facts[:3], newer])
+    drain(editor)
+    drain(writer)
+    # below the snapshot at 4: the journal keeps only entry 4 (a snapshot is checked against it), no artifact
+    assert store.compacted() == 4 and store.r.xlen(store.keys.journal) == 1
+    assert store.r.hlen(store.keys.artifacts) == 0
+    retract_entry(store, facts[1].edit_id, "r-1")
+    journal(store, facts[3:6])
+    drain(editor)
+    drain(writer)
+    assert store.compacted() == 8 and store.r.hlen(store.keys.artifacts) == 0
+    journal(store, facts[6:8])
+    drain(editor)
+    late = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-1", "compact", **opts)
+    drain(late)
+    drain(writer)
+    assert late.snapshot_seq == 8 and late.version == writer.version == 10
+    assert late.replica.digest() == writer.replica.digest()  # snapshot + tail == every entry replayed
+    assert store.r.hlen(store.keys.artifacts) == 2  # the tail's two edits only
+    # supersede and retract stay exact across compaction: retracting the newer edit (its artifact is
+    # gone from Redis) brings the superseded one back on both
+    retract_entry(store, newer.edit_id, "r-2")
+    drain(editor)
+    drain(late)
+    drain(writer)
+    for service in (late, writer):
+        active = service.replica.method.active_edit_ids()
+        assert facts[0].edit_id in active and newer.edit_id not in active and facts[1].edit_id not in active
+    assert late.replica.digest() == writer.replica.digest()
+    # a replica without the snapshot store cannot catch up, says so, and takes no queries
+    bare = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-2", "compact")
+    with pytest.raises(NotReadyError, match="compacted below seq 8 and this replica is at 0"):
+        bare.step()
+    assert not bare.ready and bare.version == 0
+    # a rollback cannot reach below the compacted journal
+    assert rollback(redis_server.url, "compact", 3, wait_s=0) == 2
+    assert "the earliest version a rollback can reach is 7" in capsys.readouterr().err

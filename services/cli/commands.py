@@ -187,6 +187,14 @@ def rollback(redis_url: str, namespace: str, to_version: int, wait_s: float) -> 
     if not 0 <= to_version <= last:
         print(f"--to-version {to_version} is outside the journal (0..{last})", file=sys.stderr)
         return 2
+    earliest = max(0, store.compacted() - 1)
+    if to_version < earliest:
+        print(
+            f"--to-version {to_version}: the journal is compacted below seq {earliest + 1}, so what came after "
+            f"{to_version} is no longer known; the earliest version a rollback can reach is {earliest}",
+            file=sys.stderr,
+        )
+        return 2
     undo, lost = rollback_plan(store, to_version)
     if lost:
         print(

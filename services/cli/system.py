@@ -23,6 +23,18 @@ def _system(args: argparse.Namespace) -> int:
         if args.snapshot_every < 1:
             print(f"--snapshot-every {args.snapshot_every}: give a number of journal entries >= 1", file=sys.stderr)
             return 2
+        if args.compact and not args.snapshot_dir:
+            print("--compact needs --snapshot-dir: after compaction only snapshots hold old edits", file=sys.stderr)
+            return 2
+        from editstream.methods import method_class
+
+        if args.compact and method_class(args.method).sequential:
+            print(
+                f"--compact: {args.method} is sequential, and its editors rebuild their model from the whole "
+                "journal; compaction is for recipe, text-rag and scen",
+                file=sys.stderr,
+            )
+            return 2
         from services.wiring.demo import method_options
         from services.wiring.placement import Resources
         from services.wiring.system import SystemConfig
@@ -40,6 +52,7 @@ def _system(args: argparse.Namespace) -> int:
             edit_scope=args.edit_scope,
             snapshot_dir=args.snapshot_dir or None,
             snapshot_every=args.snapshot_every,
+            compact=args.compact,
             resources=Resources(args.replica_cpus, args.replica_gpus, args.editor_cpus, args.editor_gpus),
         )
         token = os.environ.get("EDITSTREAM_HTTP_TOKEN") or None
@@ -93,6 +106,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--snapshot-every", type=int, default=1000, help="journal entries between snapshots (replica-0 writes them)"
+    )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="after each snapshot, remove from Redis the journal entries, artifacts and dead-letter records "
+        "below it (below every live replica too); a replica that starts later needs the snapshot store",
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
     p.add_argument("--editors", type=int, default=1, help="editor workers (default 1)")

@@ -16,6 +16,8 @@ Keys (namespace `editstream` by default):
   <ns>:replicas       replica name -> JSON heartbeat {version, digest, ready, time} (hash)
   <ns>:desired        kind (replica, editor, evaluator) -> wanted count, set by `editstream scale` (hash)
   <ns>:serving        a running `editstream serve` loop's heartbeat (string with a TTL)
+  <ns>:compacted      the seq below which the journal, its artifacts and dead-letter records were
+                      removed (`compact`); a replica behind it must start from a snapshot (string)
 Dedup, seq assignment and journal append happen in one Lua script, so they are atomic.
 """
 
@@ -79,6 +81,7 @@ class Keys:
     replicas: str
     desired: str
     serving: str
+    compacted: str
 
     @classmethod
     def for_namespace(cls, ns: str = "editstream") -> Keys:
@@ -95,6 +98,7 @@ class Keys:
             f"{ns}:replicas",
             f"{ns}:desired",
             f"{ns}:serving",
+            f"{ns}:compacted",
         )
 
 
@@ -204,6 +208,38 @@ class RedisStore:
             return rows[0][1][-1][0].decode()
         return last_id
 
+    # --- compaction ----------------------------------------------------------------------------
+    def compacted(self) -> int:
+        """The seq the journal was compacted to (entries before it are gone; 0: never compacted)."""
+        return int(self.r.get(self.keys.compacted) or 0)
+
+    def compact(self, method: str, below: int, chunk: int = 10_000) -> dict[str, int]:
+        """Remove what a replica starting from a snapshot at seq >= `below` does not need: the journal
+        entries before `below` (the entry at `below` stays: a snapshot is checked against it), and the
+        artifacts and dead-letter records of every entry up to `below`. The mark is set first, so a
+        reader never mistakes a compacted journal for a short one; it never moves back. Returns what
+        was removed."""
+        if below <= self.compacted():
+            return {"journal": 0, "artifacts": 0, "dead": 0}
+        self.r.set(self.keys.compacted, below)  # monotonic: only the one snapshot writer compacts
+        removed = {"journal": 0, "artifacts": 0, "dead": 0}
+        after = 0
+        while after < below:
+            rows = self.r.xrange(self.keys.journal, min=f"({after}-1", max=f"{below}-1", count=chunk)
+            if not rows:
+                break
+            seqs = [int(entry_id.split(b"-")[0]) for entry_id, _ in rows]
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hdel(self.keys.artifacts, *[f"{method}:{s}" for s in seqs])
+            pipe.hdel(self.keys.dead, *[str(s) for s in seqs])
+            gone_artifacts, gone_dead = pipe.execute()
+            removed["artifacts"] += gone_artifacts
+            removed["dead"] += gone_dead
+            after = seqs[-1]
+        removed["journal"] = int(self.r.xtrim(self.keys.journal, minid=f"{below}-0", approximate=False))
+        log.info("compacted below seq %d: removed %s", below, removed)
+        return removed
+
     # --- facts and dead letters ----------------------------------------------------------------
     def dead_letter(self, entry_id: str, fields: dict[bytes, bytes], reason: str) -> None:
         record = {b"reason": reason.encode(), b"source_id": entry_id.encode()}
@@ -297,8 +333,13 @@ class GroupReader:
             self._ensure_group()
         if not self._pending_done:
             rows = self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=self.batch)
-            if rows and rows[0][1]:
-                return rows[0][1]
+            if rows and rows[0][1]:  # entries trimmed away since (a compacted journal) come back empty
+                kept = [e for e in rows[0][1] if e[1]]
+                if len(kept) < len(rows[0][1]):
+                    self.ack([e[0] for e in rows[0][1] if not e[1]])
+                if kept:
+                    return kept
+                return self.read()
             self._pending_done = True
         claimed = self.r.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=self.batch)
         if claimed[1]:
@@ -331,6 +372,7 @@ def status(store: RedisStore) -> dict[str, Any]:
     last_10s = sum(1 for _, f in recent if now_ms - float(f[b"at"]) <= 10_000)
     return {
         "journal": store.last_seq(),
+        "compacted_below": store.compacted(),
         "facts_stream": store.facts_size(),
         "ingest_lag": store.ingest_lag(),
         "dlq": store.dlq_size(),

@@ -86,6 +86,7 @@ class SystemConfig:
     edit_scope: str = "answer"  # how far a fired RECIPE/text-RAG/SCEN edit shapes an answer
     snapshot_dir: str | None = None  # replica snapshots (a directory every node reads); None: none
     snapshot_every: int = 1000  # journal entries between snapshots (replica-0 writes them)
+    compact: bool = False  # after each snapshot, remove the journal, artifacts and dead records below it
 
 
 class System:
@@ -165,7 +166,7 @@ class System:
             threads = c.editor_threads or max(1, (os.cpu_count() or 2) // max(1, c.editors))
             return {**self._common(), **model, "consumer": name, "threads": threads}
         if kind == "replica":
-            snaps = {"snapshot_dir": c.snapshot_dir, "snapshot_every": c.snapshot_every}
+            snaps = {"snapshot_dir": c.snapshot_dir, "snapshot_every": c.snapshot_every, "compact": c.compact}
             return {**self._common(), **model, "name": name, "run_dir": c.run_dir, "edit_scope": c.edit_scope, **snaps}
         if kind == "evaluator":
             seed = int(name.rsplit("-", 1)[1])

@@ -16,6 +16,7 @@ import torch
 
 from editstream.artifacts import Artifact
 from editstream.edits import EditRequest
+from editstream.errors import OrderError
 from editstream.events import edit_from_payload
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
@@ -146,6 +147,12 @@ class Editor:
 
     def _rebuild(self) -> None:
         """After a restart, re-apply the stored artifacts of the journal prefix this editor finished."""
+        compacted = self.store.compacted()
+        if compacted:  # `serve --compact` refuses sequential methods; a namespace compacted by hand lands here
+            raise OrderError(
+                f"{self.consumer}: the journal is compacted below seq {compacted}; a {self.method.name} editor "
+                "rebuilds its model from the whole journal and cannot start"
+            )
         after = 0
         while True:
             entries = self.store.journal_after(after, count=512)

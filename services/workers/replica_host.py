@@ -55,6 +55,7 @@ class ReplicaService:
         edit_scope: str = "answer",
         snapshot_dir: str | None = None,
         snapshot_every: int = 0,
+        compact: bool = False,
     ) -> None:
         torch.set_num_threads(threads)
         self.name, self.method = name, method
@@ -90,6 +91,9 @@ class ReplicaService:
         self.snapshot_dir = Path(snapshot_dir) / namespace if snapshot_dir else None
         self.snapshot_every = snapshot_every if name == SNAPSHOT_WRITER else 0
         self.snapshot_seq = 0  # the seq of the snapshot this replica loaded or last wrote
+        # After writing a snapshot the writer compacts Redis below it (`compact`): below the snapshot,
+        # every live replica's version and the editors' progress, so no running reader loses an entry.
+        self.compact = compact and bool(self.snapshot_every)
         self.edit_log: ArrowLog | None = None
         self._logged_up_to = 0  # after a restart, the replayed entries were logged by the earlier run
         if run_dir:  # one file series per namespace and replica: a restart continues its own series
@@ -112,6 +116,9 @@ class ReplicaService:
             self._check_journal()
         started = time.perf_counter()
         entries = self.store.journal_after(self.replica.version, count=256)
+        if entries and entries[0].seq > self.replica.version + 1:
+            self._catch_up_compacted(entries[0].seq)
+            return 0
         blobs = self.store.get_artifacts(
             self.replica.method.name, [e.seq for e in entries if e.payload["op"] == "edit"]
         )
@@ -198,8 +205,31 @@ class ReplicaService:
             )
             return
 
+    def _catch_up_compacted(self, first: int) -> None:
+        """The journal after this replica's version starts at `first`: the entries between were
+        compacted away, so only a snapshot can bring it up (started from none, or fell behind)."""
+        compacted = self.store.compacted()
+        if self.replica.version >= compacted:
+            raise OrderError(
+                f"{self.name}: the journal jumps from seq {self.replica.version} to {first} but is compacted "
+                f"only below {compacted}: the journal lost entries"
+            )
+        if self.snapshot_dir is not None:
+            with self._advanced:
+                self.replica.method.reset()
+                self.replica.version, self._last_entry, self.snapshot_seq = 0, None, 0
+                self.ready, self.catch_up_to = False, self.store.last_seq()
+            self._restore()
+        if self.replica.version < compacted:
+            where = f"no snapshot in {self.snapshot_dir} reaches it" if self.snapshot_dir else "no snapshot store set"
+            raise NotReadyError(
+                f"{self.name}: the journal is compacted below seq {compacted} and this replica is at "
+                f"{self.replica.version}; {where}: it cannot catch up and takes no queries"
+            )
+
     def _snapshot(self) -> None:
-        """Write a snapshot of the state now (taken under the lock, written outside it)."""
+        """Write a snapshot of the state now (taken under the lock, written outside it); then, with
+        `compact`, compact Redis below it."""
         with self._lock:
             entry = self._last_entry
             state = capture(self.replica, (entry[1], entry[2]) if entry and entry[0] == self.version else None)
@@ -207,6 +237,22 @@ class ReplicaService:
             return
         write_snapshot(state, self.snapshot_dir)
         self.snapshot_seq = state.seq
+        if self.compact:
+            self._compact(state.seq)
+
+    def _compact(self, snapshot_seq: int) -> None:
+        """Compact below the snapshot, but not past a live replica that is still behind it (it would
+        have to reload a snapshot) nor past an entry no editor has computed or dead-lettered."""
+        now = time.time()
+        versions = [
+            int(b.get("version", 0))
+            for n, b in self.store.replica_heartbeats().items()
+            if n != self.name and now - float(b.get("time", 0)) <= 10.0
+        ]
+        below = min([snapshot_seq, *versions])
+        if below > self.store.compacted():
+            removed = self.store.compact(self.replica.method.name, below)
+            log.info("%s: compacted Redis below seq %d (snapshot at %d): %s", self.name, below, snapshot_seq, removed)
 
     def _journal_holds(self, seq: int, edit_id: str, at_ms: float) -> bool:
         """Is journal entry `seq` the fact (edit id, time) this replica applied or snapshotted?"""
