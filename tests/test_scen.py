@@ -81,6 +81,16 @@ def test_an_answered_edit_lets_the_base_model_go_on(replica, real_lm):
     assert len(answer.text) > len(said) and rest.startswith(answer.text[len(said) :])
 
 
+def test_a_replica_keeps_no_negatives_it_never_uses(replica, real_lm):
+    """Negatives are mined in compute (an editor's); applying an artifact must not store them."""
+    fact = EditRequest("Bees make", "wax", edit_id="bees", subject="Bees")
+    (artifact,) = replica.method.compute([fact])
+    assert "bees" in replica.method.earlier  # the computing side remembers it
+    other = create_method("scen", real_lm, relation_gate=False)
+    Replica(other).apply(1, artifact)
+    assert other.edit_ids() == ["bees"] and len(other.earlier) == 0
+
+
 def test_retract_restores_the_unedited_logits_exactly(replica, real_lm):
     if not replica.method.edit_ids():
         replica.apply(replica.version + 1, replica.method.compute([FACT])[0])

@@ -17,6 +17,7 @@ from editstream.methods import create_method
 from editstream.models import EMBEDDED_LLM
 from editstream.replica import Replica
 from editstream.snapshot import capture, load_snapshot, snapshots, write_snapshot
+from services.bench import snapshots as snapshot_bench
 from services.cli.commands import rollback
 from services.transport.store import RedisStore, connect
 from services.workers.editor import Editor
@@ -165,3 +166,14 @@ def test_compaction_below_a_snapshot_keeps_every_replica_exact(redis_server, tmp
     # a rollback cannot reach below the compacted journal
     assert rollback(redis_server.url, "compact", 3, wait_s=0) == 2
     assert "the earliest version a rollback can reach is 7" in capsys.readouterr().err
+
+
+@pytest.mark.redis
+def test_the_snapshot_bench_measures_compaction_and_a_restart(tmp_path):
+    doc = snapshot_bench.run(facts=20, tail=3, method="recipe", model=EMBEDDED_LLM)
+    assert doc["journal_entries"] == 20 + 2 + 1 and doc["live_edits"] == 19  # 10% superseded, 5% retracted
+    assert doc["digests_agree"] and doc["restart_replayed_tail"] == 3
+    assert doc["restart_loaded_snapshot_seq"] == doc["journal_entries"]
+    before, after = doc["redis_bytes_before_compaction"], doc["redis_bytes_after_compaction"]
+    assert "artifacts" in before and "artifacts" not in after  # every artifact below the snapshot went
+    assert doc["journal_length_after_compaction"] == 1  # the snapshot's own entry

@@ -1,4 +1,4 @@
-"""Benchmarks of the running system: `editstream bench pipeline|cluster|chaos|chat`.
+"""Benchmarks of the running system: `editstream bench pipeline|snapshot|cluster|chaos|chat`.
 
 Each starts what it measures (a private redis-server, Ray, the actors, the HTTP gateway) and
 writes its JSON with the command, commit, machine and date.
@@ -10,9 +10,11 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
+from editstream.models import EMBEDDED_LLM
 from services.cli.common import method_args
 
 log = logging.getLogger("editstream")
@@ -163,6 +165,27 @@ def _bench_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_snapshot(args: argparse.Namespace) -> int:
+    from editstream.bench.provenance import provenance
+    from services.bench import snapshots
+
+    if args.facts < 1 or args.tail < 0:
+        print(f"--facts {args.facts} / --tail {args.tail}: need facts >= 1 and tail >= 0", file=sys.stderr)
+        return 2
+    if args.method not in ("recipe", "text-rag", "scen"):
+        print(f"--method {args.method}: compaction is for recipe, text-rag and scen", file=sys.stderr)
+        return 2
+    doc = {**snapshots.run(args.facts, args.tail, args.method, args.model), **provenance()}
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        out = Path(args.out) / f"snapshot-{args.method}-n{args.facts}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        log.info("wrote %s", out)
+    print(text)
+    return 0
+
+
 def add_parsers(bench: argparse._SubParsersAction) -> None:
     """Register the running-system benchmarks under `editstream bench`."""
     pl = bench.add_parser("pipeline", help="edit latency at a rate, sustained ingest, query latency under load")
@@ -183,6 +206,17 @@ def add_parsers(bench: argparse._SubParsersAction) -> None:
     pl.add_argument("--run-dir", default="runs/bench-pipeline")
     pl.add_argument("--out", default="bench/results")
     pl.set_defaults(func=_bench_pipeline)
+
+    sn = bench.add_parser(
+        "snapshot",
+        help="Redis bytes per live edit before and after compaction, snapshot size, restart time from a snapshot",
+    )
+    sn.add_argument("--method", default="recipe", help="recipe, text-rag or scen (default recipe)")
+    sn.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
+    sn.add_argument("--facts", type=int, default=10000, help="synthetic facts journaled before the snapshot")
+    sn.add_argument("--tail", type=int, default=100, help="facts journaled after it, replayed by the restarted replica")
+    sn.add_argument("--out", default="bench/results", help="directory for the JSON ('' for none)")
+    sn.set_defaults(func=_bench_snapshot)
 
     cl = bench.add_parser(
         "cluster", help="on a multi-node Ray cluster: query throughput vs replicas, edit throughput vs editors"

@@ -238,9 +238,9 @@ class ReplicaService:
         write_snapshot(state, self.snapshot_dir)
         self.snapshot_seq = state.seq
         if self.compact:
-            self._compact(state.seq)
+            self.compact_below(state.seq)
 
-    def _compact(self, snapshot_seq: int) -> None:
+    def compact_below(self, snapshot_seq: int) -> None:
         """Compact below the snapshot, but not past a live replica that is still behind it (it would
         have to reload a snapshot) nor past an entry no editor has computed or dead-lettered."""
         now = time.time()

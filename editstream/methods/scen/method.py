@@ -272,8 +272,9 @@ class Scen(EditMethod):
             artifact.edit_id, t["neuron_w"], t["neuron_b"], m.get("windows"), self.config.max_window
         )
         expert = {k: v for k, v in t.items() if k not in NEURON_KEYS}
+        # not remembered as a negative: only `compute` mines negatives, and a replica never computes
+        # (100,000 remembered prototypes would be ~460 MB a replica never reads)
         self.bank.add(artifact.edit_id, neuron.weights, neuron.biases, neuron.windows, expert)
-        self.earlier.remember(artifact.edit_id, neuron.prototypes())
         self._about[artifact.edit_id] = (m.get("prompt", ""), m.get("subject", ""))
 
     def _detach(self, edit_id: str) -> None:

@@ -98,6 +98,9 @@ class EarlierFacts:
     def __len__(self) -> int:
         return len(self._protos)
 
+    def __contains__(self, edit_id: object) -> bool:
+        return edit_id in self._protos
+
     def remember(self, edit_id: str, protos: torch.Tensor) -> None:
         self._protos[edit_id] = protos.float().cpu()
         self._protos.move_to_end(edit_id)
