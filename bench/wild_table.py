@@ -43,7 +43,10 @@ def main(directory: str = "bench/results/wild") -> None:
     for path in sorted(Path(directory).glob("quality-*.json")):
         doc = json.loads(path.read_text())
         name = doc["method"] + (f" ({doc['tag']})" if doc.get("tag") else "")
-        serving = f"{doc.get('edit_scope', 'text')} / {'on' if doc.get('relation_gate') else 'off'}"
+        # SCEN runs before 3dab972 wrote relation_gate for RECIPE's retriever only; SCEN's gate is on by default
+        asked = str(doc.get("options", {}).get("relation_gate", True)).lower() not in ("false", "0", "no")
+        gate = doc.get("relation_gate") or (doc["method"] == "scen" and asked)
+        serving = f"{doc.get('edit_scope', 'text')} / {'on' if gate else 'off'}"
         for row in doc["rows"]:
             cells = " | ".join(cell(row, key) for _, key in COLUMNS)
             print(

@@ -52,7 +52,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
             "options": parse_options(args.option),
             "tag": args.tag,
             "edit_scope": args.edit_scope if method.plan_only else "weights",
-            "relation_gate": getattr(getattr(method, "retrieval", None), "gate", None) is not None,
+            "relation_gate": getattr(getattr(method, "retrieval", method), "gate", None) is not None,
             **result,
             **started,
             "finished": provenance()["date"],
