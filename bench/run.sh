@@ -30,6 +30,8 @@ if [[ $what == all || $what == wild ]]; then
     --edit-scope text --tag scope-text
   $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out bench/results/wild \
     --option relation_gate=false --tag no-gate
+  # SCEN served as users get it (answer scope, relation gate): about 2 hours for T = 1000 here
+  $es bench quality --method scen --data counterfact --T 1000 --limit 1000 --seed 0 --out bench/results/wild
   if [[ ${WILD_FULL:-0} == 1 ]]; then
     $es bench quality --method recipe --data zsre --T 1000 --limit 1000 --seed 0 --out bench/results/wild
     for data in counterfact zsre qaedit; do
@@ -38,6 +40,10 @@ if [[ $what == all || $what == wild ]]; then
         --limit 200 --seed 0 --out bench/results/wild
     done
   fi
+fi
+if [[ $what == all || $what == snapshot ]]; then
+  # Redis bytes per live edit before/after compaction, snapshot size, restart time from a snapshot
+  $es bench snapshot --method recipe --facts 10000 --tail 100
 fi
 if [[ $what == all || $what == cost ]]; then
   $es bench cost --stored 10000 --large 100000 --probes 20 --rounds 3
