@@ -142,11 +142,11 @@ def greedy(
                 stoppable = torch.tensor(
                     list(stop_rows) if stop_rows is not None else [True] * len(texts), dtype=torch.bool, device=dev
                 )
-            if unglued is not None and step == 0:
-                barred, rows = unglued
-                picked = torch.tensor(list(rows), dtype=torch.bool, device=dev).nonzero().flatten()
-                logits = logits.clone()
-                logits[picked[:, None], barred[None, :]] = float("-inf")
+                if unglued is not None:
+                    barred, rows = unglued
+                    picked = torch.tensor(list(rows), dtype=torch.bool, device=dev).nonzero().flatten()
+                    logits = logits.clone()
+                    logits[picked[:, None], barred[None, :]] = float("-inf")
             nxt = logits.argmax(-1) if sampling is None else sampling[0].pick(logits, sampling[1])
             eos = nxt == tok.eos_token_id
             at_stop = torch.isin(nxt, stops) & stoppable[alive] if stops is not None else torch.zeros_like(eos)

@@ -85,6 +85,8 @@ def serve(
                 if outage_since is None:
                     outage_since = time.time()
                     log.warning("Redis unreachable (%s); retrying every second", exc)
+            except ray.exceptions.RayError as exc:  # a node lost mid-call: the next round tries again
+                log.warning("supervising the actors failed this round: %s", exc)
     finally:
         with contextlib.suppress(redis.RedisError):
             store.r.delete(store.keys.serving)

@@ -242,20 +242,38 @@ class System:
             EvaluatorClient(self.handle(name)).set_replicas(handles)
 
     # --- health and state ----------------------------------------------------------------------
-    def supervise(self, timeout_s: float = 5.0) -> list[str]:
-        """Recreate actors that no longer answer; returns their names."""
+    def supervise(self, timeout_s: float = 5.0, name_wait_s: float = 30.0) -> list[str]:
+        """Recreate actors that no longer answer; returns their names. One that cannot be started yet
+        (the dead one's name not released, no node with room) is tried again at the next call."""
         replaced = []
         for name, (kind, kwargs, actor) in list(self.actors.items()):
             try:
                 ray.get(actor.ping.remote(), timeout=timeout_s)
+                continue
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 log.warning("actor %s is gone; starting a new one", name)
-                ray.kill(actor, no_restart=True)
+            ray.kill(actor, no_restart=True)
+            try:
+                self._wait_name_released(name, name_wait_s)
                 self._spawn(name, kind, kwargs)
-                replaced.append(name)
+            except (TimeoutError, ValueError) as exc:  # ValueError: Ray's "name already taken"
+                log.warning("cannot start %s again yet (%s); trying at the next check", name, exc)
+                continue
+            replaced.append(name)
         if any(self.actors[n][0] == "replica" for n in replaced):
             self._update_evaluators()
         return replaced
+
+    def _wait_name_released(self, name: str, timeout_s: float) -> None:
+        """Wait until Ray has released the killed actor's name (a kill on a lost node takes a while)."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                ray.get_actor(f"{self.config.namespace}:{name}")
+            except ValueError:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"Ray still holds the name {self.config.namespace}:{name} {timeout_s:.0f} s after the kill")
 
     def replica_states(self) -> list[dict]:
         return ray.get([ReplicaClient(h).state() for h in self.replica_handles()])
@@ -296,8 +314,17 @@ class System:
         """The counters of the ingest, editor or evaluator actor `name`."""
         return ray.get(StatsClient(self.handle(name)).stats())
 
-    def stop(self) -> None:
-        ray.get([a.stop.remote() for *_, a in self.actors.values()])
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop every actor's loop (flushing its logs), then kill it; one on a lost node is not waited for."""
+        refs = {name: actor.stop.remote() for name, (*_, actor) in self.actors.items()}
+        done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        for name, ref in refs.items():
+            try:
+                if ref not in done:
+                    raise TimeoutError(f"no answer in {timeout_s:.0f} s")
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, TimeoutError) as exc:
+                log.warning("%s did not stop cleanly: %s", name, exc)
         for *_, actor in self.actors.values():
             ray.kill(actor)
         self.actors.clear()

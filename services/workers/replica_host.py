@@ -215,10 +215,7 @@ class ReplicaService:
                 f"only below {compacted}: the journal lost entries"
             )
         if self.snapshot_dir is not None:
-            with self._advanced:
-                self.replica.method.reset()
-                self.replica.version, self._last_entry, self.snapshot_seq = 0, None, 0
-                self.ready, self.catch_up_to = False, self.store.last_seq()
+            self._start_over()
             self._restore()
         if self.replica.version < compacted:
             where = f"no snapshot in {self.snapshot_dir} reaches it" if self.snapshot_dir else "no snapshot store set"
@@ -273,11 +270,13 @@ class ReplicaService:
         log.error(
             "%s: journal seq %d is now %s, not %s as applied: rebuilding from seq 0", self.name, seq, now, edit_id
         )
+        self._start_over()
+
+    def _start_over(self) -> None:
+        """Back to the unedited model at version 0, not ready, to catch up with the journal as it is now."""
         with self._advanced:
             self.replica.method.reset()
-            self.replica.version = 0
-            self._last_entry = None
-            self.snapshot_seq = 0
+            self.replica.version, self._last_entry, self.snapshot_seq = 0, None, 0
             self.ready, self.catch_up_to = False, self.store.last_seq()
 
     def _take(self, entry, artifact: Artifact | None, dead: bool = False) -> bool:

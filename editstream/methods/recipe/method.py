@@ -66,12 +66,7 @@ class RecipeRetrieval:
         found = [i if s > t else None for s, t, i in zip(scores.tolist(), threshold.tolist(), ids, strict=True)]
         rows = [r for r, (e, f) in enumerate(zip(exact, found, strict=True)) if f is not None and e is None]
         if self.gate is not None and about is not None and rows:
-            metas = [(found[r], about(found[r])) for r in rows]
-            agree = self.gate.agree(
-                self.encoder,
-                [prompts[r] for r in rows],
-                [(i, m.get("prompt", ""), m.get("subject", "")) for i, m in metas],
-            )
+            agree = self.gate.agree(self.encoder, [prompts[r] for r in rows], [found[r] for r in rows], about)
             for r, ok in zip(rows, agree, strict=True):
                 if not ok:
                     found[r] = None

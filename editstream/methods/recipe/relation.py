@@ -19,7 +19,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,10 +76,16 @@ class RelationGate:
             return torch.nn.functional.normalize(self.projection(x), dim=-1)
 
     def agree(
-        self, encoder: LoadedEncoder, queries: Sequence[str], edits: Sequence[tuple[str, str, str]]
+        self,
+        encoder: LoadedEncoder,
+        queries: Sequence[str],
+        edit_ids: Sequence[str],
+        meta_of: Callable[[str], dict[str, Any]],
     ) -> list[bool]:
-        """Per row: whether the query asks what the edit (edit id, prompt, subject) asks; True where
-        the gate cannot tell. An edit's relation vector is computed once and kept until `forget`."""
+        """Per row: whether the query asks what the edit (its artifact meta: prompt, subject) asks;
+        True where the gate cannot tell. An edit's relation vector is computed once and kept until
+        `forget`."""
+        edits = [(i, meta_of(i).get("prompt", ""), meta_of(i).get("subject", "")) for i in edit_ids]
         masked = [(mask_subject(q, s), mask_subject(p, s)) for q, (_, p, s) in zip(queries, edits, strict=True)]
         rows = [i for i, (q, p) in enumerate(masked) if q is not None and p is not None]
         out = [True] * len(queries)

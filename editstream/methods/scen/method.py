@@ -58,7 +58,6 @@ class Scen(EditMethod):
         if gate is not None and encoder is None:
             raise ConfigError("scen: a relation gate needs the sentence encoder it was trained with")
         self.gate, self.encoder = gate, encoder
-        self._about: dict[str, tuple[str, str]] = {}  # edit id -> (prompt, subject), what the gate compares
         layers = decoder_layers(lm.model)
         n = len(layers)
         self.layer = config.layer if config.layer >= 0 else (7 * n) // 8
@@ -275,11 +274,9 @@ class Scen(EditMethod):
         # not remembered as a negative: only `compute` mines negatives, and a replica never computes
         # (100,000 remembered prototypes would be ~460 MB a replica never reads)
         self.bank.add(artifact.edit_id, neuron.weights, neuron.biases, neuron.windows, expert)
-        self._about[artifact.edit_id] = (m.get("prompt", ""), m.get("subject", ""))
 
     def _detach(self, edit_id: str) -> None:
         self.bank.remove(edit_id)
-        self._about.pop(edit_id, None)
         if self.gate is not None:
             self.gate.forget(edit_id)
 
@@ -290,8 +287,8 @@ class Scen(EditMethod):
         if self.gate is None or not rows:
             return fires
         names = self.bank.slot_edit_ids()
-        edits = [(names[int(slots[i])], *self._about[names[int(slots[i])]]) for i in rows]
-        agree = self.gate.agree(self.encoder, [prompts[i] for i in rows], edits)
+        fired = [names[int(slots[i])] for i in rows]
+        agree = self.gate.agree(self.encoder, [prompts[i] for i in rows], fired, self.meta_of)
         kept = fires.clone()
         for i, ok in zip(rows, agree, strict=True):
             kept[i] = ok
