@@ -43,7 +43,11 @@ if [[ $what == all || $what == wild ]]; then
 fi
 if [[ $what == all || $what == snapshot ]]; then
   # Redis bytes per live edit before/after compaction, snapshot size, restart time from a snapshot
-  $es bench snapshot --method recipe --facts 10000 --tail 100
+  $es bench snapshot --method recipe --facts 10000 --tail 500 --out bench/results/scale
+fi
+if [[ $what == all || $what == soak ]]; then
+  # a long stream with snapshots and compaction on: memory, stream lengths, latency over the run
+  $es bench soak --method recipe --facts ${SOAK_FACTS:-100000} --rate 150 --out bench/results/scale
 fi
 if [[ $what == all || $what == cost ]]; then
   $es bench cost --stored 10000 --large 100000 --probes 20 --rounds 3

@@ -80,12 +80,6 @@ def _drain(service: Any) -> float:
     return time.perf_counter() - started
 
 
-def namespace_bytes(store: RedisStore) -> dict[str, int]:
-    """Redis memory of each of the namespace's keys (`MEMORY USAGE` with every element sampled)."""
-    keys = sorted(k.decode() for k in store.r.scan_iter(f"{NAMESPACE}:*"))
-    return {k.removeprefix(f"{NAMESPACE}:"): int(store.r.memory_usage(k, samples=0) or 0) for k in keys}
-
-
 def run(
     facts: int, tail: int, method: str, model: str, supersede: float = 0.1, retract: float = 0.05
 ) -> dict[str, Any]:
@@ -112,11 +106,11 @@ def _run(
     snapshot = writer.snapshot_seq
     if snapshot != len(ops):
         raise RuntimeError(f"replica-0 wrote its snapshot at seq {snapshot}, expected {len(ops)}")
-    before = namespace_bytes(store)
+    before = store.memory_by_key()
     started = time.perf_counter()
     writer.compact_below(snapshot)
     compact_s = time.perf_counter() - started
-    after = namespace_bytes(store)
+    after = store.memory_by_key()
     journal_after = int(store.r.xlen(store.keys.journal))
     snap_dir = max((snaps / NAMESPACE).glob("snap-*"))
     snapshot_bytes = sum(p.stat().st_size for p in snap_dir.iterdir())

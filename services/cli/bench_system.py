@@ -1,4 +1,4 @@
-"""Benchmarks of the running system: `editstream bench pipeline|snapshot|cluster|chaos|chat`.
+"""Benchmarks of the running system: `editstream bench pipeline|snapshot|soak|cluster|chaos|chat`.
 
 Each starts what it measures (a private redis-server, Ray, the actors, the HTTP gateway) and
 writes its JSON with the command, commit, machine and date.
@@ -186,6 +186,45 @@ def _bench_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_soak(args: argparse.Namespace) -> int:
+    import ray
+
+    from editstream.bench.provenance import provenance
+    from services.bench import soak
+    from services.transport.redis_server import RedisServer
+
+    if args.facts < 1 or args.rate < 0 or args.every <= 0 or args.snapshot_every < 1:
+        print(
+            f"--facts {args.facts} / --rate {args.rate} / --every {args.every} / --snapshot-every "
+            f"{args.snapshot_every}: need facts >= 1, rate >= 0, every > 0, snapshot-every >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    if args.method not in ("recipe", "text-rag", "scen"):
+        print(f"--method {args.method}: the soak compacts, which is for recipe, text-rag and scen", file=sys.stderr)
+        return 2
+    options = soak.SoakOptions(
+        facts=args.facts, rate=args.rate, method=args.method, model=args.model, replicas=args.replicas,
+        every_s=args.every, snapshot_every=args.snapshot_every, seed=args.seed,
+    )  # fmt: skip
+    run_dir = Path(args.run_dir)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with RedisServer(directory=run_dir / "redis") as server:
+            doc = {**soak.run_soak(server.url, run_dir, options), **provenance()}
+    finally:
+        ray.shutdown()
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        out = Path(args.out) / f"soak-{args.method}-n{args.facts}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        soak.plot(run_dir / "run", out.with_suffix(".png"), f"soak: {args.facts:,} facts, {args.method}")
+        log.info("wrote %s and its plot", out)
+    print(text)
+    return 0
+
+
 def add_parsers(bench: argparse._SubParsersAction) -> None:
     """Register the running-system benchmarks under `editstream bench`."""
     pl = bench.add_parser("pipeline", help="edit latency at a rate, sustained ingest, query latency under load")
@@ -217,6 +256,23 @@ def add_parsers(bench: argparse._SubParsersAction) -> None:
     sn.add_argument("--tail", type=int, default=100, help="facts journaled after it, replayed by the restarted replica")
     sn.add_argument("--out", default="bench/results", help="directory for the JSON ('' for none)")
     sn.set_defaults(func=_bench_snapshot)
+
+    so = bench.add_parser(
+        "soak",
+        help="a long stream through the pipeline with snapshots and compaction on: Redis memory, replica RSS "
+        "and stream lengths sampled into the run's Arrow log, latency per tenth, lost/digest checks",
+    )
+    so.add_argument("--method", default="recipe", help="recipe, text-rag or scen (default recipe)")
+    so.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
+    so.add_argument("--facts", type=int, default=100_000, help="synthetic facts (plus ~5%% supersedes, ~2%% retracts)")
+    so.add_argument("--rate", type=float, default=150.0, help="events per second (0: as fast as possible)")
+    so.add_argument("--replicas", type=int, default=2, help="model replicas (default 2)")
+    so.add_argument("--every", type=float, default=10.0, help="seconds between samples (default 10)")
+    so.add_argument("--snapshot-every", type=int, default=10_000, help="journal entries between snapshots")
+    so.add_argument("--seed", type=int, default=0)
+    so.add_argument("--run-dir", default="runs/soak", help="the private Redis, snapshots and Arrow logs go here")
+    so.add_argument("--out", default="bench/results", help="directory for soak-<method>-n<facts>.json and .png")
+    so.set_defaults(func=_bench_soak)
 
     cl = bench.add_parser(
         "cluster", help="on a multi-node Ray cluster: query throughput vs replicas, edit throughput vs editors"

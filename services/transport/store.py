@@ -119,8 +119,16 @@ class RedisStore:
 
     def __init__(self, client: redis.Redis, namespace: str = "editstream") -> None:
         self.r = client
+        self.namespace = namespace
         self.keys = Keys.for_namespace(namespace)
         self._append = client.register_script(_APPEND)
+
+    def memory_by_key(self) -> dict[str, int]:
+        """Redis memory of each of the namespace's keys (`MEMORY USAGE`, every element counted),
+        by key without the namespace prefix."""
+        prefix = f"{self.namespace}:"
+        keys = sorted(k.decode() for k in self.r.scan_iter(f"{prefix}*"))
+        return {k.removeprefix(prefix): int(self.r.memory_usage(k, samples=0) or 0) for k in keys}
 
     # --- journal ---------------------------------------------------------------------------------
     def journal_append(
