@@ -34,9 +34,11 @@ def journal(store: RedisStore, facts) -> None:
 
 
 def drain(service) -> None:
-    """Step a service until a step finds nothing to do."""
+    """Step a service until a step finds nothing to do (and a replica's snapshot in flight is written)."""
     while service.step():
         pass
+    if hasattr(service, "wait_snapshot"):
+        service.wait_snapshot()
 
 
 def test_poison_entries_are_dead_lettered_and_skipped_on_every_replica(redis_server):

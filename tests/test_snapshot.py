@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 
 import pytest
 
@@ -20,6 +21,7 @@ from editstream.snapshot import capture, load_snapshot, snapshots, write_snapsho
 from services.bench import snapshots as snapshot_bench
 from services.cli.commands import rollback
 from services.transport.store import RedisStore, connect
+from services.workers import replica_host
 from services.workers.editor import Editor
 from services.workers.ingest import content_hash
 from services.workers.replica_host import ReplicaService
@@ -100,6 +102,35 @@ def test_a_replica_starts_from_the_snapshot_and_replays_only_the_tail(redis_serv
 
 
 @pytest.mark.redis
+def test_the_replica_applies_on_while_a_snapshot_is_written(redis_server, tmp_path, monkeypatch):
+    store = RedisStore(connect(redis_server.url), "bg")
+    facts = demo_facts(4)
+    editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "bg")
+    release, real_write = threading.Event(), replica_host.write_snapshot
+
+    def slow_write(state, where):  # a snapshot of many edits takes seconds to write
+        release.wait(10)
+        return real_write(state, where)
+
+    monkeypatch.setattr(replica_host, "write_snapshot", slow_write)
+    opts = {"snapshot_dir": str(tmp_path / "snaps"), "snapshot_every": 2}
+    writer = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "bg", **opts)
+    journal(store, facts[:2])
+    drain(editor)
+    while writer.step():  # applies seqs 1-2; the snapshot at 2 starts and waits for `release`
+        pass
+    journal(store, facts[2:])
+    drain(editor)
+    while writer.step():
+        pass
+    assert writer.version == 4 and writer.snapshot_seq == 0  # applied on while the snapshot waited
+    release.set()
+    writer.wait_snapshot()
+    assert writer.snapshot_seq == 2
+    drain(writer)  # the snapshot due at 4 is taken at the next step
+    assert [s.seq for s in snapshots(tmp_path / "snaps" / "bg")] == [4, 2]
+
+
 def test_a_snapshot_the_journal_no_longer_holds_is_not_used(redis_server, tmp_path):
     store = RedisStore(connect(redis_server.url), "gone")
     facts = demo_facts(3)

@@ -77,6 +77,8 @@ def _drain(service: Any) -> float:
     started = time.perf_counter()
     while service.step():
         pass
+    if hasattr(service, "wait_snapshot"):
+        service.wait_snapshot()
     return time.perf_counter() - started
 
 

@@ -27,7 +27,7 @@ from editstream.generation import Sampling
 from editstream.methods import create_method
 from editstream.models import load_causal_lm
 from editstream.replica import Replica
-from editstream.snapshot import capture, load_snapshot, snapshots, write_snapshot
+from editstream.snapshot import Capture, capture, load_snapshot, snapshots, write_snapshot
 from services.transport.store import RedisStore, connect
 from services.wiring.cluster import node_name
 from services.workers.prometheus import Metrics
@@ -77,6 +77,7 @@ class ReplicaService:
         # seq -> wall time (ms) when it took effect here; the newest APPLIED_TIMES_KEPT only (diagnostic)
         self.applied_at: dict[int, float] = {}
         self.busy_s = 0.0  # seconds spent fetching and applying journal entries
+        self._writer: threading.Thread | None = None  # the snapshot being written, if any
         self._beat = 0.0
         self.metrics = Metrics(name)
         self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
@@ -166,8 +167,8 @@ class ReplicaService:
             )
         if done:
             self.busy_s += time.perf_counter() - started
-            if self.snapshot_every and self.ready and self.version - self.snapshot_seq >= self.snapshot_every:
-                self._snapshot()
+        if self.snapshot_every and self.ready and self.version - self.snapshot_seq >= self.snapshot_every:
+            self._snapshot()  # also when idle: one due while the last was being written is taken now
         if not done:
             self._announce_id = self.store.wait_announce(self._announce_id, block_ms=50)
         if time.time() - self._beat > 1.0:
@@ -225,17 +226,33 @@ class ReplicaService:
             )
 
     def _snapshot(self) -> None:
-        """Write a snapshot of the state now (taken under the lock, written outside it); then, with
-        `compact`, compact Redis below it."""
+        """Capture the state now (under the lock: references to immutable artifacts) and write it, then
+        with `compact` compact Redis below it, on a background thread: the apply loop goes on while a
+        snapshot of every live edit is serialised. One write at a time; a snapshot that falls due
+        meanwhile is taken at the first step after it."""
+        if self._writer is not None and self._writer.is_alive():
+            return
         with self._lock:
             entry = self._last_entry
             state = capture(self.replica, (entry[1], entry[2]) if entry and entry[0] == self.version else None)
         if state.entry is None or self.snapshot_dir is None:
             return
-        write_snapshot(state, self.snapshot_dir)
-        self.snapshot_seq = state.seq
-        if self.compact:
-            self.compact_below(state.seq)
+        self._writer = threading.Thread(target=self._write, args=(state,), name=f"{self.name}-snapshot", daemon=True)
+        self._writer.start()
+
+    def _write(self, state: Capture) -> None:
+        try:
+            write_snapshot(state, self.snapshot_dir)
+            self.snapshot_seq = state.seq
+            if self.compact:
+                self.compact_below(state.seq)
+        except Exception:  # a thread's top level: the next due snapshot tries again
+            log.exception("%s: the snapshot at seq %d was not written", self.name, state.seq)
+
+    def wait_snapshot(self, timeout_s: float | None = None) -> None:
+        """Wait for the snapshot being written (if any) to be written and compacted below."""
+        if self._writer is not None:
+            self._writer.join(timeout_s)
 
     def compact_below(self, snapshot_seq: int) -> None:
         """Compact below the snapshot, but not past a live replica that is still behind it (it would
@@ -274,6 +291,7 @@ class ReplicaService:
 
     def _start_over(self) -> None:
         """Back to the unedited model at version 0, not ready, to catch up with the journal as it is now."""
+        self.wait_snapshot()  # a write in flight would set snapshot_seq after the reset
         with self._advanced:
             self.replica.method.reset()
             self.replica.version, self._last_entry, self.snapshot_seq = 0, None, 0
@@ -321,6 +339,7 @@ class ReplicaService:
         }
 
     def flush(self) -> None:
+        self.wait_snapshot(timeout_s=120.0)
         if self.edit_log is not None:
             self.edit_log.close()
 
