@@ -1,8 +1,9 @@
 """Removable vector indexes of edit keys, keyed by edit_id: exact inner-product search.
 
-* `KeyIndex`: faiss flat inner product under an ID map (CPU). Flat search is exact and supports
-  `remove_ids`, which supersede and retract need; keys are small (the retriever projects to
-  `key_dim`), so a flat scan over 100k keys stays in the low milliseconds.
+* `KeyIndex`: faiss flat inner product (CPU), rows as slots: a removed key is overwritten with a
+  tombstone and its slot reused, so supersede and retract cost O(1), not a compaction of the whole
+  array. Flat search is exact; keys are small (the retriever projects to `key_dim`), so a flat scan
+  over 100k keys stays in the low milliseconds.
 * `TensorKeyIndex`: the same as one matrix product on the model's device (a GPU replica keeps its
   keys in GPU memory next to the model: no host round trip per query). Rows live in a preallocated
   tensor that doubles when full; a removed row is masked and reused.
@@ -10,8 +11,6 @@
 """
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import torch
@@ -32,39 +31,64 @@ class _EditSlots:
 
 
 class KeyIndex(_EditSlots):
-    """Edit keys by edit_id, searchable by inner product; add and remove are idempotent."""
+    """Edit keys by edit_id, searchable by inner product; add and remove are idempotent and O(1).
+
+    A faiss flat index whose rows are slots: a removed edit's row is overwritten in place with a
+    tombstone and its slot reused by the next add (faiss's own `remove_ids` compacts the whole array,
+    ~9 ms per call at 100k keys: quadratic over a stream of supersedes and retracts). Rows carry one
+    extra dimension, 0 for keys and -1e9 for tombstones, and queries a 1 there, so a live key scores
+    exactly its inner product and a tombstone never wins while any key is live."""
+
+    TOMBSTONE = -1e9
 
     def __init__(self, dim: int) -> None:
         import faiss  # here, not at the top: a GPU replica (tensor index) needs no faiss
 
         super().__init__(dim)
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self._ids = itertools.count(1)
-        self._by_int: dict[int, str] = {}
+        self._faiss = faiss
+        self._index = faiss.IndexFlatIP(dim + 1)
+        self._slots: list[str | None] = []  # slot -> edit_id (None: a tombstone, free for reuse)
+        self._free: list[int] = []
+
+    def _row(self, slot: int) -> np.ndarray:
+        """A writable view of one stored row (faiss keeps the flat array contiguous)."""
+        width = self.dim + 1
+        rows = self._faiss.rev_swig_ptr(self._index.get_xb(), self._index.ntotal * width)
+        return rows[slot * width : (slot + 1) * width]
 
     def add(self, edit_id: str, key: torch.Tensor) -> None:
         if edit_id in self._by_edit:
             return
-        vec = key.detach().float().cpu().numpy().reshape(1, self.dim)
-        n = next(self._ids)
-        self._index.add_with_ids(np.ascontiguousarray(vec), np.array([n], dtype=np.int64))
-        self._by_edit[edit_id] = n
-        self._by_int[n] = edit_id
+        vec = np.zeros(self.dim + 1, dtype=np.float32)
+        vec[: self.dim] = key.detach().float().cpu().numpy().reshape(self.dim)
+        if self._free:
+            slot = self._free.pop()
+            self._row(slot)[:] = vec
+            self._slots[slot] = edit_id
+        else:
+            slot = len(self._slots)
+            self._index.add(vec.reshape(1, -1))
+            self._slots.append(edit_id)
+        self._by_edit[edit_id] = slot
 
     def remove(self, edit_id: str) -> None:
-        n = self._by_edit.pop(edit_id, None)
-        if n is None:
+        slot = self._by_edit.pop(edit_id, None)
+        if slot is None:
             return
-        del self._by_int[n]
-        self._index.remove_ids(np.array([n], dtype=np.int64))
+        row = self._row(slot)
+        row[:] = 0.0
+        row[self.dim] = self.TOMBSTONE
+        self._slots[slot] = None
+        self._free.append(slot)
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
         """Best score and edit_id per query row; (-inf, None) where the index is empty."""
-        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        q = queries.detach().float().cpu().numpy()
         if not self._by_edit:
             return torch.full((len(q),), float("-inf")), [None] * len(q)
-        scores, ids = self._index.search(q, 1)
-        return torch.from_numpy(scores[:, 0].copy()), [self._by_int.get(int(i)) for i in ids[:, 0]]
+        q = np.ascontiguousarray(np.concatenate([q, np.ones((len(q), 1), dtype=np.float32)], axis=1))
+        scores, slots = self._index.search(q, 1)
+        return torch.from_numpy(scores[:, 0].copy()), [self._slots[int(i)] for i in slots[:, 0]]
 
 
 class TensorKeyIndex(_EditSlots):

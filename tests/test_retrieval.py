@@ -37,3 +37,30 @@ def test_empty_indexes_and_device_choice():
     assert isinstance(make_index(4, "cpu"), KeyIndex)
     if torch.cuda.is_available():
         assert isinstance(make_index(4, "cuda"), TensorKeyIndex)
+
+
+def test_faiss_removes_in_place_and_reuses_the_slots():
+    """A remove overwrites the key's row (no compaction of the array: O(1) per supersede or
+    retract) and the next add takes the slot; search still equals a brute-force scan of live keys."""
+    torch.manual_seed(1)
+    dim = 8
+    index, live = KeyIndex(dim), {}
+    for i in range(20):
+        live[f"e{i}"] = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+        index.add(f"e{i}", live[f"e{i}"])
+    for i in range(0, 20, 2):
+        index.remove(f"e{i}")
+        del live[f"e{i}"]
+    assert index._index.ntotal == 20 and len(index) == 10  # rows overwritten in place, not compacted
+    for i in range(20, 30):
+        live[f"e{i}"] = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+        index.add(f"e{i}", live[f"e{i}"])
+    assert index._index.ntotal == 20  # the ten removed rows were taken again, none appended
+    queries = torch.nn.functional.normalize(torch.randn(30, dim), dim=1)
+    scores, ids = index.search(queries)
+    best = (queries @ torch.stack(list(live.values())).T).max(dim=1)
+    assert ids == [list(live)[i] for i in best.indices.tolist()]
+    assert torch.allclose(scores, best.values, atol=1e-5)
+    for edit_id in list(live):
+        index.remove(edit_id)
+    assert index.search(queries)[1] == [None] * 30 and len(index) == 0
