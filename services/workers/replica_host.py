@@ -232,6 +232,8 @@ class ReplicaService:
         meanwhile is taken at the first step after it."""
         if self._writer is not None and self._writer.is_alive():
             return
+        if self.snapshot_dir is None or self._last_entry is None or self._last_entry[0] != self.version:
+            return  # nothing to tie a snapshot to: no capture of every live edit on each idle step
         with self._lock:
             entry = self._last_entry
             state = capture(self.replica, (entry[1], entry[2]) if entry and entry[0] == self.version else None)

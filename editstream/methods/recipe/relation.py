@@ -85,7 +85,8 @@ class RelationGate:
         """Per row: whether the query asks what the edit (its artifact meta: prompt, subject) asks;
         True where the gate cannot tell. An edit's relation vector is computed once and kept until
         `forget`."""
-        edits = [(i, meta_of(i).get("prompt", ""), meta_of(i).get("subject", "")) for i in edit_ids]
+        metas = [(i, meta_of(i)) for i in edit_ids]
+        edits = [(i, m.get("prompt", ""), m.get("subject", "")) for i, m in metas]
         masked = [(mask_subject(q, s), mask_subject(p, s)) for q, (_, p, s) in zip(queries, edits, strict=True)]
         rows = [i for i, (q, p) in enumerate(masked) if q is not None and p is not None]
         out = [True] * len(queries)
