@@ -34,6 +34,8 @@ class Artifact:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # sha256 of the artifact's bytes, once known (`from_bytes` keeps the digest of what it read)
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def header(self) -> dict[str, Any]:
         return {
@@ -62,7 +64,7 @@ class Artifact:
             raise ArtifactError(
                 f"artifact schema {header['schema_version']} is newer than this editstream's {SCHEMA_VERSION}"
             )
-        return cls(
+        artifact = cls(
             method=header["method"],
             edit_id=header["edit_id"],
             base_fingerprint=header["base_fingerprint"],
@@ -70,6 +72,8 @@ class Artifact:
             meta=header.get("meta", {}),
             schema_version=header["schema_version"],
         )
+        artifact._digest = hashlib.sha256(data).hexdigest()
+        return artifact
 
     def save(self, directory: Path) -> Path:
         """Write `<edit_id>.json` (metadata, for people) and `<edit_id>.safetensors` (the artifact)."""
@@ -84,11 +88,12 @@ class Artifact:
         return cls.from_bytes(path.read_bytes())
 
     def content_digest(self) -> str:
-        h = hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode())
-        for name in sorted(self.tensors):
-            h.update(name.encode())
-            h.update(self.tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """sha256 of the artifact's bytes (`to_bytes` is deterministic, and reading bytes back and
+        writing them again gives the same bytes), so an artifact and its copy read from Redis or a
+        snapshot have the same digest; computed once. Artifacts are not changed after they are made."""
+        if self._digest is None:
+            self._digest = hashlib.sha256(self.to_bytes()).hexdigest()
+        return self._digest
 
     @property
     def nbytes(self) -> int:

@@ -1,10 +1,16 @@
 """Replica snapshots: one replica's edit state at a journal seq, so a restart replays only the tail.
 
 A snapshot is a directory `snap-<seq>` in a snapshot store (a directory every node can read):
-the method's state as `EditMethod.save_state` writes it (`write_state`: the applied artifacts back
-to back with a JSON index) and a small `snapshot.json`: format, method, base-model fingerprint, the
-seq, the journal entry at that seq (edit id and time, so a reader can check the journal still holds
-it) and the state digest.
+the method's state in `editstream.packs`' form (the applied artifacts in pack files with a JSON
+index) and a small `snapshot.json`: format, method, base-model fingerprint, the seq, the journal
+entry at that seq (edit id and time, so a reader can check the journal still holds it) and the
+state digest.
+
+Snapshots are incremental: a new one writes only the artifacts the newest earlier snapshot does not
+hold into a pack of its own and hard-links that snapshot's packs (a pack mostly dead by now is
+copied from instead, live artifacts only), so taking one costs the edits since the last, not every
+live edit. Each snapshot directory is complete on its own: dropping an older one drops nothing a
+newer one reads.
 
 It is written under a temporary name and renamed, so a reader never sees half of one; the newest
 `keep` are kept. Loading is `EditMethod.load_state` (the artifacts re-applied in their order) and
@@ -21,12 +27,12 @@ from pathlib import Path
 
 from editstream.artifacts import Artifact
 from editstream.errors import ArtifactError
-from editstream.methods.base import write_state
+from editstream.packs import write_state
 from editstream.replica import Replica
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: incremental packs (editstream.packs)
 KEEP = 2
 META = "snapshot.json"
 
@@ -53,7 +59,7 @@ class Capture:
     entry: tuple[str, float] | None
     method: str
     base_fingerprint: str
-    artifacts: tuple[Artifact, ...]
+    artifacts: tuple[Artifact, ...]  # their content digests are known (computed when applied)
 
 
 def capture(replica: Replica, entry: tuple[str, float] | None) -> Capture:
@@ -64,14 +70,24 @@ def capture(replica: Replica, entry: tuple[str, float] | None) -> Capture:
 
 
 def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:
-    """Write `state` as `store/snap-<seq>` (atomically) and drop all but the newest `keep`."""
+    """Write `state` as `store/snap-<seq>` (atomically, reusing the packs of the newest earlier
+    snapshot of the same method and base model) and drop all but the newest `keep`."""
     store.mkdir(parents=True, exist_ok=True)
     final = store / f"snap-{state.seq:012d}"
     if final.exists():
         return final
     tmp = store / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    size = write_state(tmp, state.method, state.base_fingerprint, state.artifacts)
+    earlier = [s for s in snapshots(store, state.method, state.base_fingerprint) if s.seq < state.seq]
+    previous = earlier[0].path if earlier else None
+    try:
+        written = write_state(
+            tmp, state.method, state.base_fingerprint, state.artifacts, f"pack-{state.seq:012d}.bin", previous
+        )
+    except ArtifactError as exc:  # an unreadable earlier snapshot: write this one whole
+        log.warning("snapshot at seq %d: not reusing %s (%s); writing every artifact", state.seq, previous, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+        written = write_state(tmp, state.method, state.base_fingerprint, state.artifacts, f"pack-{state.seq:012d}.bin")
     meta = {
         "format": FORMAT,
         "method": state.method,
@@ -84,7 +100,16 @@ def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:
     tmp.rename(final)
     for old in snapshots(store)[keep:]:
         shutil.rmtree(old.path, ignore_errors=True)
-    log.info("snapshot at seq %d: %d artifacts, %.1f MB in %s", state.seq, len(state.artifacts), size / 1e6, final)
+    log.info(
+        "snapshot at seq %d: %d artifacts, %d written (%.1f MB), %.1f MB reused from %s; in %s",
+        state.seq,
+        len(state.artifacts),
+        written.artifacts_written,
+        written.written / 1e6,
+        written.linked / 1e6,
+        previous.name if previous else "none",
+        final,
+    )
     return final
 
 

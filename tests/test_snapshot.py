@@ -16,6 +16,7 @@ from editstream.demo_facts import demo_facts
 from editstream.errors import ArtifactError, NotReadyError
 from editstream.methods import create_method
 from editstream.models import EMBEDDED_LLM
+from editstream.packs import read_index
 from editstream.replica import Replica
 from editstream.snapshot import capture, load_snapshot, snapshots, write_snapshot
 from services.bench import snapshots as snapshot_bench
@@ -87,6 +88,9 @@ def test_a_replica_starts_from_the_snapshot_and_replays_only_the_tail(redis_serv
         drain(writer)
         taken.append([s.seq for s in snapshots(tmp_path / "snaps" / "snap")])
     assert taken == [[2], [4, 2]] and writer.snapshot_seq == 4
+    # the second snapshot wrote only the two edits since the first and links the first one's pack
+    index = read_index(snapshots(tmp_path / "snaps" / "snap")[0].path)
+    assert [e.pack for e in index.entries] == ["pack-000000000002.bin"] * 2 + ["pack-000000000004.bin"] * 2
     journal(store, facts[4:])
     drain(editor)
     late = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-1", "snap", **opts)

@@ -10,10 +10,9 @@ work on the applied artifacts, so they are the same for every method.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from editstream.artifacts import Artifact
 from editstream.edits import EditRequest, normalize_prompt
 from editstream.errors import ArtifactError
 from editstream.models import LoadedLM
+from editstream.packs import read_artifacts, read_index, write_state
 
 log = logging.getLogger(__name__)
 
@@ -208,39 +208,19 @@ class EditMethod(ABC):
         return h.hexdigest()[:16]
 
     def save_state(self, directory: Path) -> None:
-        """Write the applied artifacts and their order; `load_state` restores the same state."""
+        """Write the applied artifacts and their order (`editstream.packs`); `load_state` restores the same state."""
         write_state(directory, self.name, self.lm.fingerprint, self._applied.values())
 
     def load_state(self, directory: Path) -> None:
-        """Replace the edit state with the one `save_state` (or `write_state`) wrote: the artifacts
-        re-applied in their order, which rebuilds superseded edits' stacks exactly."""
-        state = json.loads((directory / STATE).read_text())
-        if state["method"] != self.name:
-            raise ArtifactError(f"state in {directory} is for method {state['method']!r}, not {self.name!r}")
+        """Replace the edit state with the one `save_state` (or `packs.write_state`) wrote: the
+        artifacts re-applied in their order, which rebuilds superseded edits' stacks exactly."""
+        index = read_index(directory)
+        if index.method != self.name:
+            raise ArtifactError(f"state in {directory} is for method {index.method!r}, not {self.name!r}")
         self.reset()
-        with (directory / PACK).open("rb") as data:
-            for edit_id, offset, length in state["order"]:
-                data.seek(offset)
-                artifact = Artifact.from_bytes(data.read(length))
-                if artifact.edit_id != edit_id:
-                    self.reset()
-                    raise ArtifactError(f"{directory}: the bytes at {offset} are {artifact.edit_id}, not {edit_id}")
+        try:
+            for artifact in read_artifacts(directory, index):
                 self.apply(artifact)
-
-
-STATE, PACK = "state.json", "artifacts.bin"
-
-
-def write_state(directory: Path, method: str, fingerprint: str, artifacts: Iterable[Artifact]) -> int:
-    """A method's applied artifacts, in apply order: their bytes back to back in `artifacts.bin` and
-    `state.json` (method, base model, per artifact its edit id, offset and length). Returns the bytes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    order, offset = [], 0
-    with (directory / PACK).open("wb") as out:
-        for artifact in artifacts:
-            blob = artifact.to_bytes()
-            out.write(blob)
-            order.append([artifact.edit_id, offset, len(blob)])
-            offset += len(blob)
-    (directory / STATE).write_text(json.dumps({"method": method, "base_fingerprint": fingerprint, "order": order}))
-    return offset
+        except Exception:
+            self.reset()
+            raise
