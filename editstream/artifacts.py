@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from editstream.errors import ArtifactError
@@ -52,11 +52,7 @@ class Artifact:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Artifact:
-        header = _read_header(data)
-        try:
-            tensors = st_load(data)
-        except Exception as exc:  # safetensors raises its own error types
-            raise ArtifactError(f"artifact tensors are unreadable: {exc}") from exc
+        header, tensors = _read(data)
         missing = {"method", "edit_id", "base_fingerprint", "schema_version"} - header.keys()
         if missing:
             raise ArtifactError(f"artifact header lacks {sorted(missing)}")
@@ -68,7 +64,7 @@ class Artifact:
             method=header["method"],
             edit_id=header["edit_id"],
             base_fingerprint=header["base_fingerprint"],
-            tensors=dict(tensors),
+            tensors=tensors,
             meta=header.get("meta", {}),
             schema_version=header["schema_version"],
         )
@@ -100,14 +96,51 @@ class Artifact:
         return len(self.to_bytes())
 
 
-def _read_header(data: bytes) -> dict[str, Any]:
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The editstream header and the tensors of a safetensors buffer. Parsed here rather than by
+    `safetensors.torch.load` (a replica reads every artifact, and a snapshot a million of them): the
+    header is parsed once and the tensors share one copy of the data section; every tensor's dtype,
+    shape and offsets are checked against the buffer."""
     if len(data) < 8:
         raise ArtifactError(f"artifact is {len(data)} bytes: too short for a safetensors header")
-    (n,) = struct.unpack("<Q", data[:8])
+    (n,) = struct.unpack_from("<Q", data)
     if n > len(data) - 8:
         raise ArtifactError(f"artifact header claims {n} bytes but only {len(data) - 8} follow")
     try:
         raw = json.loads(data[8 : 8 + n])
-        return json.loads(raw["__metadata__"][_META_KEY])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"artifact has no editstream metadata: {exc}") from exc
+        header = json.loads(raw.pop("__metadata__")[_META_KEY])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"artifact has no editstream metadata: {exc!r}") from exc
+    if not isinstance(header, dict):
+        raise ArtifactError(f"artifact metadata is a {type(header).__name__}, not an object")
+    body = bytearray(memoryview(data)[8 + n :])
+    tensors = {}
+    for name, spec in raw.items():
+        try:
+            dtype = _DTYPES[spec["dtype"]]
+            shape = [int(d) for d in spec["shape"]]
+            start, end = (int(x) for x in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"artifact tensor {name!r} has a bad header entry {spec!r}: {exc!r}") from exc
+        count = math.prod(shape)
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= len(body) or end - start != count * dtype.itemsize:
+            raise ArtifactError(
+                f"artifact tensor {name!r}: {spec['dtype']} {shape} does not fit bytes {start}-{end} of {len(body)}"
+            )
+        flat = torch.frombuffer(body, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(shape)
+    return header, tensors

@@ -146,14 +146,19 @@ def read_artifacts(directory: Path, index: StateIndex) -> Iterator[Artifact]:
             with (directory / name).open("rb") as f:
                 maps[name] = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         for e in index.entries:
-            where = f"{directory / e.pack}: the {e.length} bytes at {e.offset}"
             try:
                 artifact = Artifact.from_bytes(maps[e.pack][e.offset : e.offset + e.length])
             except ArtifactError as exc:
-                raise ArtifactError(f"{where}: {exc}") from exc
+                raise ArtifactError(f"{_place(directory, e)}: {exc}") from exc
             if artifact.edit_id != e.edit_id or artifact.content_digest()[:DIGEST_CHARS] != e.digest:
-                raise ArtifactError(f"{where} are not artifact {e.edit_id} (digest {e.digest}) as {STATE} says")
+                raise ArtifactError(
+                    f"{_place(directory, e)} are not artifact {e.edit_id} (digest {e.digest}) as {STATE} says"
+                )
             yield artifact
+
+
+def _place(directory: Path, e: Entry) -> str:
+    return f"{directory / e.pack}: the {e.length} bytes at {e.offset}"
 
 
 def _reusable(previous: Path | None, method: str, fingerprint: str) -> dict[str, Entry]:
