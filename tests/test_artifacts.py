@@ -1,5 +1,8 @@
 """Artifacts round-trip as safetensors with JSON metadata, and refuse what is not one."""
 
+import json
+import struct
+
 import pytest
 import torch
 
@@ -35,3 +38,22 @@ def test_newer_schema_is_rejected():
     a.schema_version = 99
     with pytest.raises(ArtifactError, match="newer"):
         Artifact.from_bytes(a.to_bytes())
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"shape": [5]}, "does not fit"),  # more elements than the bytes hold
+        ({"data_offsets": [0, 4096]}, "does not fit"),  # past the end of the buffer
+        ({"dtype": "X9"}, "bad header entry"),
+        ({"shape": "four"}, "bad header entry"),
+    ],
+)
+def test_a_tensor_header_that_does_not_fit_its_bytes_is_rejected(change, says):
+    data = make().to_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["key"].update(change)
+    head = json.dumps(header).encode()
+    with pytest.raises(ArtifactError, match=says):
+        Artifact.from_bytes(struct.pack("<Q", len(head)) + head + data[8 + n :])
