@@ -26,7 +26,9 @@ from services.workers import replica_host
 from services.workers.editor import Editor
 from services.workers.ingest import content_hash
 from services.workers.replica_host import ReplicaService
+from tests.conftest import params_hash
 from tests.test_poison import drain, journal
+from tests.test_rome import FACTS, SAMPLES
 
 pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
@@ -103,6 +105,40 @@ def test_a_replica_starts_from_the_snapshot_and_replays_only_the_tail(redis_serv
     assert late.version == writer.version == 6 and late.replica.digest() == writer.replica.digest()
     # only replica-0 writes them, and the newest two are kept
     assert [s.seq for s in snapshots(tmp_path / "snaps" / "snap")] == [6, 4] and late.snapshot_seq == 4
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("method", "options", "facts"),
+    [("scen", {"expert_steps": 2}, demo_facts(3)), ("rome", {"mom2_samples": SAMPLES}, FACTS)],
+)
+def test_snapshot_and_tail_equal_a_full_replay_for_scen_and_a_weight_method(
+    redis_server, tmp_path, method, options, facts
+):
+    store = RedisStore(connect(redis_server.url), method)
+    editor = Editor(redis_server.url, method, EMBEDDED_LLM, method, method_options=options)
+    opts = {"snapshot_dir": str(tmp_path / "snaps"), "snapshot_every": 2, "method_options": options}
+    writer = ReplicaService(redis_server.url, method, EMBEDDED_LLM, "replica-0", method, **opts)
+    journal(store, facts[:2])
+    drain(editor)
+    drain(writer)
+    journal(store, facts[2:])
+    drain(editor)
+    late = ReplicaService(redis_server.url, method, EMBEDDED_LLM, "replica-1", method, **opts)
+    applied = []
+    real_apply = late.replica.apply
+    late.replica.apply = lambda seq, artifact: applied.append(seq) or real_apply(seq, artifact)
+    drain(late)
+    drain(writer)
+    assert late.snapshot_seq == 2 and applied == [3]  # the snapshot, then only the tail
+    assert late.version == writer.version == 3 and late.replica.digest() == writer.replica.digest()
+    # the served model is the same: weights (ROME's deltas re-added in order) and answers
+    lms = [r.replica.method.lm.model for r in (late, writer)]
+    assert params_hash(lms[0]) == params_hash(lms[1])
+    prompts = [f.prompt for f in facts]
+    assert [a.text for a in late.replica.generate(prompts, max_new_tokens=4)] == [
+        a.text for a in writer.replica.generate(prompts, max_new_tokens=4)
+    ]
 
 
 @pytest.mark.redis
