@@ -4,16 +4,27 @@
   tombstone and its slot reused, so supersede and retract cost O(1), not a compaction of the whole
   array. Flat search is exact; keys are small (the retriever projects to `key_dim`), so a flat scan
   over 100k keys stays in the low milliseconds.
+* `IvfKeyIndex`: faiss inverted lists (IVF-Flat, inner product): a query scans the `nprobe` lists
+  whose centroids are nearest to it instead of every key, so search cost stops growing with the
+  count; approximate (a key in an unprobed list is missed). A remove takes the key out of its list.
+* `ScalingKeyIndex`: flat (exact) up to `threshold` keys, then IVF trained on the keys it holds,
+  trained again each time the count has grown `regrow`-fold since.
 * `TensorKeyIndex`: the same as one matrix product on the model's device (a GPU replica keeps its
   keys in GPU memory next to the model: no host round trip per query). Rows live in a preallocated
   tensor that doubles when full; a removed row is masked and reused.
-`make_index` picks the tensor index on CUDA and faiss on the CPU.
+`make_index` picks the tensor index on CUDA and faiss on the CPU (IVF past `ann_threshold`, if set).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class _EditSlots:
@@ -90,6 +101,119 @@ class KeyIndex(_EditSlots):
         scores, slots = self._index.search(q, 1)
         return torch.from_numpy(scores[:, 0].copy()), [self._slots[int(i)] for i in slots[:, 0]]
 
+    def live_keys(self) -> tuple[list[str], np.ndarray]:
+        """The live edit ids and their keys (float32, one row each)."""
+        width = self.dim + 1
+        rows = self._faiss.rev_swig_ptr(self._index.get_xb(), self._index.ntotal * width).reshape(-1, width)
+        slots = [slot for slot, edit_id in enumerate(self._slots) if edit_id is not None]
+        return [self._slots[slot] for slot in slots], np.ascontiguousarray(rows[slots, : self.dim])
+
+
+class IvfKeyIndex(_EditSlots):
+    """Edit keys in faiss inverted lists (IVF-Flat, inner product), trained on the keys it starts with.
+
+    About sqrt(n) lists (k-means on at most 64 keys per list); a query scans the `nprobe` nearest
+    lists. Ids are faiss labels that are never reused; a hash table from label to list makes a remove
+    O(list length) instead of a scan of every list."""
+
+    def __init__(self, dim: int, edit_ids: list[str], keys: np.ndarray, nprobe: int = 16) -> None:
+        import faiss
+
+        super().__init__(dim)
+        n = len(edit_ids)
+        self.nlist = max(1, min(int(math.sqrt(n)), n // 39))  # faiss wants >= 39 training keys per list
+        self._quantizer = faiss.IndexFlatIP(dim)  # owned here: the IVF index only points to it
+        self._index = faiss.IndexIVFFlat(self._quantizer, dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        self._index.cp.max_points_per_centroid = 64
+        keys = np.ascontiguousarray(keys, dtype=np.float32).reshape(n, dim)
+        self._index.train(keys)
+        self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        self.nprobe = min(nprobe, self.nlist)
+        self._index.nprobe = self.nprobe
+        self.trained_on = n
+        self._labels: dict[int, str] = {}
+        self._next = 0
+        self._add(edit_ids, keys)
+
+    def _add(self, edit_ids: list[str], keys: np.ndarray) -> None:
+        labels = np.arange(self._next, self._next + len(edit_ids), dtype=np.int64)
+        self._index.add_with_ids(keys, labels)
+        for label, edit_id in zip(labels.tolist(), edit_ids, strict=True):
+            self._labels[label] = edit_id
+            self._by_edit[edit_id] = label
+        self._next += len(edit_ids)
+
+    def add(self, edit_id: str, key: torch.Tensor) -> None:
+        if edit_id in self._by_edit:
+            return
+        self._add([edit_id], key.detach().float().cpu().numpy().reshape(1, self.dim))
+
+    def remove(self, edit_id: str) -> None:
+        label = self._by_edit.pop(edit_id, None)
+        if label is None:
+            return
+        del self._labels[label]
+        self._index.remove_ids(np.array([label], dtype=np.int64))
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+        """Best score and edit_id per query row among the probed lists; (-inf, None) where none holds a key."""
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy().reshape(-1, self.dim))
+        if not self._by_edit:
+            return torch.full((len(q),), float("-inf")), [None] * len(q)
+        scores, labels = self._index.search(q, 1)
+        found = [self._labels.get(int(label)) for label in labels[:, 0]]
+        best = torch.from_numpy(scores[:, 0].copy())
+        best[torch.tensor([f is None for f in found])] = float("-inf")
+        return best, found
+
+    def live_keys(self) -> tuple[list[str], np.ndarray]:
+        labels = list(self._labels)
+        keys = np.stack([self._index.reconstruct(label) for label in labels]) if labels else np.zeros((0, self.dim))
+        return [self._labels[label] for label in labels], keys.astype(np.float32)
+
+
+class ScalingKeyIndex:
+    """Exact flat search up to `threshold` keys, IVF from there on (trained on the keys held then, and
+    trained again whenever the count has grown `regrow`-fold since). Training stalls the caller (the
+    replica's apply loop) for a few seconds at a million keys; it happens about log4(n) times."""
+
+    def __init__(self, dim: int, threshold: int, nprobe: int = 16, regrow: float = 4.0) -> None:
+        if threshold < 1:
+            raise ValueError(f"ann threshold {threshold}: must be at least 1")
+        self.dim, self.threshold, self.nprobe, self.regrow = dim, threshold, nprobe, regrow
+        self.inner: KeyIndex | IvfKeyIndex = KeyIndex(dim)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __contains__(self, edit_id: str) -> bool:
+        return edit_id in self.inner
+
+    def add(self, edit_id: str, key: torch.Tensor) -> None:
+        self.inner.add(edit_id, key)
+        n = len(self.inner)
+        flat = isinstance(self.inner, KeyIndex)
+        if (flat and n >= self.threshold) or (not flat and n >= self.regrow * self.inner.trained_on):
+            self._train()
+
+    def _train(self) -> None:
+        started = time.perf_counter()
+        edit_ids, keys = self.inner.live_keys()
+        self.inner = IvfKeyIndex(self.dim, edit_ids, keys, self.nprobe)
+        log.info(
+            "key index: IVF over %d keys (%d lists, %d probed) in %.1f s",
+            len(edit_ids),
+            self.inner.nlist,
+            self.inner.nprobe,
+            time.perf_counter() - started,
+        )
+
+    def remove(self, edit_id: str) -> None:
+        self.inner.remove(edit_id)
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+        return self.inner.search(queries)
+
 
 class TensorKeyIndex(_EditSlots):
     """Edit keys in one tensor on `device`; same interface and results as `KeyIndex`."""
@@ -141,6 +265,11 @@ class TensorKeyIndex(_EditSlots):
         return best.cpu(), [self._by_row.get(int(r)) for r in rows.tolist()]
 
 
-def make_index(dim: int, device: torch.device | str = "cpu") -> KeyIndex | TensorKeyIndex:
-    """The tensor index on a CUDA device (keys beside the model), faiss on the CPU."""
-    return TensorKeyIndex(dim, device) if torch.device(device).type == "cuda" else KeyIndex(dim)
+def make_index(
+    dim: int, device: torch.device | str = "cpu", ann_threshold: int = 0
+) -> KeyIndex | ScalingKeyIndex | TensorKeyIndex:
+    """The tensor index on a CUDA device (keys beside the model); on the CPU faiss, flat, or flat
+    until `ann_threshold` keys and IVF beyond (0: always flat)."""
+    if torch.device(device).type == "cuda":
+        return TensorKeyIndex(dim, device)
+    return ScalingKeyIndex(dim, ann_threshold) if ann_threshold else KeyIndex(dim)

@@ -1,8 +1,9 @@
 """The key indexes: faiss (CPU) and the tensor index (for GPU replicas) give the same answers."""
 
+import pytest
 import torch
 
-from editstream.retrieval import KeyIndex, TensorKeyIndex, make_index
+from editstream.retrieval import IvfKeyIndex, KeyIndex, ScalingKeyIndex, TensorKeyIndex, make_index
 
 
 def test_tensor_index_matches_faiss_through_adds_removes_and_growth():
@@ -64,3 +65,56 @@ def test_faiss_removes_in_place_and_reuses_the_slots():
     for edit_id in list(live):
         index.remove(edit_id)
     assert index.search(queries)[1] == [None] * 30 and len(index) == 0
+
+
+def clustered_keys(n: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
+    """Keys in 40 clusters (edits about similar things), normalised."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(40, dim, generator=g)
+    keys = centres[torch.randint(0, 40, (n,), generator=g)] + 0.6 * torch.randn(n, dim, generator=g)
+    return torch.nn.functional.normalize(keys, dim=1)
+
+
+def test_past_the_threshold_the_index_turns_ivf_and_finds_what_flat_finds():
+    dim, n = 32, 3000
+    keys = clustered_keys(n, dim)
+    flat, scaling = KeyIndex(dim), ScalingKeyIndex(dim, threshold=1000, nprobe=4, regrow=2.0)  # 4 of 25, then 44 lists
+    kinds = []
+    for i, k in enumerate(keys):
+        flat.add(f"e{i}", k)
+        scaling.add(f"e{i}", k)
+        kinds.append(type(scaling.inner).__name__)
+    assert kinds[998] == "KeyIndex" and kinds[999] == "IvfKeyIndex"  # exact below the threshold
+    assert scaling.inner.trained_on == 2000  # trained again after growing 2-fold
+    for i in range(0, n, 5):  # retracts and supersedes
+        flat.remove(f"e{i}")
+        scaling.remove(f"e{i}")
+    assert len(scaling) == len(flat) == n - n // 5
+    g = torch.Generator().manual_seed(1)
+    queries = torch.nn.functional.normalize(keys + 0.15 * torch.randn(n, dim, generator=g), dim=1)  # paraphrases
+    _, want = flat.search(queries)
+    scores, got = scaling.search(queries)
+    agree = sum(w == h for w, h in zip(want, got, strict=True)) / n
+    assert agree >= 0.99, agree
+    assert not {f"e{i}" for i in range(0, n, 5)} & set(got)  # a removed key is never found
+    assert torch.isfinite(scores).all()
+
+
+def test_the_ann_threshold_is_a_recipe_option_and_bad_values_are_refused(real_lm):
+    from editstream.demo_facts import demo_facts
+    from editstream.errors import ConfigError
+    from editstream.methods import create_method
+
+    exact, ann = create_method("recipe", real_lm), create_method("recipe", real_lm, ann_threshold=40)
+    facts = demo_facts(120)
+    for method in (exact, ann):
+        for artifact in method.compute(facts):
+            method.apply(artifact)
+    assert isinstance(ann.retrieval.index.inner, IvfKeyIndex) and isinstance(exact.retrieval.index, KeyIndex)
+    exact.exact_lookup = ann.exact_lookup = False  # the search itself, not the stored-prompt path
+    prompts = [f.prompt for f in facts]
+    found = [m.retrieval.retrieve(prompts, None, m.meta_of) for m in (exact, ann)]
+    assert sum(a == b for a, b in zip(*found, strict=True)) >= 0.99 * len(prompts)
+    for bad in (-1, "many", 2.5, True):
+        with pytest.raises(ConfigError, match="ann_threshold"):
+            create_method("recipe", real_lm, ann_threshold=bad)

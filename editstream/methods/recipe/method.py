@@ -33,11 +33,13 @@ log = logging.getLogger(__name__)
 class RecipeRetrieval:
     """Encoder + trained retriever + key index: the part RECIPE shares with the text-RAG baseline."""
 
-    def __init__(self, net: RecipeNet, encoder: LoadedEncoder, gate: RelationGate | None = None) -> None:
+    def __init__(
+        self, net: RecipeNet, encoder: LoadedEncoder, gate: RelationGate | None = None, ann_threshold: int = 0
+    ) -> None:
         self.net = net
         self.encoder = encoder
         self.gate = gate
-        self.index = make_index(net.config.key_dim, next(net.parameters()).device)
+        self.index = make_index(net.config.key_dim, next(net.parameters()).device, ann_threshold)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encoder.encode(list(texts)).to(next(self.net.parameters()).device)
@@ -80,9 +82,14 @@ class RecipeRetrieval:
 
 
 def load_retrieval(
-    lm: LoadedLM, checkpoint: str | Path | None, encoder: LoadedEncoder | None, relation_gate: bool = True
+    lm: LoadedLM,
+    checkpoint: str | Path | None,
+    encoder: LoadedEncoder | None,
+    relation_gate: bool = True,
+    ann_threshold: int = 0,
 ) -> RecipeRetrieval:
-    """The checkpoint's retriever (and its relation gate, if it has one and `relation_gate`)."""
+    """The checkpoint's retriever (and its relation gate, if it has one and `relation_gate`); keys in
+    an approximate (IVF) index once there are `ann_threshold` of them (0: always exact)."""
     net, meta = load_checkpoint(checkpoint)
     d_llm = lm.model.get_input_embeddings().weight.shape[1]
     if meta["d_llm"] != d_llm:
@@ -91,7 +98,7 @@ def load_retrieval(
         log.warning("RECIPE checkpoint was trained on %s, serving %s", meta.get("llm"), lm.name)
     encoder = encoder or load_encoder(net.config.encoder, device=str(lm.device))
     gate = load_gate(Path(checkpoint) if checkpoint else PACKAGED, lm.device) if relation_gate else None
-    return RecipeRetrieval(net.to(lm.device), encoder, gate)
+    return RecipeRetrieval(net.to(lm.device), encoder, gate, ann_threshold)
 
 
 class RetrievingMethod(EditMethod):
@@ -108,8 +115,13 @@ class RetrievingMethod(EditMethod):
         checkpoint: str | Path | None = None,
         encoder: LoadedEncoder | None = None,
         relation_gate: bool = True,
+        ann_threshold: int = 0,
     ) -> RetrievingMethod:
-        return cls(lm, load_retrieval(lm, checkpoint, encoder, relation_gate))
+        if isinstance(ann_threshold, bool) or not isinstance(ann_threshold, int) or ann_threshold < 0:
+            raise ConfigError(
+                f"ann_threshold {ann_threshold!r}: expected a whole number of keys >= 0 (0: always exact search)"
+            )
+        return cls(lm, load_retrieval(lm, checkpoint, encoder, relation_gate, ann_threshold))
 
 
 class Recipe(RetrievingMethod):
