@@ -70,23 +70,35 @@ def _pass(client: httpx.Client, questions: list[str], tokens: int, min_version: 
     return [stream_chat(client, q, tokens, min_version) for q in tqdm(questions, desc=what, unit="request")]
 
 
-def _form(edits: list[EditRequest], unedited: list[dict], edited: list[dict]) -> dict[str, Any]:
+def _form(edits: list[EditRequest], before: list[dict], edited: list[dict], after: list[dict]) -> dict[str, Any]:
     """First-token and whole-reply times of one form of the questions, unedited vs edited, and how
-    often the question's own edit fired and the reply held its answer."""
+    often the question's own edit fired and the reply held its answer. The unedited model is timed
+    before the edits and again after they are retracted (A-B-A), and both passes count as unedited,
+    so a drift of the machine over the run does not land on one side of the ratio."""
+    unedited = before + after
     ttft = {"unedited": [r["ttft_s"] for r in unedited], "edited": [r["ttft_s"] for r in edited]}
     if any(t is None for runs in ttft.values() for t in runs):
         raise RuntimeError("a streamed reply had no content piece: cannot time its first token")
     fired = [r["fired"] == f"chat-{i}" for i, r in enumerate(edited)]
     holds = [wild.contains(wild.cut(r["text"], e.target), e.target) for e, r in zip(edits, edited, strict=True)]
+    runs = {"unedited": unedited, "edited": edited}
     return {
         "ttft": {k: _summary(v) for k, v in ttft.items()},
-        "total": {
-            k: _summary([r["total_s"] for r in runs]) for k, runs in (("unedited", unedited), ("edited", edited))
-        },
+        "ttft_unedited_before_after_median_ms": [
+            _summary([r["ttft_s"] for r in p])["median_ms"] for p in (before, after)
+        ],
+        "total": {k: _summary([r["total_s"] for r in v]) for k, v in runs.items()},
         "ttft_ratio_median": round(statistics.median(ttft["edited"]) / statistics.median(ttft["unedited"]), 3),
         "edit_fired": round(sum(fired) / len(edits), 3),
         "reply_holds_target": round(sum(holds) / len(edits), 3),
+        "fired_after_retract": round(sum(r["fired"] is not None for r in after) / len(edits), 3),
     }
+
+
+def _journal(client: httpx.Client, facts: list[dict]) -> int:
+    """Send facts (edits or retracts) through the gateway; the last journal seq they took."""
+    queued = client.post("/facts", json={"facts": facts, "wait": True}).json()["queued"]
+    return max(q["seq"] for q in queued)
 
 
 def run_chat_bench(
@@ -121,12 +133,15 @@ def run_chat_bench(
                     time.sleep(0.5)
                 for e in edits[:warmup]:
                     stream_chat(client, e.prompt, tokens)
-                unedited = {form: _pass(client, qs, tokens, 0, f"unedited, {form}") for form, qs in forms.items()}
+                before = {form: _pass(client, qs, tokens, 0, f"unedited, {form}") for form, qs in forms.items()}
                 facts = [{"prompt": e.prompt, "target": e.target, "edit_id": f"chat-{i}"} for i, e in enumerate(edits)]
-                queued = client.post("/facts", json={"facts": facts, "wait": True}).json()["queued"]
-                last = max(q["seq"] for q in queued)
+                last = _journal(client, facts)
                 stream_chat(client, edits[0].prompt, 1, last)  # waits until the replica applied them all
                 edited = {form: _pass(client, qs, tokens, last, f"edited, {form}") for form, qs in forms.items()}
+                retracts = [{"op": "retract", "retracts": f["edit_id"], "edit_id": f"un-{f['edit_id']}"} for f in facts]
+                last = _journal(client, retracts)
+                stream_chat(client, edits[0].prompt, 1, last)
+                after = {form: _pass(client, qs, tokens, last, f"unedited again, {form}") for form, qs in forms.items()}
         finally:
             from ray import serve
 
@@ -138,11 +153,11 @@ def run_chat_bench(
         "data": data,
         "n": n,
         "max_tokens": tokens,
-        **{form: _form(edits, unedited[form], edited[form]) for form in forms},
+        **{form: _form(edits, before[form], edited[form], after[form]) for form in forms},
         "examples": [
             {"question": q, "target": e.target, "unedited": u["text"], "edited": r["text"]}
             for e, q, u, r in list(
-                zip(edits, forms["paraphrase"], unedited["paraphrase"], edited["paraphrase"], strict=True)
+                zip(edits, forms["paraphrase"], before["paraphrase"], edited["paraphrase"], strict=True)
             )[:5]
         ],
     }
