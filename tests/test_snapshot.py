@@ -248,3 +248,6 @@ def test_the_snapshot_bench_measures_compaction_and_a_restart(tmp_path):
     before, after = doc["redis_bytes_before_compaction"], doc["redis_bytes_after_compaction"]
     assert "artifacts" in before and "artifacts" not in after  # every artifact below the snapshot went
     assert doc["journal_length_after_compaction"] == 1  # the snapshot's own entry
+    # after the tail, an incremental snapshot writes the 3 new artifacts; a whole one all 22 applied
+    whole, incremental = doc["snapshot_write_whole_bytes"], doc["snapshot_write_incremental_bytes"]
+    assert 0 < incremental < whole / 5

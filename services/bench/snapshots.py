@@ -7,7 +7,9 @@ editor; replica-0 replays them all and writes a snapshot; Redis memory of the na
 (`MEMORY USAGE`, every element counted; a stream frees a node only once all its entries are gone,
 so a short journal's bytes barely move) is taken before and after compacting below it; then `tail`
 more facts arrive and a second replica starts from the snapshot. Its time to ready (model load,
-snapshot load, tail replay) and its digest against replica-0's are recorded.
+snapshot load, tail replay) and its digest against replica-0's are recorded. Last, replica-0's
+state after the tail is written as a snapshot twice, whole into an empty store and incrementally
+beside its earlier snapshot, timed, with the bytes each wrote.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from editstream.edits import EditRequest
 from editstream.events import edit_to_payload
+from editstream.snapshot import write_snapshot
 from services.transport.redis_server import RedisServer
 from services.transport.store import RedisStore, connect
 from services.workers.editor import Editor
@@ -125,6 +128,7 @@ def _run(
     ready_s = time.perf_counter() - started
     _drain(late)
     _drain(writer)
+    writes = _time_writes(writer, snaps)
     return {
         "method": method,
         "facts": facts,
@@ -147,4 +151,19 @@ def _run(
         "restart_loaded_snapshot_seq": late.snapshot_seq,
         "restart_replayed_tail": late.version - late.snapshot_seq,
         "digests_agree": late.replica.digest() == writer.replica.digest() and late.version == writer.version,
+        **writes,
     }
+
+
+def _time_writes(writer: ReplicaService, snaps: Path) -> dict[str, Any]:
+    """A snapshot of the writer's state after the tail, written whole into an empty store and
+    incrementally beside the earlier snapshot (the tail's artifacts only, the rest linked)."""
+    state = writer.capture()
+    out = {}
+    for how, store in (("whole", snaps / "whole"), ("incremental", snaps / NAMESPACE)):
+        started = time.perf_counter()
+        path = write_snapshot(state, store)
+        out[f"snapshot_write_{how}_s"] = round(time.perf_counter() - started, 2)
+        own = path / f"pack-{state.seq:012d}.bin"
+        out[f"snapshot_write_{how}_bytes"] = own.stat().st_size
+    return out

@@ -234,13 +234,17 @@ class ReplicaService:
             return
         if self.snapshot_dir is None or self._last_entry is None or self._last_entry[0] != self.version:
             return  # nothing to tie a snapshot to: no capture of every live edit on each idle step
-        with self._lock:
-            entry = self._last_entry
-            state = capture(self.replica, (entry[1], entry[2]) if entry and entry[0] == self.version else None)
+        state = self.capture()
         if state.entry is None or self.snapshot_dir is None:
             return
         self._writer = threading.Thread(target=self._write, args=(state,), name=f"{self.name}-snapshot", daemon=True)
         self._writer.start()
+
+    def capture(self) -> Capture:
+        """The replica's edit state now, tied to the journal entry at its version (None if unknown)."""
+        with self._lock:
+            entry = self._last_entry
+            return capture(self.replica, (entry[1], entry[2]) if entry and entry[0] == self.version else None)
 
     def _write(self, state: Capture) -> None:
         try:
