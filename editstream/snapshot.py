@@ -84,7 +84,7 @@ def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:
         written = write_state(
             tmp, state.method, state.base_fingerprint, state.artifacts, f"pack-{state.seq:012d}.bin", previous
         )
-    except ArtifactError as exc:  # an unreadable earlier snapshot: write this one whole
+    except (ArtifactError, OSError) as exc:  # an unreadable earlier snapshot: write this one whole
         log.warning("snapshot at seq %d: not reusing %s (%s); writing every artifact", state.seq, previous, exc)
         shutil.rmtree(tmp, ignore_errors=True)
         written = write_state(tmp, state.method, state.base_fingerprint, state.artifacts, f"pack-{state.seq:012d}.bin")

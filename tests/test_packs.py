@@ -75,3 +75,14 @@ def test_a_damaged_pack_or_another_method_is_refused(tmp_path):
     pack.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=r"pack-a\.bin: the \d+ bytes at \d+ are not artifact e2"):
         read(tmp_path / "a")
+
+
+def test_a_snapshot_whose_predecessor_lost_a_pack_is_written_whole(tmp_path):
+    from editstream.snapshot import Capture, snapshots, write_snapshot
+
+    first = [artifact(i) for i in range(4)]
+    write_snapshot(Capture(4, "d4", ("e3", 1.0), "recipe", "fp", tuple(first)), tmp_path)
+    (tmp_path / "snap-000000000004" / "pack-000000000004.bin").unlink()  # the older snapshot is damaged
+    path = write_snapshot(Capture(5, "d5", ("e4", 2.0), "recipe", "fp", (*first, artifact(4))), tmp_path)
+    assert [s.seq for s in snapshots(tmp_path)] == [5, 4]
+    assert digests(read(path)) == digests([*first, artifact(4)])
