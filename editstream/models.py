@@ -190,9 +190,12 @@ class LoadedEncoder:
 
 
 def load_encoder(
-    name: str = EMBEDDED_ENCODER, device: str | None = None, allow_download: bool = False
+    name: str = EMBEDDED_ENCODER, device: str | None = None, allow_download: bool = False, int8: bool = False
 ) -> LoadedEncoder:
-    """Load a sentence encoder by the embedded name, a Hugging Face id or a local path."""
+    """Load a sentence encoder by the embedded name, a Hugging Face id or a local path. `int8`: its
+    linear layers dynamically quantised to int8 (CPU only; about 1.5x the sentences per second on 2
+    cores, embeddings within ~0.94 cosine of float32): named `<name>+int8`, so whatever keys were
+    made with it can tell."""
     _require("transformers", "transformers")
     from transformers import AutoModel, AutoTokenizer
 
@@ -205,4 +208,9 @@ def load_encoder(
     except OSError as exc:
         raise ConfigError(f"cannot load encoder {name!r} without downloading: {exc}") from exc
     model.to(dev).eval().requires_grad_(False)
+    if int8:
+        if dev.type != "cpu":
+            raise ConfigError(f"an int8 encoder runs on the CPU; this one is on {dev}")
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return LoadedEncoder(model, tokenizer, f"{name}+int8")
     return LoadedEncoder(model, tokenizer, name)

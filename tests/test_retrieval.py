@@ -118,3 +118,22 @@ def test_the_ann_threshold_is_a_recipe_option_and_bad_values_are_refused(real_lm
     for bad in (-1, "many", 2.5, True):
         with pytest.raises(ConfigError, match="ann_threshold"):
             create_method("recipe", real_lm, ann_threshold=bad)
+
+
+def test_an_int8_encoder_keys_edits_and_a_float32_replica_refuses_its_keys(real_lm):
+    from editstream.demo_facts import demo_facts
+    from editstream.errors import ArtifactError
+    from editstream.methods import create_method
+
+    int8, plain = create_method("recipe", real_lm, encoder_int8=True), create_method("recipe", real_lm)
+    facts = demo_facts(40)
+    artifacts = int8.compute(facts)
+    assert {a.meta["key_encoder"] for a in artifacts} == {"minilm+int8"}
+    for artifact in artifacts:
+        int8.apply(artifact)
+    int8.exact_lookup = False  # the search itself: int8 queries against int8 keys
+    found = int8.retrieval.retrieve([f.prompt for f in facts], None, int8.meta_of)
+    assert sum(got == f.edit_id for got, f in zip(found, facts, strict=True)) >= 0.95 * len(facts)
+    with pytest.raises(ArtifactError, match=r"encoder 'minilm\+int8'; this replica encodes queries with 'minilm'"):
+        plain.apply(artifacts[0])
+    assert not plain.edit_ids()

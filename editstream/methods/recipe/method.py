@@ -13,12 +13,13 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from editstream.artifacts import Artifact
 from editstream.edits import EditRequest
-from editstream.errors import ConfigError
+from editstream.errors import ArtifactError, ConfigError
 from editstream.methods.base import EditMethod, QueryPlan
 from editstream.methods.recipe.checkpoint import PACKAGED, load_checkpoint
 from editstream.methods.recipe.network import RecipeNet, embed_ids, target_token_ids
@@ -87,16 +88,19 @@ def load_retrieval(
     encoder: LoadedEncoder | None,
     relation_gate: bool = True,
     ann_threshold: int = 0,
+    encoder_int8: bool = False,
 ) -> RecipeRetrieval:
     """The checkpoint's retriever (and its relation gate, if it has one and `relation_gate`); keys in
-    an approximate (IVF) index once there are `ann_threshold` of them (0: always exact)."""
+    an approximate (IVF) index once there are `ann_threshold` of them (0: always exact); the sentence
+    encoder quantised to int8 with `encoder_int8` (editors and replicas must agree: artifacts say
+    which encoder made their keys, and a replica refuses keys of another)."""
     net, meta = load_checkpoint(checkpoint)
     d_llm = lm.model.get_input_embeddings().weight.shape[1]
     if meta["d_llm"] != d_llm:
         raise ConfigError(f"RECIPE checkpoint makes {meta['d_llm']}-dim prompts; model {lm.name} embeds in {d_llm}")
     if meta.get("llm_fingerprint") not in (None, lm.fingerprint):
         log.warning("RECIPE checkpoint was trained on %s, serving %s", meta.get("llm"), lm.name)
-    encoder = encoder or load_encoder(net.config.encoder, device=str(lm.device))
+    encoder = encoder or load_encoder(net.config.encoder, device=str(lm.device), int8=encoder_int8)
     gate = load_gate(Path(checkpoint) if checkpoint else PACKAGED, lm.device) if relation_gate else None
     return RecipeRetrieval(net.to(lm.device), encoder, gate, ann_threshold)
 
@@ -116,12 +120,30 @@ class RetrievingMethod(EditMethod):
         encoder: LoadedEncoder | None = None,
         relation_gate: bool = True,
         ann_threshold: int = 0,
+        encoder_int8: bool = False,
     ) -> RetrievingMethod:
         if isinstance(ann_threshold, bool) or not isinstance(ann_threshold, int) or ann_threshold < 0:
             raise ConfigError(
                 f"ann_threshold {ann_threshold!r}: expected a whole number of keys >= 0 (0: always exact search)"
             )
-        return cls(lm, load_retrieval(lm, checkpoint, encoder, relation_gate, ann_threshold))
+        if not isinstance(encoder_int8, bool):
+            raise ConfigError(f"encoder_int8 {encoder_int8!r}: expected true or false")
+        if encoder is not None and encoder_int8 and not encoder.name.endswith("+int8"):
+            raise ConfigError(f"encoder_int8=true, but the encoder passed in is {encoder.name!r}")
+        return cls(lm, load_retrieval(lm, checkpoint, encoder, relation_gate, ann_threshold, encoder_int8))
+
+    def new_artifact(self, edit: EditRequest, tensors: dict, **meta: Any) -> Artifact:
+        """Also records which encoder made the key, so a replica that encodes queries otherwise refuses it."""
+        return super().new_artifact(edit, tensors, key_encoder=self.retrieval.encoder.name, **meta)
+
+    def check(self, artifact: Artifact) -> None:
+        super().check(artifact)
+        made_by = artifact.meta.get("key_encoder", self.retrieval.net.config.encoder)  # older artifacts: float32
+        if made_by != self.retrieval.encoder.name:
+            raise ArtifactError(
+                f"artifact {artifact.edit_id} has a key made by encoder {made_by!r}; this replica encodes queries "
+                f"with {self.retrieval.encoder.name!r} (the encoder_int8 option must be the same everywhere)"
+            )
 
 
 class Recipe(RetrievingMethod):
