@@ -64,7 +64,6 @@ class EditMethod(ABC):
         self.lm = lm
         self._applied: dict[str, Artifact] = {}  # every applied, not-removed edit, in apply order
         self._stacks: dict[str, list[str]] = {}  # normalized prompt -> edit ids, newest last (attached)
-        self._digests: dict[str, str] = {}  # edit id -> artifact content digest, computed once
         # A prompt stored with an edit fires that edit without a search (a product fast path). The
         # quality benchmark turns it off to measure the retriever itself.
         self.exact_lookup = True
@@ -137,7 +136,7 @@ class EditMethod(ABC):
             raise
         stack.append(artifact.edit_id)
         self._applied[artifact.edit_id] = artifact
-        self._digests[artifact.edit_id] = artifact.content_digest()
+        artifact.content_digest()  # computed once, now (the artifact keeps it)
         return True
 
     def remove(self, edit_id: str) -> bool:
@@ -155,7 +154,6 @@ class EditMethod(ABC):
         else:
             stack.remove(edit_id)
         del self._applied[edit_id]
-        del self._digests[edit_id]
         if not stack:
             del self._stacks[key]
         return True
@@ -202,9 +200,9 @@ class EditMethod(ABC):
     def digest(self) -> str:
         """Hash of the applied artifacts in apply order: equal on replicas that applied the same stream."""
         h = hashlib.sha256(self.name.encode())
-        for edit_id in self._applied:
+        for edit_id, artifact in self._applied.items():
             h.update(edit_id.encode())
-            h.update(self._digests[edit_id].encode())
+            h.update(artifact.content_digest().encode())
         return h.hexdigest()[:16]
 
     def save_state(self, directory: Path) -> None:
