@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 FORMAT = 2
 STATE = "state.json"
 DIGEST_CHARS = 16  # of the sha256 content digest, per artifact in the index
+PACK_V1 = "artifacts.bin"  # format 1 (before incremental packs): one pack, read still
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Entry:
     pack: str
     offset: int
     length: int
-    digest: str  # the first DIGEST_CHARS hex digits of its content digest
+    digest: str | None  # the first DIGEST_CHARS hex digits of its content digest (None: format 1)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,15 @@ def read_index(directory: Path) -> StateIndex:
         state = json.loads((directory / STATE).read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{directory / STATE}: not a readable edit state ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{directory / STATE}: a {type(state).__name__}, not an edit state")
+    if "format" not in state and "packs" not in state:  # format 1: one pack, entries without digests
+        state = {
+            **state,
+            "format": FORMAT,
+            "packs": [PACK_V1],
+            "order": [[*e[:1], 0, *e[1:3], None] for e in state["order"]],
+        }
     if state.get("format") != FORMAT:
         raise ArtifactError(f"{directory / STATE}: state format {state.get('format')!r}, this code reads {FORMAT}")
     packs = state["packs"]
@@ -97,7 +107,7 @@ def write_state(
     plan: list[Entry | Artifact] = []
     for artifact in artifacts:
         entry = old.get(artifact.edit_id)
-        same = entry is not None and entry.digest == artifact.content_digest()[:DIGEST_CHARS]
+        same = entry is not None and entry.digest == artifact.content_digest()[:DIGEST_CHARS]  # None: never
         plan.append(entry if same else artifact)
     live = Counter()
     for item in plan:
@@ -150,7 +160,8 @@ def read_artifacts(directory: Path, index: StateIndex) -> Iterator[Artifact]:
                 artifact = Artifact.from_bytes(maps[e.pack][e.offset : e.offset + e.length])
             except ArtifactError as exc:
                 raise ArtifactError(f"{_place(directory, e)}: {exc}") from exc
-            if artifact.edit_id != e.edit_id or artifact.content_digest()[:DIGEST_CHARS] != e.digest:
+            digest = artifact.content_digest()[:DIGEST_CHARS]
+            if artifact.edit_id != e.edit_id or e.digest not in (None, digest):
                 raise ArtifactError(
                     f"{_place(directory, e)} are not artifact {e.edit_id} (digest {e.digest}) as {STATE} says"
                 )

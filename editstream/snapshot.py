@@ -33,6 +33,7 @@ from editstream.replica import Replica
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: incremental packs (editstream.packs)
+READS = (1, 2)  # 1: one pack, written before 9f9912f (a replica upgraded under --compact still starts)
 KEEP = 2
 META = "snapshot.json"
 
@@ -122,8 +123,8 @@ def snapshots(store: Path, method: str | None = None, fingerprint: str | None = 
         except (OSError, ValueError) as exc:
             log.warning("skipping unreadable snapshot %s: %s", path, exc)
             continue
-        if meta.get("format") != FORMAT:
-            log.warning("skipping snapshot %s: format %r, this code reads %d", path, meta.get("format"), FORMAT)
+        if meta.get("format") not in READS:
+            log.warning("skipping snapshot %s: format %r, this code reads %s", path, meta.get("format"), READS)
             continue
         info = SnapshotInfo(
             path,

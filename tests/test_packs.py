@@ -86,3 +86,28 @@ def test_a_snapshot_whose_predecessor_lost_a_pack_is_written_whole(tmp_path):
     path = write_snapshot(Capture(5, "d5", ("e4", 2.0), "recipe", "fp", (*first, artifact(4))), tmp_path)
     assert [s.seq for s in snapshots(tmp_path)] == [5, 4]
     assert digests(read(path)) == digests([*first, artifact(4)])
+
+
+def test_a_format_1_snapshot_is_still_read_and_the_next_one_is_written_whole(tmp_path):
+    """Snapshots written before incremental packs (one `artifacts.bin`, no digests in the index):
+    a replica upgraded while Redis is compacted below one must still be able to start from it."""
+    import json
+
+    from editstream.snapshot import Capture, snapshots, write_snapshot
+
+    old = [artifact(i) for i in range(3)]
+    snap = tmp_path / "snap-000000000003"
+    snap.mkdir()
+    order, blobs = [], b""
+    for a in old:
+        order.append([a.edit_id, len(blobs), len(a.to_bytes())])
+        blobs += a.to_bytes()
+    (snap / "artifacts.bin").write_bytes(blobs)
+    (snap / "state.json").write_text(json.dumps({"method": "recipe", "base_fingerprint": "fp", "order": order}))
+    meta = {"format": 1, "method": "recipe", "base_fingerprint": "fp", "seq": 3, "entry": ["e2", 1.0], "digest": "d"}
+    (snap / "snapshot.json").write_text(json.dumps(meta))
+    (info,) = snapshots(tmp_path)
+    assert digests(read(info.path)) == digests(old)
+    path = write_snapshot(Capture(4, "d4", ("e3", 2.0), "recipe", "fp", (*old, artifact(3))), tmp_path)
+    assert digests(read(path)) == digests([*old, artifact(3)])
+    assert sorted(p.name for p in path.iterdir()) == ["pack-000000000004.bin", "snapshot.json", "state.json"]
