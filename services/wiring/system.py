@@ -9,6 +9,7 @@ gone for good, and replicas can be added or removed while the stream runs.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -45,6 +46,11 @@ class Host:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         module, cls = SERVICES[kind].split(":")
         self.obj = getattr(importlib.import_module(module), cls)(**kwargs)
+        # What the service loaded (a model, a tokenizer, the libraries: millions of long-lived
+        # objects) is frozen out of the garbage collector, so a full collection no longer walks it:
+        # once the edits' small objects triggered one, it paused a replica's apply loop ~300 ms.
+        gc.collect()
+        gc.freeze()
         self.loop = Loop(f"{kind}:{kwargs.get('name', kwargs.get('consumer', kind))}", self.obj.step, idle_s).start()
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -9,7 +9,6 @@ it with stored artifacts: no recomputation. Queries may carry `min_version` (rea
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import queue
 import threading
@@ -67,11 +66,6 @@ class ReplicaService:
         self._state: dict = {"name": name, "version": 0, "digest": "", "edits": 0, "ready": False}
         self.store = RedisStore(connect(redis_url), namespace)
         self.replica = Replica(create_method(method, load_causal_lm(model), **(method_options or {})))
-        # The model, tokenizer and libraries are millions of long-lived objects: frozen out of the
-        # garbage collector, a full collection no longer walks them (a ~300 ms pause of the apply loop
-        # once the edits' small objects had triggered one, seen as a p99 spike in the demo).
-        gc.collect()
-        gc.freeze()
         self.replica.set_edit_scope(edit_scope)
         # _lock guards the edit state and version (applies, plan building, state reads); _model_lock
         # serialises whatever runs the model (its forward hooks are per model, not per call). A
@@ -241,7 +235,7 @@ class ReplicaService:
         if self.snapshot_dir is None or self._last_entry is None or self._last_entry[0] != self.version:
             return  # nothing to tie a snapshot to: no capture of every live edit on each idle step
         state = self.capture()
-        if state.entry is None or self.snapshot_dir is None:
+        if state.entry is None:
             return
         self._writer = threading.Thread(target=self._write, args=(state,), name=f"{self.name}-snapshot", daemon=True)
         self._writer.start()
