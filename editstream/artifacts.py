@@ -48,7 +48,10 @@ class Artifact:
 
     def to_bytes(self) -> bytes:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        return st_save(tensors, metadata={_META_KEY: json.dumps(self.header(), sort_keys=True)})
+        data = st_save(tensors, metadata={_META_KEY: json.dumps(self.header(), sort_keys=True)})
+        if self._digest is None:  # the bytes are at hand: the digest costs a hash, not another serialisation
+            self._digest = hashlib.sha256(data).hexdigest()
+        return data
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Artifact:
