@@ -100,7 +100,7 @@ def test_past_the_threshold_the_index_turns_ivf_and_finds_what_flat_finds():
     assert torch.isfinite(scores).all()
 
 
-def test_the_ann_threshold_is_a_recipe_option_and_bad_values_are_refused(real_lm):
+def test_the_ann_threshold_reaches_recipe_and_bad_values_are_refused(real_lm):
     from editstream.demo_facts import demo_facts
     from editstream.errors import ConfigError
     from editstream.methods import create_method
@@ -110,11 +110,15 @@ def test_the_ann_threshold_is_a_recipe_option_and_bad_values_are_refused(real_lm
     for method in (exact, ann):
         for artifact in method.compute(facts):
             method.apply(artifact)
-    assert isinstance(ann.retrieval.index.inner, IvfKeyIndex) and isinstance(exact.retrieval.index, KeyIndex)
-    exact.exact_lookup = ann.exact_lookup = False  # the search itself, not the stored-prompt path
-    prompts = [f.prompt for f in facts]
+    ivf = ann.retrieval.index.inner
+    assert isinstance(ivf, IvfKeyIndex) and isinstance(exact.retrieval.index, KeyIndex)
+    # at this size every list is probed, so the IVF path must find exactly what flat finds (the
+    # approximate case is the synthetic test above); the search runs, not the stored-prompt path
+    assert ivf.nprobe == ivf.nlist
+    exact.exact_lookup = ann.exact_lookup = False
+    prompts = [f.paraphrases[0] if f.paraphrases else f.prompt for f in facts]
     found = [m.retrieval.retrieve(prompts, None, m.meta_of) for m in (exact, ann)]
-    assert sum(a == b for a, b in zip(*found, strict=True)) >= 0.99 * len(prompts)
+    assert found[0] == found[1] and sum(f is not None for f in found[0]) > len(prompts) / 2
     for bad in (-1, "many", 2.5, True):
         with pytest.raises(ConfigError, match="ann_threshold"):
             create_method("recipe", real_lm, ann_threshold=bad)
