@@ -141,3 +141,22 @@ def test_an_int8_encoder_keys_edits_and_a_float32_replica_refuses_its_keys(real_
     with pytest.raises(ArtifactError, match=r"encoder 'minilm\+int8'; this replica encodes queries with 'minilm'"):
         plain.apply(artifacts[0])
     assert not plain.edit_ids()
+
+
+def test_the_recall_benchmark_compares_the_served_retrieval_through_both_indexes(real_lm):
+    from editstream.bench.recall import run_recall
+    from editstream.data import load_edits
+    from editstream.methods.recipe.method import load_retrieval
+
+    retrieval = load_retrieval(real_lm, None, None)
+    sets = {name: load_edits(name, limit=20) for name in ("counterfact", "zsre")}
+    distractors = load_edits("counterfact-train", limit=60)
+    # 100 keys, IVF from 80 (2 lists): with both lists probed the IVF path must agree with flat exactly
+    exact = run_recall(retrieval, sets, distractors, threshold=80, nprobe=2, remove_share=0.5)
+    assert exact["stored"] == 100 and exact["ivf_lists"] == 2 and exact["removed"] == 30
+    for phase in ("full", "after_removals"):
+        assert exact[phase]["all"]["agreement"] == 1.0 and exact[phase]["all"]["recall_vs_flat"] == 1.0
+        assert exact[phase]["all"]["queries"] == sum(1 + len(e.paraphrases) for s in sets.values() for e in s)
+    assert exact["full"]["counterfact/prompt"]["own_edit_flat"] >= 0.8  # the searched path finds own edits
+    one = run_recall(retrieval, sets, distractors, threshold=80, nprobe=1, remove_share=0.5)
+    assert one["full"]["all"]["own_edit_flat"] == exact["full"]["all"]["own_edit_flat"]

@@ -89,7 +89,7 @@ def _bench_cost(args: argparse.Namespace) -> int:
     edits = [e for name in ("counterfact-train", "zsre-train", "counterfact", "zsre") for e in load_edits(name)]
     edits = list({e.prompt: e for e in edits}.values())
     if args.method == "scen":
-        return _write_cost(args, _scen_cost(args, lm, edits), "cost-scen.json")
+        return _write_doc(args, _scen_cost(args, lm, edits), "cost-scen.json")
     recipe = create_method("recipe", lm, checkpoint=args.checkpoint)
     encoder = recipe.retrieval.encoder
     rag = create_method("text-rag", lm, checkpoint=args.checkpoint, encoder=encoder)
@@ -126,7 +126,7 @@ def _bench_cost(args: argparse.Namespace) -> int:
         "query_latency_exact_prompt": exact,
         **provenance(),
     }
-    return _write_cost(args, doc, "cost-recipe.json")
+    return _write_doc(args, doc, "cost-recipe.json")
 
 
 def _scen_cost(args: argparse.Namespace, lm, edits: list) -> dict:
@@ -157,7 +157,35 @@ def _scen_cost(args: argparse.Namespace, lm, edits: list) -> dict:
     }
 
 
-def _write_cost(args: argparse.Namespace, doc: dict, name: str) -> int:
+def _bench_recall(args: argparse.Namespace) -> int:
+    from editstream.bench.provenance import provenance
+    from editstream.bench.recall import run_recall
+    from editstream.data import load_edits
+    from editstream.methods.recipe.method import load_retrieval
+    from editstream.models import load_causal_lm
+
+    started = provenance()
+    limit = args.limit or None
+    edit_sets = {name: load_edits(name, limit=limit) for name in args.sets.split(",") if name}
+    distractors = [e for name in args.distractors.split(",") if name for e in load_edits(name, limit=limit)]
+    lm = load_causal_lm(args.model, device="cpu")
+    retrieval = load_retrieval(lm, args.checkpoint, None, encoder_int8=args.encoder_int8)
+    result = run_recall(retrieval, edit_sets, distractors, args.threshold, args.nprobe, args.remove, args.seed)
+    doc = {
+        "command": "editstream bench recall",
+        "sets": args.sets,
+        "distractor_sets": args.distractors,
+        "encoder": retrieval.encoder.name,
+        "relation_gate": retrieval.gate is not None,
+        "seed": args.seed,
+        **result,
+        **started,
+        "finished": provenance()["date"],
+    }
+    return _write_doc(args, doc, f"recall-ann-t{args.threshold}-p{args.nprobe}.json")
+
+
+def _write_doc(args: argparse.Namespace, doc: dict, name: str) -> int:
     text = json.dumps(doc, indent=2)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -294,6 +322,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", default=None)
     c.add_argument("--out", default="bench/results", help="directory for the JSON results ('' for none)")
     c.set_defaults(func=_bench_cost)
+    r = bench.add_parser(
+        "recall",
+        help="own-edit recall of the IVF key index (ann_threshold) against exact search, on benchmark data",
+        description="Stores RECIPE keys of every edit of --sets plus --distractors (train splits) in a flat "
+        "index and in the index a replica uses with ann_threshold, in one stream order; asks each edit's prompt "
+        "and paraphrases through the served retrieval (sentinel, relation gate; never the exact-prompt lookup); "
+        "removes a share of the distractors and asks again. Prints and writes JSON.",
+    )
+    r.add_argument("--sets", default="counterfact,zsre,qaedit", help="edit sets whose prompts are asked")
+    r.add_argument("--distractors", default="counterfact-train,zsre-train", help="sets stored but never asked")
+    r.add_argument("--limit", type=int, default=0, help="first N records of each set (0: all)")
+    r.add_argument("--threshold", type=int, default=1000, help="keys held before the index turns IVF")
+    r.add_argument("--nprobe", type=int, default=16, help="IVF lists scanned per query")
+    r.add_argument("--remove", type=float, default=0.2, help="share of distractors removed for the second pass")
+    r.add_argument("--encoder-int8", action="store_true", help="keys and queries from the int8 sentence encoder")
+    r.add_argument("--seed", type=int, default=0, help="stream order and removal sample")
+    r.add_argument("--model", default=EMBEDDED_LLM)
+    r.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
+    r.add_argument("--out", default="bench/results/scale", help="directory for the JSON ('' for none)")
+    r.set_defaults(func=_bench_recall)
     bench_system.add_parsers(bench)
     bench_gpu.add_parser(bench)
 
