@@ -38,7 +38,9 @@ class Query:
     group: str  # "<edit set>/<prompt|paraphrase>"
 
 
-def stored_edits(edit_sets: dict[str, Sequence[EditRequest]], distractors: Sequence[EditRequest]) -> dict[str, EditRequest]:
+def stored_edits(
+    edit_sets: dict[str, Sequence[EditRequest]], distractors: Sequence[EditRequest]
+) -> dict[str, EditRequest]:
     """Every stored edit under an id that names its set and row (benchmark ids can repeat across sets)."""
     stored = {f"{name}/{i}": e for name, edits in edit_sets.items() for i, e in enumerate(edits)}
     stored.update({f"distractor/{i}": e for i, e in enumerate(distractors)})
