@@ -170,3 +170,16 @@ def test_a_captured_layer_input_keeps_the_attention_mask_gpt2_passes_positionall
     single = mlp_input(model, 1, capture_layer_input(model, 1, alone["input_ids"], alone["attention_mask"]))
     n = single.shape[1]
     torch.testing.assert_close(padded[0, -n:], single[0], rtol=0, atol=1e-5)
+
+
+def test_an_edit_fires_when_its_question_is_the_user_turn_of_a_chat(real_lm):
+    """In the chat form the template's head comes before the question: routing must read the
+    question's own tokens (it read the head's, and SCEN's chat form fired on ~2% of questions)."""
+    fact = EditRequest("Which city is the Eiffel Tower located in?", "Rome", edit_id="q", subject="the Eiffel Tower")
+    method = create_method("scen", real_lm)
+    replica = Replica(method)
+    replica.apply(1, *method.compute([fact]))
+    other = "Which city is the Statue of Liberty located in?"
+    chat = replica.generate([fact.prompt, other], max_new_tokens=12, chat=True)
+    assert [a.fired for a in chat] == ["q", None], chat
+    assert "Rome" in chat[0].text and "Rome" not in chat[1].text, chat

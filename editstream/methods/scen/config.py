@@ -36,6 +36,7 @@ class ScenConfig:
     keep_weight: float = 0.0  # KL to the unedited model after other contexts of the subject (other relations)
     relation_gate: bool = True  # a fired expert must also ask its edit's relation (RECIPE's packaged gate)
     variants: int = 3  # prefixed copies of the prompt, for the expert and as neuron positives
+    chat_variant: bool = True  # a question is also trained as the user turn of the model's chat template
     subject_swaps: int = 8  # hard negatives: the prompt with another subject
     neuron: str = "prototype"  # "prototype": cosine to the fact's key above a fitted threshold; "logistic"
     min_similarity: float = 0.75  # prototype neurons fire only above this cosine, whatever the fit says

@@ -26,6 +26,7 @@ from editstream.artifacts import Artifact
 from editstream.config import config_from_dict
 from editstream.edits import EditRequest
 from editstream.errors import ConfigError
+from editstream.generation import chat_text
 from editstream.methods.base import EditMethod, QueryPlan
 from editstream.methods.recipe.checkpoint import PACKAGED
 from editstream.methods.recipe.relation import RelationGate, load_gate
@@ -131,7 +132,10 @@ class Scen(EditMethod):
     def _variants(self, edit: EditRequest) -> list[str]:
         rng = random.Random(edit.edit_id)
         prefixes = rng.sample(PREFIXES, k=min(self.config.variants, len(PREFIXES)))
-        return [edit.prompt] + [f"{p} {edit.prompt}" for p in prefixes]
+        contexts = [edit.prompt] + [f"{p} {edit.prompt}" for p in prefixes]
+        if self.config.chat_variant and edit.is_question and getattr(self.lm.tokenizer, "chat_template", None):
+            contexts.append(chat_text(self.lm, edit.prompt))  # the question as a chat's user turn, answered
+        return contexts
 
     def _swaps(self, edit: EditRequest) -> list[str]:
         """The prompt with other subjects in place of the edit's: same relation, another subject."""
@@ -319,10 +323,13 @@ class Scen(EditMethod):
             bsz, width = x.shape[:2]
             mask = state.get("mask")
             mask = mask.to(x.device) if mask is not None else torch.ones(bsz, width, device=x.device)
-            pads = width - mask.sum(1)
-            last = (pads + lengths.to(x.device) - 1).clamp(0, width - 1)
+            first = width - mask.sum(1)  # left padding, then a chat template's head (if any), then the prompt
+            if "heads" in state:
+                first = first + state["heads"].to(x.device)
+            last = (first + lengths.to(x.device) - 1).clamp(0, width - 1)
             span = torch.arange(width, device=x.device)[None, :]
-            prompt = mask.bool() & (span <= last[:, None])  # the prompt's tokens, not what follows them
+            # the prompt's own tokens: not the template around it, not what follows it
+            prompt = mask.bool() & (span >= first[:, None]) & (span <= last[:, None])
             sums = WindowSums(token_features(x, self.centers, prompt), self.config.max_window)
             where = prompt if self.config.route_on == "subject" else span == last[:, None]
             slots, fires, peak = self.bank.route(sums, where, offsets(prompt))
@@ -345,6 +352,7 @@ class Scen(EditMethod):
             out[rows] = torch.where(active[rows][..., None], edited.to(base.dtype), base[rows])
             return out
 
+        plan.set_offsets = lambda heads: state.update(heads=heads)  # chat: tokens before each row's prompt
         handles = [
             self.lm.model.register_forward_pre_hook(capture_mask, with_kwargs=True),
             self.route_mlp.register_forward_pre_hook(route),
