@@ -128,12 +128,16 @@ class IvfKeyIndex(_EditSlots):
         keys = np.ascontiguousarray(keys, dtype=np.float32).reshape(n, dim)
         self._index.train(keys)
         self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        self.nprobe = min(nprobe, self.nlist)
-        self._index.nprobe = self.nprobe
+        self.set_nprobe(nprobe)
         self.trained_on = n
         self._labels: dict[int, str] = {}
         self._next = 0
         self._add(edit_ids, keys)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists scanned per query: `nprobe`, or every list where there are fewer."""
+        self.nprobe = min(nprobe, self.nlist)
+        self._index.nprobe = self.nprobe
 
     def _add(self, edit_ids: list[str], keys: np.ndarray) -> None:
         labels = np.arange(self._next, self._next + len(edit_ids), dtype=np.int64)
@@ -213,6 +217,14 @@ class ScalingKeyIndex:
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
         return self.inner.search(queries)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists scanned per query from now on (and after retraining); at most the lists there are."""
+        if nprobe < 1:
+            raise ValueError(f"nprobe {nprobe}: must be at least 1")
+        self.nprobe = nprobe
+        if isinstance(self.inner, IvfKeyIndex):
+            self.inner.set_nprobe(nprobe)
 
 
 class TensorKeyIndex(_EditSlots):

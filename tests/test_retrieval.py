@@ -152,8 +152,9 @@ def test_the_recall_benchmark_compares_the_served_retrieval_through_both_indexes
     sets = {name: load_edits(name, limit=20) for name in ("counterfact", "zsre")}
     distractors = load_edits("counterfact-train", limit=60)
     # 100 keys, IVF from 80 (2 lists): with both lists probed the IVF path must agree with flat exactly
-    exact = run_recall(retrieval, sets, distractors, threshold=80, nprobe=2, remove_share=0.5)
+    exact = run_recall(retrieval, sets, distractors, threshold=80, nprobe=2, remove_share=0.5, sweep_nprobes=(1, 2))
     assert exact["stored"] == 100 and exact["ivf_lists"] == 2 and exact["removed"] == 30
+    assert [s["nprobe"] for s in exact["sweep"]] == [1, 2] and exact["sweep"][1]["top1_agreement"]["all"] == 1.0
     for phase in ("full", "after_removals"):
         assert exact[phase]["all"]["agreement"] == 1.0 and exact[phase]["all"]["recall_vs_flat"] == 1.0
         assert exact[phase]["all"]["queries"] == sum(1 + len(e.paraphrases) for s in sets.values() for e in s)

@@ -57,22 +57,47 @@ def queries_of(edit_sets: dict[str, Sequence[EditRequest]]) -> list[Query]:
     return out
 
 
-def encode_keys(retrieval: RecipeRetrieval, prompts: Sequence[str], batch: int = 256) -> torch.Tensor:
-    """RECIPE keys of `prompts` (as an editor computes them), with a progress bar."""
+def encode(retrieval: RecipeRetrieval, texts: Sequence[str], queries: bool, batch: int = 256) -> torch.Tensor:
+    """RECIPE keys (as an editor computes them) or query vectors (as a replica searches) of `texts`."""
     parts = []
-    for start in tqdm(range(0, len(prompts), batch), desc="keys", unit="batch"):
-        parts.append(retrieval.keys(retrieval.encode(prompts[start : start + batch])))
+    for start in tqdm(range(0, len(texts), batch), desc="queries" if queries else "keys", unit="batch"):
+        r = retrieval.encode(texts[start : start + batch])
+        with torch.inference_mode():
+            parts.append(retrieval.net.retriever.queries(r) if queries else retrieval.keys(r))
     return torch.cat(parts)
 
 
-def _search_ms(index: KeyIndex | ScalingKeyIndex, retrieval: RecipeRetrieval, texts: Sequence[str]) -> float:
-    """Milliseconds per query of the index search alone (queries encoded beforehand), one at a time."""
-    with torch.inference_mode():
-        q = retrieval.net.retriever.queries(retrieval.encode(list(texts)))
+def search_ms(index: KeyIndex | ScalingKeyIndex, q: torch.Tensor) -> float:
+    """Milliseconds per query of the index search alone, one query at a time (as a replica asks)."""
     started = time.perf_counter()
     for row in q:
         index.search(row.unsqueeze(0))
     return 1000 * (time.perf_counter() - started) / max(1, len(q))
+
+
+def sweep(
+    flat: KeyIndex, ann: ScalingKeyIndex, q: torch.Tensor, queries: Sequence[Query], nprobes: Sequence[int]
+) -> list[dict]:
+    """Per `nprobe`: how often the IVF index's best key is flat's (where they agree, the served answer
+    is the same whatever the sentinel and gate decide), overall and per group, and its search time."""
+    _, want = flat.search(q)
+    timed = q[torch.randperm(len(q), generator=torch.Generator().manual_seed(0))[:500]]
+    out = []
+    for nprobe in nprobes:
+        ann.set_nprobe(nprobe)
+        _, got = ann.search(q)
+        groups: dict[str, list[bool]] = {}
+        for query, w, g in zip(queries, want, got, strict=True):
+            groups.setdefault(query.group, []).append(w == g)
+            groups.setdefault("all", []).append(w == g)
+        out.append(
+            {
+                "nprobe": ann.nprobe,
+                "top1_agreement": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())},
+                "search_ms_per_query": round(search_ms(ann, timed), 4),
+            }
+        )
+    return out
 
 
 def _retrieve(retrieval: RecipeRetrieval, index, queries: Sequence[Query], about, batch: int) -> list[str | None]:
@@ -118,14 +143,15 @@ def run_recall(
     remove_share: float = 0.2,
     seed: int = 0,
     batch: int = 128,
+    sweep_nprobes: Sequence[int] = (),
 ) -> dict:
-    """Fill a flat and a scaling (flat -> IVF) index with the same keys in one stream order, compare
-    what the served retrieval finds through each, remove `remove_share` of the distractors, compare
-    again."""
+    """Fill a flat and a scaling (flat -> IVF) index with the same keys in one stream order; sweep
+    `sweep_nprobes` on the best key alone; compare what the served retrieval finds through each
+    index at `nprobe`, remove `remove_share` of the distractors, compare again."""
     stored = stored_edits(edit_sets, distractors)
     order = list(stored)
     random.Random(seed).shuffle(order)
-    keys = encode_keys(retrieval, [stored[i].prompt for i in order])
+    keys = encode(retrieval, [stored[i].prompt for i in order], queries=False)
     dim = keys.shape[1]
     flat, ann = KeyIndex(dim), ScalingKeyIndex(dim, threshold, nprobe)
     fill_s = {"flat": 0.0, "ann": 0.0}
@@ -136,22 +162,23 @@ def run_recall(
         fill_s[name] = round(time.perf_counter() - started, 3)
     about = {i: {"prompt": e.prompt, "subject": e.subject or ""} for i, e in stored.items()}.__getitem__
     queries = queries_of(edit_sets)
-    sample = [q.text for q in random.Random(seed).sample(queries, min(500, len(queries)))]
+    q = encode(retrieval, [x.text for x in queries], queries=True)
+    timed = q[torch.randperm(len(q), generator=torch.Generator().manual_seed(seed))[:500]]
     result = {
         "stored": len(stored),
         "edit_sets": {name: len(edits) for name, edits in edit_sets.items()},
         "distractors": len(distractors),
         "threshold": threshold,
-        "nprobe": nprobe,
         "ivf_lists": getattr(ann.inner, "nlist", None),
         "ivf_trained_on": getattr(ann.inner, "trained_on", None),
         "fill_seconds": fill_s,
-        "search_ms_per_query": {
-            "flat": round(_search_ms(flat, retrieval, sample), 4),
-            "ann": round(_search_ms(ann, retrieval, sample), 4),
-        },
-        "full": compare(retrieval, flat, ann, queries, about, batch),
+        "flat_search_ms_per_query": round(search_ms(flat, timed), 4),
+        "sweep": sweep(flat, ann, q, queries, sweep_nprobes),
     }
+    ann.set_nprobe(nprobe)
+    result["nprobe"] = ann.nprobe
+    result["ann_search_ms_per_query"] = round(search_ms(ann, timed), 4)
+    result["full"] = compare(retrieval, flat, ann, queries, about, batch)
     gone = [i for i in order if i.startswith("distractor/")]
     gone = random.Random(seed + 1).sample(gone, int(remove_share * len(gone)))
     for edit_id in gone:

@@ -170,7 +170,10 @@ def _bench_recall(args: argparse.Namespace) -> int:
     distractors = [e for name in args.distractors.split(",") if name for e in load_edits(name, limit=limit)]
     lm = load_causal_lm(args.model, device="cpu")
     retrieval = load_retrieval(lm, args.checkpoint, None, encoder_int8=args.encoder_int8)
-    result = run_recall(retrieval, edit_sets, distractors, args.threshold, args.nprobe, args.remove, args.seed)
+    sweep = [int(x) for x in args.sweep.split(",") if x]
+    result = run_recall(
+        retrieval, edit_sets, distractors, args.threshold, args.nprobe, args.remove, args.seed, sweep_nprobes=sweep
+    )
     doc = {
         "command": "editstream bench recall",
         "sets": args.sets,
@@ -335,6 +338,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--limit", type=int, default=0, help="first N records of each set (0: all)")
     r.add_argument("--threshold", type=int, default=1000, help="keys held before the index turns IVF")
     r.add_argument("--nprobe", type=int, default=16, help="IVF lists scanned per query")
+    r.add_argument(
+        "--sweep", default="1,4,8,16,32,64,128", help="nprobe values whose best-key agreement with flat is reported"
+    )
     r.add_argument("--remove", type=float, default=0.2, help="share of distractors removed for the second pass")
     r.add_argument("--encoder-int8", action="store_true", help="keys and queries from the int8 sentence encoder")
     r.add_argument("--seed", type=int, default=0, help="stream order and removal sample")
