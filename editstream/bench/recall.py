@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from editstream.edits import EditRequest
 from editstream.methods.recipe.method import RecipeRetrieval
-from editstream.retrieval import KeyIndex, ScalingKeyIndex
+from editstream.retrieval import DEFAULT_NPROBE, KeyIndex, ScalingKeyIndex
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def run_recall(
     edit_sets: dict[str, Sequence[EditRequest]],
     distractors: Sequence[EditRequest],
     threshold: int,
-    nprobe: int = 16,
+    nprobe: int = DEFAULT_NPROBE,
     remove_share: float = 0.2,
     seed: int = 0,
     batch: int = 128,

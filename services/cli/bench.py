@@ -337,7 +337,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--distractors", default="counterfact-train,zsre-train", help="sets stored but never asked")
     r.add_argument("--limit", type=int, default=0, help="first N records of each set (0: all)")
     r.add_argument("--threshold", type=int, default=1000, help="keys held before the index turns IVF")
-    r.add_argument("--nprobe", type=int, default=16, help="IVF lists scanned per query")
+    r.add_argument("--nprobe", type=int, default=64, help="IVF lists scanned per query (the replicas' default: 64)")
     r.add_argument(
         "--sweep", default="1,4,8,16,32,64,128", help="nprobe values whose best-key agreement with flat is reported"
     )
