@@ -1,8 +1,10 @@
 """`scen`: servable SCEN. compute trains an expert and an indexing neuron per fact; apply puts them
 in the bank; a query routes each row on its own and the chosen expert acts in the expert layer's FFN.
 
-Per edit, the prompt and `variants` prefixed copies of it are run once up to the expert layer
-(captured), and the expert is trained on prompt -> target from there upward only. The neuron reads
+Per edit, the prompt and `variants` prefixed copies of it (and a question also as the user turn of
+the chat template) are run once up to the expert layer (captured), and the expert is trained on
+prompt -> target from there upward only. In the chat form the routing reads the question's own
+tokens behind the template's head. The neuron reads
 the FFN input of a lower routing layer (routing.py): the mean of the token features over the
 subject's span, which a rephrased question about the same subject reproduces while the same
 question about another subject, even one sharing the last name, does not (measured on CounterFact
