@@ -101,6 +101,7 @@ class System:
     def __init__(self, config: SystemConfig) -> None:
         self.config = config
         self.actors: dict[str, Any] = {}
+        self._starting: dict[str, float] = {}  # name -> when it was spawned, until it first answers a ping
         self._next: dict[str, int] = {}
         self.store = RedisStore(connect(config.redis_url), config.namespace)
 
@@ -120,6 +121,7 @@ class System:
             .remote(kind, kwargs)
         )
         self.actors[name] = (kind, kwargs, actor)
+        self._starting[name] = time.time()  # until its first answer: it may be loading a model
         return actor
 
     def _common(self) -> dict[str, Any]:
@@ -202,6 +204,7 @@ class System:
         """Stop the newest actor of `kind` (or `name`); an editor's unacked work is claimed by the others."""
         name = name or self.names(kind)[-1]
         *_, actor = self.actors.pop(name)
+        self._starting.pop(name, None)
         if kind == "replica":
             self._update_evaluators()
             self.store.forget_replica(name)
@@ -248,15 +251,25 @@ class System:
             EvaluatorClient(self.handle(name)).set_replicas(handles)
 
     # --- health and state ----------------------------------------------------------------------
-    def supervise(self, timeout_s: float = 5.0, name_wait_s: float = 30.0) -> list[str]:
-        """Recreate actors that no longer answer; returns their names. One that cannot be started yet
-        (the dead one's name not released, no node with room) is tried again at the next call."""
+    def supervise(self, timeout_s: float = 5.0, name_wait_s: float = 30.0, start_grace_s: float = 600.0) -> list[str]:
+        """Recreate actors that no longer answer; returns their names. An actor that has not answered
+        since it was spawned and is younger than `start_grace_s` is still starting (a replica loads its
+        model and replays the journal in its constructor, which can take minutes on a busy machine): a
+        ping timeout does not count against it, only its death does (replacing it then would start
+        the load over, forever). One that cannot be started yet (the dead one's name not released, no
+        node with room) is tried again at the next call."""
         replaced = []
         for name, (kind, kwargs, actor) in list(self.actors.items()):
             try:
                 ray.get(actor.ping.remote(), timeout=timeout_s)
+                self._starting.pop(name, None)
                 continue
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            except ray.exceptions.GetTimeoutError:
+                spawned = self._starting.get(name)
+                if spawned is not None and time.time() - spawned < start_grace_s:
+                    continue  # still in its constructor
+                log.warning("actor %s does not answer; starting a new one", name)
+            except ray.exceptions.RayActorError:
                 log.warning("actor %s is gone; starting a new one", name)
             ray.kill(actor, no_restart=True)
             try:
