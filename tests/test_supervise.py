@@ -39,3 +39,19 @@ def test_a_lost_actor_comes_back_under_its_name_once_ray_releases_it(ray_local, 
     assert ray.get(ray.get_actor("sv:ingest").ping.remote())
     system.stop()
     assert system.actors == {}
+
+
+def test_an_actor_still_in_its_constructor_is_not_replaced_for_a_ping_timeout(ray_local, redis_server, tmp_path):
+    """A Ray actor answers nothing until its constructor is done (a replica loads its model there):
+    replacing it for a ping timeout started the load over every 10 s, forever, on a loaded machine."""
+    config = SystemConfig(redis_url=redis_server.url, run_dir=str(tmp_path / "run"), namespace="sg")
+    system = System(config)
+    ingest = {"redis_url": redis_server.url, "namespace": "sg", "consumer": "ingest-0"}
+    first = system._spawn("ingest", "ingest", ingest)
+    assert system.supervise(timeout_s=0.001) == []  # cannot have answered yet: still starting, left alone
+    assert system.handle("ingest") is first
+    assert system.supervise(timeout_s=0.001, start_grace_s=0.0) == ["ingest"]  # without the grace: replaced
+    second = system.handle("ingest")
+    assert second is not first and ray.get(second.ping.remote())
+    assert system.supervise() == [] and "ingest" not in system._starting  # answered: no longer starting
+    system.stop()
