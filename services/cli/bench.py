@@ -175,7 +175,6 @@ def _bench_recall(args: argparse.Namespace) -> int:
         retrieval, edit_sets, distractors, args.threshold, args.nprobe, args.remove, args.seed, sweep_nprobes=sweep
     )
     doc = {
-        "command": "editstream bench recall",
         "sets": args.sets,
         "distractor_sets": args.distractors,
         "encoder": retrieval.encoder.name,
