@@ -26,7 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from editstream.artifacts import Artifact
+from editstream.artifacts import Artifact, PackedArtifact
 from editstream.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def write_state(
     directory: Path,
     method: str,
     fingerprint: str,
-    artifacts: Iterable[Artifact],
+    artifacts: Iterable[Artifact | PackedArtifact],
     pack: str = "pack-0.bin",
     previous: Path | None = None,
     min_live: float = 0.5,
@@ -104,7 +104,7 @@ def write_state(
     sizes = {name: (previous / name).stat().st_size for name in {e.pack for e in old.values()}} if previous else {}
     if pack in sizes:
         raise ArtifactError(f"{directory}: the new pack {pack!r} has the name of a pack it would reuse")
-    plan: list[Entry | Artifact] = []
+    plan: list[Entry | Artifact | PackedArtifact] = []
     for artifact in artifacts:
         entry = old.get(artifact.edit_id)
         same = entry is not None and entry.digest == artifact.content_digest()[:DIGEST_CHARS]  # None: never

@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from editstream.artifacts import Artifact
+from editstream.artifacts import PackedArtifact
 from editstream.errors import ArtifactError
 from editstream.packs import write_state
 from editstream.replica import Replica
@@ -52,7 +52,7 @@ class SnapshotInfo:
 
 @dataclass(frozen=True)
 class Capture:
-    """A replica's state taken under its lock (cheap: references to immutable artifacts); written
+    """A replica's state taken under its lock (cheap: references to immutable packed artifacts); written
     to disk afterwards, outside the lock."""
 
     seq: int
@@ -60,13 +60,13 @@ class Capture:
     entry: tuple[str, float] | None
     method: str
     base_fingerprint: str
-    artifacts: tuple[Artifact, ...]  # their content digests are known (computed when applied)
+    artifacts: tuple[PackedArtifact, ...]  # their content digests are known (computed when applied)
 
 
 def capture(replica: Replica, entry: tuple[str, float] | None) -> Capture:
     """The replica's edit state now; `entry`: the (edit id, time) of the journal entry at its version."""
     method = replica.method
-    applied = tuple(method.artifact(e) for e in method.edit_ids())
+    applied = tuple(method.packed(e) for e in method.edit_ids())
     return Capture(replica.version, replica.digest(), entry, method.name, method.lm.fingerprint, applied)
 
 

@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from editstream.artifacts import Artifact
+from editstream.artifacts import Artifact, PackedArtifact
 from editstream.errors import ArtifactError
 
 
@@ -57,3 +57,30 @@ def test_a_tensor_header_that_does_not_fit_its_bytes_is_rejected(change, says):
     head = json.dumps(header).encode()
     with pytest.raises(ArtifactError, match=says):
         Artifact.from_bytes(struct.pack("<Q", len(head)) + head + data[8 + n :])
+
+
+def test_a_packed_artifact_unpacks_to_the_same_bytes_and_is_not_changed_through_a_copy():
+    a = Artifact(
+        "rledit",
+        "e-2",
+        "fp",
+        {
+            "u0": torch.randn(3, 5).half(),
+            "a0": torch.randn(3, 7),
+            "ids": torch.arange(4, dtype=torch.int32),
+            "empty": torch.empty(0, 2),
+        },
+        {"prompt": "The sky is", "target": "green", "modules": ["m.a", "m.b"], "score": 0.125},
+    )
+    packed = PackedArtifact(a)
+    assert packed.content_digest() == a.content_digest()
+    b = packed.unpack()
+    assert b.to_bytes() == a.to_bytes() and b.meta == a.meta and b.edit_id == "e-2"
+    assert packed.get("target") == "green" and packed.get("missing", 7) == 7 and packed.method == "rledit"
+    assert torch.equal(packed.tensor("a0"), a.tensors["a0"]) and packed.tensor("empty").shape == (0, 2)
+    assert packed.has("u0") and not packed.has("prompt")
+    b.tensors["a0"] += 1  # unpacked tensors are copies
+    b.meta["target"] = "red"
+    assert torch.equal(packed.unpack().tensors["a0"], a.tensors["a0"]) and packed.get("target") == "green"
+    with pytest.raises(KeyError, match="no tensor 'nope'"):
+        packed.tensor("nope")

@@ -92,12 +92,13 @@ def test_replica_applies_in_seq_order_only(tiny_lm):
     assert replica.retract(3, "a") and replica.method.edit_ids() == ["b"]
 
 
-def test_recipe_artifacts_hold_float16_vectors_and_target_ids(tiny_lm, tiny_encoder, tiny_checkpoint):
+def test_recipe_artifacts_hold_a_float16_key_and_encoding_and_the_target_ids(tiny_lm, tiny_encoder, tiny_checkpoint):
     import torch
 
     method = create_method("recipe", tiny_lm, checkpoint=tiny_checkpoint, encoder=tiny_encoder)
     art = method.compute([EditRequest("The sky is", "green and blue", edit_id="x")])[0]
-    assert art.tensors["key"].dtype == art.tensors["prompt"].dtype == torch.float16
+    assert art.tensors["key"].dtype == art.tensors["encoding"].dtype == torch.float16
+    assert "prompt" not in art.tensors  # generated from the encoding when the edit fires
     ids = art.tensors["target_ids"]
     assert ids.dtype == torch.int32 and ids.shape == (2,)
     assert ids.tolist() == tiny_lm.tokenizer(" green and blue", add_special_tokens=False)["input_ids"][:2]

@@ -55,14 +55,14 @@ def test_poison_entries_are_dead_lettered_and_skipped_on_every_replica(redis_ser
 
     editor.method.compute = compute
     drain(editor)
-    # the third fact's stored artifact cannot be applied: a prompt of the wrong shape
+    # the third fact's stored artifact cannot be applied: an encoding of the wrong shape
     good = Artifact.from_bytes(store.get_artifacts("recipe", [3])[3])
     store.r.hdel(store.keys.artifacts, "recipe:3")
     broken = Artifact(
         good.method,
         good.edit_id,
         good.base_fingerprint,
-        {**good.tensors, "prompt": good.tensors["prompt"][:1]},
+        {**good.tensors, "encoding": good.tensors["encoding"][:1]},
         good.meta,
     )
     store.put_artifacts("recipe", {3: broken.to_bytes()})

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from editstream.artifacts import Artifact
+from editstream.artifacts import Artifact, PackedArtifact
 from editstream.edits import EditRequest, normalize_prompt
 from editstream.errors import ArtifactError
 from editstream.models import LoadedLM
@@ -62,7 +62,8 @@ class EditMethod(ABC):
 
     def __init__(self, lm: LoadedLM) -> None:
         self.lm = lm
-        self._applied: dict[str, Artifact] = {}  # every applied, not-removed edit, in apply order
+        # every applied, not-removed edit, in apply order, packed (a few hundred bytes over its data)
+        self._applied: dict[str, PackedArtifact] = {}
         self._stacks: dict[str, list[str]] = {}  # normalized prompt -> edit ids, newest last (attached)
         # A prompt stored with an edit fires that edit without a search (a product fast path). The
         # quality benchmark turns it off to measure the retriever itself.
@@ -132,11 +133,10 @@ class EditMethod(ABC):
             self._attach(artifact)
         except Exception:
             if stack:
-                self._attach(self._applied[stack[-1]])
+                self._attach(self._applied[stack[-1]].unpack())
             raise
         stack.append(artifact.edit_id)
-        self._applied[artifact.edit_id] = artifact
-        artifact.content_digest()  # computed once, now (the artifact keeps it)
+        self._applied[artifact.edit_id] = PackedArtifact(artifact)  # computes the content digest, once
         return True
 
     def remove(self, edit_id: str) -> bool:
@@ -144,13 +144,13 @@ class EditMethod(ABC):
         artifact = self._applied.get(edit_id)
         if artifact is None:
             return False
-        key = normalize_prompt(artifact.meta["prompt"])
+        key = normalize_prompt(artifact.get("prompt"))
         stack = self._stacks[key]
         if stack[-1] == edit_id:
             self._detach(edit_id)  # the artifact is still registered while it is detached
             stack.pop()
             if stack:
-                self._attach(self._applied[stack[-1]])
+                self._attach(self._applied[stack[-1]].unpack())
         else:
             stack.remove(edit_id)
         del self._applied[edit_id]
@@ -181,20 +181,26 @@ class EditMethod(ABC):
 
     def target_of(self, edit_id: str) -> str | None:
         """The target text of an applied edit (None if it is not applied)."""
-        return self.meta_of(edit_id).get("target")
+        artifact = self._applied.get(edit_id)
+        return artifact.get("target") if artifact is not None else None
 
     def is_active(self, edit_id: str) -> bool:
         """Whether `edit_id` is in effect now (applied, not retracted, not superseded)."""
         artifact = self._applied.get(edit_id)
         if artifact is None:
             return False
-        return self._stacks[normalize_prompt(artifact.meta["prompt"])][-1] == edit_id
+        return self._stacks[normalize_prompt(artifact.get("prompt"))][-1] == edit_id
 
     def active_edit_ids(self) -> list[str]:
         """Edits now in effect (the newest of each prompt)."""
         return [stack[-1] for stack in self._stacks.values()]
 
     def artifact(self, edit_id: str) -> Artifact:
+        """An applied edit's artifact, unpacked (a copy: changing it changes nothing applied)."""
+        return self._applied[edit_id].unpack()
+
+    def packed(self, edit_id: str) -> PackedArtifact:
+        """An applied edit's artifact as kept (immutable; what snapshots hold)."""
         return self._applied[edit_id]
 
     def digest(self) -> str:

@@ -102,4 +102,4 @@ class FineTune(EditMethod):
 
     def _detach(self, edit_id: str) -> None:
         with torch.no_grad():
-            self.weight -= self._applied[edit_id].tensors["delta"].to(self.weight.device, self.weight.dtype)
+            self.weight -= self.artifact(edit_id).tensors["delta"].to(self.weight.device, self.weight.dtype)

@@ -1,10 +1,12 @@
 """RECIPE as an editstream method.
 
-compute: one batched encoder forward over the edit prompts gives each edit its retrieval key and
-(with the target's token embeddings, in our variant) its continuous prompt; no LLM pass.
-apply: add the key to the faiss index and keep the prompt (both float16). query: encode the
-prompts, search, keep hits that beat the Knowledge Sentinel, and prefix those rows' prompts
-through a hook that lives only inside `query_context`.
+compute: one batched encoder forward over the edit prompts gives each edit its retrieval key and the
+encoding its continuous prompt is generated from (with the target's token embeddings, in our
+variant); no LLM pass.
+apply: add the key to the faiss index (the base class keeps the packed artifact: key, encoding and
+target ids, ~1 KB). query: encode the prompts, search, keep hits that beat the Knowledge Sentinel,
+generate those rows' prompts from their encodings and prefix them through a hook that lives only
+inside `query_context`.
 """
 
 from __future__ import annotations
@@ -156,45 +158,59 @@ class Recipe(RetrievingMethod):
     def __init__(self, lm: LoadedLM, retrieval: RecipeRetrieval) -> None:
         super().__init__(lm, retrieval)
         self.net = retrieval.net
-        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # vectors, target ids
 
     def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
+        """Per edit its key, the generator's input encoding (float16) and, for checkpoints that read
+        them, the target's token ids; the prompt vectors are generated from these when the edit
+        fires (a 384-dim encoding is 768 bytes, the 3 x 576 vectors 3,456)."""
         if not edits:
             return []
         config = self.net.config
         r_prompt = self.retrieval.encode([e.prompt for e in edits])
-        ids = None
         with torch.inference_mode():
             keys = self.net.retriever.keys(r_prompt)
-            if config.uses_target_embeddings:
-                ids = target_token_ids(self.lm.tokenizer, [e.target for e in edits], config.target_slots)
-                prompts = self.net.generator(r_prompt, embed_ids(self.lm.model.get_input_embeddings(), ids))
-            else:
-                prompts = self.net.generator(self.retrieval.encode([e.statement for e in edits]))
+        encodings = r_prompt if config.uses_target_embeddings else self.retrieval.encode([e.statement for e in edits])
+        ids = target_token_ids(self.lm.tokenizer, [e.target for e in edits], config.target_slots)
         out = []
-        for row, (e, k, p) in enumerate(zip(edits, keys, prompts, strict=True)):
-            tensors = {"key": k.half(), "prompt": p.half()}
-            if self.net.generator.appends_targets:
+        for row, (e, k, r) in enumerate(zip(edits, keys, encodings, strict=True)):
+            tensors = {"key": k.half(), "encoding": r.half()}
+            if config.uses_target_embeddings:
                 tensors["target_ids"] = ids[row].to(torch.int32)
             out.append(self.new_artifact(e, tensors))
         return out
 
     def _attach(self, artifact: Artifact) -> None:
-        key, prompt = artifact.tensors["key"], artifact.tensors["prompt"]
-        expected = (self.net.config.prompt_len, self.net.generator.d_llm)
-        if tuple(prompt.shape) != expected or tuple(key.shape) != (self.net.config.key_dim,):
-            raise ConfigError(
-                f"artifact {artifact.edit_id}: prompt {tuple(prompt.shape)} / key {tuple(key.shape)}, "
-                f"expected {expected} / ({self.net.config.key_dim},)"
+        tensors, config = artifact.tensors, self.net.config
+        if "prompt" in tensors and "encoding" not in tensors:
+            raise ArtifactError(
+                f"artifact {artifact.edit_id} holds prompt vectors, the RECIPE artifact form before 2026-12-01; "
+                "this replica generates them from the encoding when the edit fires: recompute the edit"
             )
-        if self.net.generator.appends_targets and "target_ids" not in artifact.tensors:
+        key, encoding = tensors.get("key"), tensors.get("encoding")
+        enc_dim = self.retrieval.encoder.dim
+        if _shape(encoding) != (enc_dim,) or _shape(key) != (config.key_dim,):
+            raise ConfigError(
+                f"artifact {artifact.edit_id}: encoding {_shape(encoding)} / key {_shape(key)}, "
+                f"expected ({enc_dim},) / ({config.key_dim},)"
+            )
+        if config.uses_target_embeddings and "target_ids" not in tensors:
             raise ConfigError(f"artifact {artifact.edit_id} lacks target_ids, which this checkpoint needs")
         self.retrieval.index.add(artifact.edit_id, key)
-        self._prompts[artifact.edit_id] = (prompt.half(), artifact.tensors.get("target_ids"))
 
     def _detach(self, edit_id: str) -> None:
         self.retrieval.remove(edit_id)
-        self._prompts.pop(edit_id, None)
+
+    def _prefix(self, edit_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix vectors and mask of fired edits, generated from their kept encodings."""
+        packed = [self._applied[e] for e in edit_ids]
+        device, embed = self.lm.device, self.lm.model.get_input_embeddings()
+        encodings = torch.stack([p.tensor("encoding") for p in packed]).to(device).float()
+        targets = None
+        if self.net.config.uses_target_embeddings:
+            targets = embed_ids(embed, torch.stack([p.tensor("target_ids") for p in packed]))
+        with torch.inference_mode():
+            generated = self.net.generator(encodings, targets)
+            return self.net.generator.prefix(generated, targets if self.net.generator.appends_targets else None)
 
     @contextmanager
     def query_context(self, prompts: Sequence[str]) -> Iterator[QueryPlan]:
@@ -205,13 +221,7 @@ class Recipe(RetrievingMethod):
             yield plan
             return
         device = self.lm.device
-        generated = torch.stack([self._prompts[fired[i]][0] for i in rows]).to(device).float()
-        targets = None
-        if self.net.generator.appends_targets:
-            ids = torch.stack([self._prompts[fired[i]][1] for i in rows])
-            targets = embed_ids(self.lm.model.get_input_embeddings(), ids)
-        with torch.inference_mode():
-            hit_prefix, hit_mask = self.net.generator.prefix(generated, targets)
+        hit_prefix, hit_mask = self._prefix([fired[i] for i in rows])
         prefix = torch.zeros(len(prompts), *hit_prefix.shape[1:], device=device)
         prefix_mask = torch.zeros(len(prompts), hit_prefix.shape[1], dtype=torch.long, device=device)
         prefix[rows] = hit_prefix
@@ -222,3 +232,7 @@ class Recipe(RetrievingMethod):
             plan.select_rows = prefix_rows.select
             plan.set_offsets = lambda offsets: setattr(prefix_rows, "offsets", offsets)
             yield plan
+
+
+def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
+    return tuple(t.shape) if t is not None else None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from editstream.artifacts import Artifact
 from editstream.config import config_from_dict
@@ -248,8 +249,9 @@ class LocateEdit(WeightEdit):
     def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
         out: list[Artifact] = []
         size = self.config.batch if self.batch_edits else 1
-        with torch.enable_grad():
-            for i in range(0, len(edits), size):
+        steps = range(0, len(edits), size)
+        with torch.enable_grad():  # a bar when a call solves more than one step (benchmarks, replays)
+            for i in tqdm(steps, desc=f"{self.name} edits", unit="step", disable=len(steps) < 2, leave=False):
                 changes = [ch for a in out for ch in self._changes(a)]
                 with temporarily_added(changes):  # later edits are solved on top of the earlier ones
                     out += self._solve(list(edits[i : i + size]))

@@ -86,5 +86,5 @@ class WeightEdit(EditMethod):
 
     def _detach(self, edit_id: str) -> None:
         with torch.no_grad():
-            for m, d in self._changes(self._applied[edit_id]):
+            for m, d in self._changes(self.artifact(edit_id)):
                 m.weight -= d
