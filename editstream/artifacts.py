@@ -61,13 +61,6 @@ class Artifact:
     @classmethod
     def from_bytes(cls, data: bytes) -> Artifact:
         header, tensors = _read(data)
-        missing = {"method", "edit_id", "base_fingerprint", "schema_version"} - header.keys()
-        if missing:
-            raise ArtifactError(f"artifact header lacks {sorted(missing)}")
-        if header["schema_version"] > SCHEMA_VERSION:
-            raise ArtifactError(
-                f"artifact schema {header['schema_version']} is newer than this editstream's {SCHEMA_VERSION}"
-            )
         artifact = cls(
             method=header["method"],
             edit_id=header["edit_id"],
@@ -119,11 +112,11 @@ _DTYPES = {
 }
 
 
-def _read(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The editstream header and the tensors of a safetensors buffer. Parsed here rather than by
-    `safetensors.torch.load` (a replica reads every artifact, and a snapshot a million of them): the
-    header is parsed once and the tensors share one copy of the data section; every tensor's dtype,
-    shape and offsets are checked against the buffer."""
+def _parse(data: bytes) -> tuple[dict[str, Any], tuple, int]:
+    """The editstream header (checked), the tensor layout ((name, safetensors dtype, shape, start,
+    end) per tensor, in data order, each checked against the buffer) and where the data section
+    starts, of a safetensors buffer. Parsed here rather than by `safetensors.torch.load` (a replica
+    reads every artifact, and a snapshot a million of them)."""
     if len(data) < 8:
         raise ArtifactError(f"artifact is {len(data)} bytes: too short for a safetensors header")
     (n,) = struct.unpack_from("<Q", data)
@@ -136,23 +129,49 @@ def _read(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise ArtifactError(f"artifact has no editstream metadata: {exc!r}") from exc
     if not isinstance(header, dict):
         raise ArtifactError(f"artifact metadata is a {type(header).__name__}, not an object")
-    body = bytearray(memoryview(data)[8 + n :])
-    tensors = {}
+    missing = {"method", "edit_id", "base_fingerprint", "schema_version"} - header.keys()
+    if missing:
+        raise ArtifactError(f"artifact header lacks {sorted(missing)}")
+    if header["schema_version"] > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"artifact schema {header['schema_version']} is newer than this editstream's {SCHEMA_VERSION}"
+        )
+    size = len(data) - 8 - n
+    layout = []
     for name, spec in raw.items():
         try:
             dtype = _DTYPES[spec["dtype"]]
-            shape = [int(d) for d in spec["shape"]]
+            shape = tuple(int(d) for d in spec["shape"])
             start, end = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"artifact tensor {name!r} has a bad header entry {spec!r}: {exc!r}") from exc
-        count = math.prod(shape)
-        if min(shape, default=0) < 0 or not 0 <= start <= end <= len(body) or end - start != count * dtype.itemsize:
+        if (
+            min(shape, default=0) < 0
+            or not 0 <= start <= end <= size
+            or end - start != math.prod(shape) * dtype.itemsize
+        ):
             raise ArtifactError(
-                f"artifact tensor {name!r}: {spec['dtype']} {shape} does not fit bytes {start}-{end} of {len(body)}"
+                f"artifact tensor {name!r}: {spec['dtype']} {list(shape)} does not fit bytes {start}-{end} of {size}"
             )
-        flat = torch.frombuffer(body, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(shape)
-    return header, tensors
+        layout.append((name, spec["dtype"], shape, start, end))
+    return header, tuple(sorted(layout, key=lambda t: t[3])), 8 + n
+
+
+def _tensors(body: bytearray, layout: tuple) -> dict[str, torch.Tensor]:
+    """The tensors of a data section, sharing its memory."""
+    tensors = {}
+    for name, dtype, shape, start, end in layout:
+        count = (end - start) // _DTYPES[dtype].itemsize
+        flat = torch.frombuffer(body, dtype=_DTYPES[dtype], count=count, offset=start) if count else None
+        tensors[name] = flat.reshape(shape) if flat is not None else torch.empty(shape, dtype=_DTYPES[dtype])
+    return tensors
+
+
+def _read(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The editstream header and the tensors of a safetensors buffer; the tensors share one copy of
+    the data section."""
+    header, layout, start = _parse(data)
+    return header, _tensors(bytearray(memoryview(data)[start:]), layout)
 
 
 class PackedArtifact:
@@ -167,22 +186,25 @@ class PackedArtifact:
 
     def __init__(self, artifact: Artifact) -> None:
         data = artifact.to_bytes()
-        (n,) = struct.unpack_from("<Q", data)
-        raw = json.loads(data[8 : 8 + n])
-        raw.pop("__metadata__", None)
-        layout = tuple(
-            sorted(
-                ((name, spec["dtype"], tuple(spec["shape"]), *spec["data_offsets"]) for name, spec in raw.items()),
-                key=lambda t: t[3],
-            )
-        )
-        meta = artifact.meta
-        key = (artifact.method, artifact.base_fingerprint, artifact.schema_version, layout, tuple(meta))
+        _, layout, start = _parse(data)
         self.edit_id = artifact.edit_id
-        self._form = _FORMS.setdefault(key, _Form(*key))
-        self._values = tuple(sys.intern(v) if type(v) is str and len(v) <= 64 else v for v in meta.values())
-        self._data = bytes(data[8 + n :])
+        self._values = _values(artifact.meta)
+        self._form = _form(artifact.method, artifact.base_fingerprint, artifact.schema_version, layout, artifact.meta)
+        self._data = bytes(data[start:])
         self._digest = bytes.fromhex(artifact.content_digest())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PackedArtifact:
+        """Packed straight from an artifact's bytes (a snapshot's), without making its tensors."""
+        header, layout, start = _parse(data)
+        packed = cls.__new__(cls)
+        meta = header.get("meta", {})
+        packed.edit_id = header["edit_id"]
+        packed._form = _form(header["method"], header["base_fingerprint"], header["schema_version"], layout, meta)
+        packed._values = _values(meta)
+        packed._data = bytes(data[start:])
+        packed._digest = hashlib.sha256(data).digest()
+        return packed
 
     @property
     def method(self) -> str:
@@ -202,11 +224,19 @@ class PackedArtifact:
 
     def tensor(self, name: str) -> torch.Tensor:
         """A copy of one tensor (small: the methods that keep artifacts packed read a row or two)."""
-        for entry, dtype, shape, start, end in self._form.layout:
-            if entry == name:
-                out = torch.frombuffer(bytearray(self._data[start:end]), dtype=_DTYPES[dtype]) if end > start else None
-                return out.reshape(shape) if out is not None else torch.empty(shape, dtype=_DTYPES[dtype])
+        for entry in self._form.layout:
+            if entry[0] == name:
+                _, _, _, start, end = entry
+                return _tensors(bytearray(self._data[start:end]), ((name, *entry[1:3], 0, end - start),))[name]
         raise KeyError(f"artifact {self.edit_id} has no tensor {name!r}")
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self._form.base_fingerprint
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of one tensor, None if there is none of that name."""
+        return next((entry[2] for entry in self._form.layout if entry[0] == name), None)
 
     def has(self, name: str) -> bool:
         return any(entry == name for entry, *_ in self._form.layout)
@@ -216,12 +246,7 @@ class PackedArtifact:
 
     def unpack(self) -> Artifact:
         form = self._form
-        body = bytearray(self._data)
-        tensors = {}
-        for name, dtype, shape, start, end in form.layout:
-            count = (end - start) // _DTYPES[dtype].itemsize
-            flat = torch.frombuffer(body, dtype=_DTYPES[dtype], count=count, offset=start) if count else None
-            tensors[name] = flat.reshape(shape) if flat is not None else torch.empty(shape, dtype=_DTYPES[dtype])
+        tensors = _tensors(bytearray(self._data), form.layout)
         artifact = Artifact(form.method, self.edit_id, form.base_fingerprint, tensors, self.meta, form.schema_version)
         artifact._digest = self.content_digest()
         return artifact
@@ -242,3 +267,13 @@ class _Form:
 
 
 _FORMS: dict[tuple, _Form] = {}
+
+
+def _form(method: str, fingerprint: str, schema: int, layout: tuple, meta: dict[str, Any]) -> _Form:
+    key = (method, fingerprint, schema, layout, tuple(meta))
+    return _FORMS.setdefault(key, _Form(*key))
+
+
+def _values(meta: dict[str, Any]) -> tuple:
+    """The metadata values, short strings interned (an encoder name or a common answer is kept once)."""
+    return tuple(sys.intern(v) if type(v) is str and len(v) <= 64 else v for v in meta.values())

@@ -21,15 +21,17 @@ import mmap
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from editstream.artifacts import Artifact, PackedArtifact
 from editstream.errors import ArtifactError
 
 log = logging.getLogger(__name__)
+Read = TypeVar("Read", Artifact, PackedArtifact)
 
 FORMAT = 2
 STATE = "state.json"
@@ -148,8 +150,11 @@ def write_state(
     return Written(offset, sum(sizes[name] for name in kept), fresh)
 
 
-def read_artifacts(directory: Path, index: StateIndex) -> Iterator[Artifact]:
-    """The state's artifacts in apply order, each checked against its index entry."""
+def read_artifacts(
+    directory: Path, index: StateIndex, read: Callable[[bytes], Read] = Artifact.from_bytes
+) -> Iterator[Read]:
+    """The state's artifacts in apply order, each checked against its index entry; `read`:
+    `PackedArtifact.from_bytes` to have them packed (no tensors made)."""
     with ExitStack() as stack:
         maps: dict[str, mmap.mmap] = {}
         for name in {e.pack for e in index.entries}:
@@ -157,7 +162,7 @@ def read_artifacts(directory: Path, index: StateIndex) -> Iterator[Artifact]:
                 maps[name] = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         for e in index.entries:
             try:
-                artifact = Artifact.from_bytes(maps[e.pack][e.offset : e.offset + e.length])
+                artifact = read(maps[e.pack][e.offset : e.offset + e.length])
             except ArtifactError as exc:
                 raise ArtifactError(f"{_place(directory, e)}: {exc}") from exc
             digest = artifact.content_digest()[:DIGEST_CHARS]

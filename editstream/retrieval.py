@@ -45,6 +45,11 @@ class _EditSlots:
     def __contains__(self, edit_id: str) -> bool:
         return edit_id in self._by_edit
 
+    def add_many(self, edit_ids: list[str], keys: torch.Tensor) -> None:
+        """`add` for each (edit id, key row); indexes that can do better override it."""
+        for edit_id, key in zip(edit_ids, keys, strict=True):
+            self.add(edit_id, key)
+
 
 class KeyIndex(_EditSlots):
     """Edit keys by edit_id, searchable by inner product; add and remove are idempotent and O(1).
@@ -86,6 +91,24 @@ class KeyIndex(_EditSlots):
             self._index.add(vec.reshape(1, -1))
             self._slots.append(edit_id)
         self._by_edit[edit_id] = slot
+
+    def add_many(self, edit_ids: list[str], keys: torch.Tensor) -> None:
+        """Free slots first, one at a time; the rest appended in one faiss call (a snapshot's keys)."""
+        fresh = {e: r for r, e in enumerate(edit_ids) if e not in self._by_edit}  # last row of a repeated id
+        rows = list(fresh.values())
+        reused = min(len(self._free), len(rows))
+        for r in rows[:reused]:
+            self.add(edit_ids[r], keys[r])
+        rows = rows[reused:]
+        if not rows:
+            return
+        vecs = np.zeros((len(rows), self.dim + 1), dtype=np.float32)
+        vecs[:, : self.dim] = keys[rows].detach().float().cpu().numpy().reshape(len(rows), self.dim)
+        start = len(self._slots)
+        self._index.add(vecs)
+        for offset, r in enumerate(rows):
+            self._slots.append(edit_ids[r])
+            self._by_edit[edit_ids[r]] = start + offset
 
     def remove(self, edit_id: str) -> None:
         slot = self._by_edit.pop(edit_id, None)
@@ -200,6 +223,13 @@ class ScalingKeyIndex:
 
     def add(self, edit_id: str, key: torch.Tensor) -> None:
         self.inner.add(edit_id, key)
+        self._train_if_grown()
+
+    def add_many(self, edit_ids: list[str], keys: torch.Tensor) -> None:
+        self.inner.add_many(edit_ids, keys)
+        self._train_if_grown()
+
+    def _train_if_grown(self) -> None:
         n = len(self.inner)
         flat = isinstance(self.inner, KeyIndex)
         if (flat and n >= self.threshold) or (not flat and n >= self.regrow * self.inner.trained_on):

@@ -2,9 +2,11 @@
 
 import pytest
 
+from editstream.artifacts import Artifact
 from editstream.edits import EditRequest
-from editstream.errors import ArtifactError, OrderError, UnknownMethodError
+from editstream.errors import ArtifactError, ConfigError, OrderError, UnknownMethodError
 from editstream.methods import METHODS, create_method
+from editstream.packs import write_state
 from editstream.replica import Replica
 from tests.conftest import params_hash
 
@@ -130,3 +132,40 @@ def test_ft_rejects_unknown_options(tiny_lm):
 
     with pytest.raises(ConfigError, match="unknown keys"):
         create_method("ft", tiny_lm, learning_rate=1)
+
+
+@pytest.mark.parametrize("method_name", ["recipe", "rome"])
+def test_a_saved_state_loads_in_bulk_to_the_state_that_applying_one_by_one_leaves(
+    method_name, tiny_lm, tiny_encoder, tiny_checkpoint, tmp_path
+):
+    import torch
+
+    options = {"checkpoint": tiny_checkpoint, "encoder": tiny_encoder} if method_name == "recipe" else {}
+    options = options or {"mom2_samples": 2000}
+    method = create_method(method_name, tiny_lm, **options)
+    weights = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    newer = EditRequest("The capital of France is", "Nice", edit_id="a2")  # supersedes "a"
+    arts = method.compute(EDITS) + method.compute([newer])
+    for a in arts:
+        method.apply(a)
+    digest, answers = method.digest(), Replica(method).generate([e.prompt for e in EDITS], max_new_tokens=3)
+    method.save_state(tmp_path / "state")
+    method.reset()
+    method.load_state(tmp_path / "state")
+    assert method.digest() == digest and method.is_active("a2") and not method.is_active("a")
+    assert Replica(method).generate([e.prompt for e in EDITS], max_new_tokens=3) == answers
+    method.remove("a2")  # the superseded edit comes back, as after one-by-one applies
+    assert method.is_active("a")
+    method.reset()
+    for name, value in tiny_lm.model.state_dict().items():
+        assert torch.allclose(value, weights[name], atol=1e-5), name
+    if method_name != "recipe":
+        return
+    # a state with an artifact this method cannot attach is refused whole: no edit stays applied
+    bad = arts[1]
+    tensors = {**bad.tensors, "encoding": bad.tensors["encoding"][:1]}
+    broken = Artifact(bad.method, "bad", bad.base_fingerprint, tensors, {**bad.meta, "prompt": "Broken"})
+    write_state(tmp_path / "broken", method_name, tiny_lm.fingerprint, [arts[0], broken])
+    with pytest.raises(ConfigError, match="artifact bad: encoding"):
+        method.load_state(tmp_path / "broken")
+    assert method.edit_ids() == [] and len(method.retrieval.index) == 0

@@ -110,7 +110,7 @@ class EditMethod(ABC):
             meta={"prompt": edit.prompt, "target": edit.target, "subject": edit.subject or "", **meta},
         )
 
-    def check(self, artifact: Artifact) -> None:
+    def check(self, artifact: Artifact | PackedArtifact) -> None:
         if artifact.method != self.name:
             raise ArtifactError(f"artifact {artifact.edit_id} is for method {artifact.method!r}, not {self.name!r}")
         if artifact.base_fingerprint != self.lm.fingerprint:
@@ -223,8 +223,39 @@ class EditMethod(ABC):
             raise ArtifactError(f"state in {directory} is for method {index.method!r}, not {self.name!r}")
         self.reset()
         try:
-            for artifact in read_artifacts(directory, index):
-                self.apply(artifact)
+            self.apply_packed(list(read_artifacts(directory, index, PackedArtifact.from_bytes)))
         except Exception:
             self.reset()
+            raise
+
+    def apply_packed(self, packed: Sequence[PackedArtifact]) -> None:
+        """Apply `packed` in order onto an empty edit state, leaving it as `apply` one by one would,
+        but attaching only the newest edit of each prompt, in one `_attach_many` (a snapshot of a
+        million edits loads in bulk). On an error the state is empty again."""
+        if self._applied:
+            raise ArtifactError(f"apply_packed needs an empty edit state; {len(self._applied)} edits are applied")
+        try:
+            for p in packed:
+                self.check(p)
+                if p.edit_id not in self._applied:
+                    self._stacks.setdefault(normalize_prompt(p.get("prompt")), []).append(p.edit_id)
+                    self._applied[p.edit_id] = p
+            newest = {stack[-1] for stack in self._stacks.values()}
+            self._attach_many([p for p in self._applied.values() if p.edit_id in newest])
+        except Exception:
+            self._applied.clear()
+            self._stacks.clear()
+            raise
+
+    def _attach_many(self, packed: Sequence[PackedArtifact]) -> None:
+        """`_attach` each of `packed` (none attached yet), or none of them if one fails; methods
+        that can attach in bulk override it."""
+        done: list[str] = []
+        try:
+            for p in packed:
+                self._attach(p.unpack())
+                done.append(p.edit_id)
+        except Exception:
+            for edit_id in reversed(done):
+                self._detach(edit_id)
             raise

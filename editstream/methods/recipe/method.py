@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from editstream.artifacts import Artifact
+from editstream.artifacts import Artifact, PackedArtifact
 from editstream.edits import EditRequest
 from editstream.errors import ArtifactError, ConfigError
 from editstream.methods.base import EditMethod, QueryPlan
@@ -138,7 +138,7 @@ class RetrievingMethod(EditMethod):
         """Also records which encoder made the key, so a replica that encodes queries otherwise refuses it."""
         return super().new_artifact(edit, tensors, key_encoder=self.retrieval.encoder.name, **meta)
 
-    def check(self, artifact: Artifact) -> None:
+    def check(self, artifact: Artifact | PackedArtifact) -> None:
         super().check(artifact)
         made_by = artifact.meta.get("key_encoder", self.retrieval.net.config.encoder)  # older artifacts: float32
         if made_by != self.retrieval.encoder.name:
@@ -180,22 +180,32 @@ class Recipe(RetrievingMethod):
         return out
 
     def _attach(self, artifact: Artifact) -> None:
-        tensors, config = artifact.tensors, self.net.config
-        if "prompt" in tensors and "encoding" not in tensors:
+        self._check_tensors(artifact.edit_id, {name: tuple(t.shape) for name, t in artifact.tensors.items()}.get)
+        self.retrieval.index.add(artifact.edit_id, artifact.tensors["key"])
+
+    def _attach_many(self, packed: Sequence[PackedArtifact]) -> None:
+        for p in packed:
+            self._check_tensors(p.edit_id, p.shape)
+        if packed:
+            keys = torch.stack([p.tensor("key") for p in packed])
+            self.retrieval.index.add_many([p.edit_id for p in packed], keys)
+
+    def _check_tensors(self, edit_id: str, shape: Callable[[str], tuple[int, ...] | None]) -> None:
+        """ArtifactError/ConfigError unless an artifact's tensors (`shape(name)`: None if absent) fit."""
+        config = self.net.config
+        if shape("prompt") is not None and shape("encoding") is None:
             raise ArtifactError(
-                f"artifact {artifact.edit_id} holds prompt vectors, the RECIPE artifact form before 2026-12-01; "
+                f"artifact {edit_id} holds prompt vectors, the RECIPE artifact form before 2026-12-01; "
                 "this replica generates them from the encoding when the edit fires: recompute the edit"
             )
-        key, encoding = tensors.get("key"), tensors.get("encoding")
         enc_dim = self.retrieval.encoder.dim
-        if _shape(encoding) != (enc_dim,) or _shape(key) != (config.key_dim,):
+        if shape("encoding") != (enc_dim,) or shape("key") != (config.key_dim,):
             raise ConfigError(
-                f"artifact {artifact.edit_id}: encoding {_shape(encoding)} / key {_shape(key)}, "
+                f"artifact {edit_id}: encoding {shape('encoding')} / key {shape('key')}, "
                 f"expected ({enc_dim},) / ({config.key_dim},)"
             )
-        if config.uses_target_embeddings and "target_ids" not in tensors:
-            raise ConfigError(f"artifact {artifact.edit_id} lacks target_ids, which this checkpoint needs")
-        self.retrieval.index.add(artifact.edit_id, key)
+        if config.uses_target_embeddings and shape("target_ids") is None:
+            raise ConfigError(f"artifact {edit_id} lacks target_ids, which this checkpoint needs")
 
     def _detach(self, edit_id: str) -> None:
         self.retrieval.remove(edit_id)
@@ -232,7 +242,3 @@ class Recipe(RetrievingMethod):
             plan.select_rows = prefix_rows.select
             plan.set_offsets = lambda offsets: setattr(prefix_rows, "offsets", offsets)
             yield plan
-
-
-def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
-    return tuple(t.shape) if t is not None else None
