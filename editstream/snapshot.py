@@ -13,7 +13,8 @@ live edit. Each snapshot directory is complete on its own: dropping an older one
 newer one reads.
 
 It is written under a temporary name and renamed, so a reader never sees half of one; the newest
-`keep` are kept. Loading is `EditMethod.load_state` (the artifacts re-applied in their order) and
+`keep` are kept. Loading is `EditMethod.load_state` (the artifacts read packed, in bulk: only the
+newest edit of each prompt is attached, RECIPE's keys in one faiss call) and
 refuses a snapshot whose digest does not come out the same.
 """
 

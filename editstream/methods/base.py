@@ -217,7 +217,8 @@ class EditMethod(ABC):
 
     def load_state(self, directory: Path) -> None:
         """Replace the edit state with the one `save_state` (or `packs.write_state`) wrote: the
-        artifacts re-applied in their order, which rebuilds superseded edits' stacks exactly."""
+        artifacts read packed and applied in their order in bulk (`apply_packed`), which rebuilds
+        superseded edits' stacks exactly."""
         index = read_index(directory)
         if index.method != self.name:
             raise ArtifactError(f"state in {directory} is for method {index.method!r}, not {self.name!r}")
