@@ -185,26 +185,23 @@ class PackedArtifact:
     __slots__ = ("edit_id", "_form", "_values", "_data", "_digest")
 
     def __init__(self, artifact: Artifact) -> None:
-        data = artifact.to_bytes()
-        _, layout, start = _parse(data)
-        self.edit_id = artifact.edit_id
-        self._values = _values(artifact.meta)
-        self._form = _form(artifact.method, artifact.base_fingerprint, artifact.schema_version, layout, artifact.meta)
-        self._data = bytes(data[start:])
-        self._digest = bytes.fromhex(artifact.content_digest())
+        self._fill(artifact.to_bytes(), bytes.fromhex(artifact.content_digest()))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PackedArtifact:
         """Packed straight from an artifact's bytes (a snapshot's), without making its tensors."""
-        header, layout, start = _parse(data)
         packed = cls.__new__(cls)
-        meta = header.get("meta", {})
-        packed.edit_id = header["edit_id"]
-        packed._form = _form(header["method"], header["base_fingerprint"], header["schema_version"], layout, meta)
-        packed._values = _values(meta)
-        packed._data = bytes(data[start:])
-        packed._digest = hashlib.sha256(data).digest()
+        packed._fill(data, hashlib.sha256(data).digest())
         return packed
+
+    def _fill(self, data: bytes, digest: bytes) -> None:
+        header, layout, start = _parse(data)
+        meta = header.get("meta", {})
+        self.edit_id = header["edit_id"]
+        self._form = _form(header["method"], header["base_fingerprint"], header["schema_version"], layout, meta)
+        self._values = _values(meta)
+        self._data = bytes(data[start:])
+        self._digest = digest
 
     @property
     def method(self) -> str:

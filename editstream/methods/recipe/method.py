@@ -170,11 +170,13 @@ class Recipe(RetrievingMethod):
         with torch.inference_mode():
             keys = self.net.retriever.keys(r_prompt)
         encodings = r_prompt if config.uses_target_embeddings else self.retrieval.encode([e.statement for e in edits])
-        ids = target_token_ids(self.lm.tokenizer, [e.target for e in edits], config.target_slots)
+        ids = None
+        if config.uses_target_embeddings:
+            ids = target_token_ids(self.lm.tokenizer, [e.target for e in edits], config.target_slots)
         out = []
         for row, (e, k, r) in enumerate(zip(edits, keys, encodings, strict=True)):
             tensors = {"key": k.half(), "encoding": r.half()}
-            if config.uses_target_embeddings:
+            if ids is not None:
                 tensors["target_ids"] = ids[row].to(torch.int32)
             out.append(self.new_artifact(e, tensors))
         return out
