@@ -1,8 +1,12 @@
 """The forgetting study, live: one CounterFact stream through several methods at once.
 
 Every method gets its own system (namespace, 1 replica, 1 editor, 1 evaluator) and the same facts
-in the same order. The evaluators log retention of earlier edits, locality and perplexity on
-accurate Wikipedia passages (general ability) as the edits pile up. `analyse` reads a run's Arrow
+in the same order. The evaluators log retention of earlier edits (WILD: their prompts and a
+paraphrase each), locality and perplexity on accurate Wikipedia passages (general ability) as the
+edits pile up. The facts go in chunks: after each chunk the feeder waits until the replica applied
+it and the evaluator finished `rounds` probe rounds on that state, because an evaluator gives way
+to a stream that does not pause (a burst of 1,000 facts would otherwise be measured only at its
+end). `analyse` reads a run's Arrow
 log and finds, in bins of edits applied, where old-edit retention starts to fall (gradual phase),
 where general ability collapses (perplexity above `collapse_rise` times its start, or locality
 below `collapse_locality`: catastrophic phase), and at which edit count the monitor's alarm first
@@ -37,10 +41,13 @@ def run_study(
     budget: float,
     timeout_s: float,
     weight_options: dict[str, Any] | None = None,
+    chunk: int = 10,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Stream `facts` into one system per method; returns per-method {applied, seconds}.
-    `weight_options` go to the weight-editing methods (rome, memit); editors get one thread each,
-    so the methods' editors share the cores instead of oversubscribing them."""
+    """Stream `facts` into one system per method, `chunk` at a time with `rounds` evaluator rounds
+    after each; returns per-method {applied, seconds}. `weight_options` go to the weight-editing
+    methods (rome, memit); editors get one thread each, so the methods' editors share the cores
+    instead of oversubscribing them."""
     systems = {}
     for m in methods:
         config = SystemConfig(
@@ -57,30 +64,55 @@ def run_study(
         )
         systems[m] = System(config).start()
     started = time.time()
-    feeders = [
-        threading.Thread(target=feed, args=(s.store, facts, 0.0), kwargs={"progress": False}) for s in systems.values()
-    ]
-    for t in feeders:
-        t.start()
-    for t in feeders:
-        t.join()
+    deadline = started + timeout_s
     done: dict[str, Any] = {}
-    try:
-        while len(done) < len(systems) and time.time() - started < timeout_s:
-            for m, s in systems.items():
-                version = s.replica_states()[0]["version"]
-                if m not in done and version >= len(facts):
-                    done[m] = {"applied": version, "seconds": round(time.time() - started, 1)}
-                    log.info("%s: all %d edits applied after %.0f s", m, version, time.time() - started)
-            time.sleep(30)
-            log.info("progress: %s", {m: s.replica_states()[0]["version"] for m, s in systems.items()})
-        for s in systems.values():
-            s.wait_for_evaluation(rounds=s.stats("evaluator-0")["rounds"] + 1, timeout_s=120)
-    finally:
-        for m, s in systems.items():
-            done.setdefault(m, {"applied": s.replica_states()[0]["version"], "seconds": None, "timed_out": True})
+    drivers = [
+        threading.Thread(target=_drive, args=(m, s, facts, chunk, rounds, started, deadline, done), daemon=True)
+        for m, s in systems.items()
+    ]
+    for t in drivers:
+        t.start()
+    for t in drivers:
+        t.join(max(0.0, deadline - time.time()) + 180)  # a driver gives up at the deadline, then stops
+    for m, s in systems.items():  # a driver that did not finish leaves its system running
+        if m not in done:
+            done[m] = {"applied": s.replica_states()[0]["version"], "seconds": None, "timed_out": True}
             s.stop()
     return done
+
+
+def _drive(
+    method: str,
+    system: System,
+    facts: list[EditRequest],
+    chunk: int,
+    rounds: int,
+    started: float,
+    deadline: float,
+    done: dict[str, Any],
+) -> None:
+    """Feed `facts` `chunk` at a time; after each, wait until the replica applied it and the
+    evaluator ran `rounds` rounds on that state. Then stop the system (a finished method takes no
+    more of the cores the others still use) and record {applied, seconds} in `done`."""
+    for lo in range(0, len(facts), chunk):
+        feed(system.store, facts[lo : lo + chunk], 0.0, progress=False)
+        fed = min(len(facts), lo + chunk)
+        while system.replica_states()[0]["version"] < fed:
+            if time.time() > deadline:
+                log.warning("%s: deadline passed with %d of %d facts fed", method, fed, len(facts))
+                return
+            time.sleep(0.5)
+        seen = system.stats("evaluator-0")["rounds"]
+        if not system.wait_for_evaluation(rounds=seen + rounds, min_version=fed, timeout_s=deadline - time.time()):
+            log.warning("%s: no evaluator round at %d edits before the deadline", method, fed)
+            return
+        if (fed // chunk) % 10 == 0:
+            log.info(
+                "%s: %d of %d edits applied and probed after %.0f s", method, fed, len(facts), time.time() - started
+            )
+    done[method] = {"applied": system.replica_states()[0]["version"], "seconds": round(time.time() - started, 1)}
+    log.info("%s: all %d edits applied after %.0f s", method, len(facts), time.time() - started)
+    system.stop()
 
 
 def _bins(rows: list[dict], n: int, width: int) -> list[dict]:

@@ -214,7 +214,9 @@ def _bench_forgetting(args: argparse.Namespace) -> int:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             try:
                 options = parse_options(args.option)
-                timing = st.run_study(server.url, run_root, methods, facts, args.budget, args.timeout, options)
+                timing = st.run_study(
+                    server.url, run_root, methods, facts, args.budget, args.timeout, options, args.chunk, args.rounds
+                )
             finally:
                 ray.shutdown()
     out = Path(args.out)
@@ -357,7 +359,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fg.add_argument("--data", default="counterfact", help="edit split alias or file")
     fg.add_argument("--facts", type=int, default=1000, help="facts streamed (first N after the seeded shuffle)")
     fg.add_argument("--seed", type=int, default=0)
-    fg.add_argument("--budget", type=float, default=0.2, help="evaluator time budget (share of its wall time)")
+    fg.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        help="evaluator time budget (share of its wall time); the chunked feed already paces it, so 1.0",
+    )
+    fg.add_argument("--chunk", type=int, default=10, help="facts fed at a time; the feeder then waits for --rounds")
+    fg.add_argument("--rounds", type=int, default=1, help="evaluator rounds after each chunk, on its state")
     fg.add_argument("--bin", type=int, default=50, help="edits per bin of the curves")
     fg.add_argument("--timeout", type=float, default=7200, help="seconds to wait for all methods")
     fg.add_argument("--run-dir", default="runs/forgetting", help="Arrow logs, one directory per method")
