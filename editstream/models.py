@@ -12,9 +12,11 @@ import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from editstream.errors import ConfigError, MissingPackageError
@@ -153,12 +155,18 @@ def load_causal_lm(name: str = EMBEDDED_LLM, device: str | None = None, allow_do
 
 @dataclass
 class LoadedEncoder:
-    """A sentence encoder: a transformers encoder plus its tokenizer; `encode` mean-pools."""
+    """A sentence encoder: a transformers encoder plus its tokenizer; `encode` mean-pools. With a
+    `runner` (`editstream.encoder_onnx.OnnxRunner`) the forward runs on ONNX Runtime instead."""
 
     model: torch.nn.Module
     tokenizer: object
     name: str
     max_length: int = 64
+    runner: Callable[[dict], np.ndarray] | None = None
+
+    @property
+    def runtime(self) -> str:
+        return "onnx" if self.runner is not None else "torch"
 
     @property
     def dim(self) -> int:
@@ -168,34 +176,55 @@ class LoadedEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
-        """Mean-pooled, L2-normalised embeddings of `texts`, shape (n, dim), float32."""
-        out = []
-        for i in range(0, len(texts), batch_size):
+    def encode(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Mean-pooled, L2-normalised embeddings of `texts`, shape (n, dim), float32. Texts go in
+        batches of similar length (a batch pads to its longest text: on CounterFact prompts, batches
+        of 128 in arrival order are padded to 1.9x their mean length); each embedding depends on
+        its own text only."""
+        if not texts:
+            return torch.zeros(0, self.dim)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.dim)
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            out[rows] = self._encode_batch([texts[r] for r in rows]).cpu()
+        return out.to(self.device)
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        if self.runner is not None:
             batch = self.tokenizer(
-                texts[i : i + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
+                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+            )
+            hidden = torch.from_numpy(self.runner(batch))
+            mask = torch.from_numpy(batch["attention_mask"])
+        else:
+            batch = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             ).to(self.device)
             with torch.inference_mode():
                 hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
-        if not out:
-            return torch.zeros(0, self.dim)
-        return torch.cat(out)
+            mask = batch["attention_mask"]
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
 def load_encoder(
-    name: str = EMBEDDED_ENCODER, device: str | None = None, allow_download: bool = False, int8: bool = False
+    name: str = EMBEDDED_ENCODER,
+    device: str | None = None,
+    allow_download: bool = False,
+    int8: bool = False,
+    runtime: str = "auto",
 ) -> LoadedEncoder:
     """Load a sentence encoder by the embedded name, a Hugging Face id or a local path. `int8`: its
     linear layers dynamically quantised to int8 (CPU only; about 1.5x the sentences per second on 2
     cores, embeddings within ~0.94 cosine of float32): named `<name>+int8`, so whatever keys were
-    made with it can tell."""
+    made with it can tell. `runtime`: "onnx" runs the float32 forward on ONNX Runtime (CPU; the
+    same embeddings within 1e-5, about 1.5x faster), "torch" on torch, "auto" ONNX Runtime on the
+    CPU when it is installed (also $EDITSTREAM_ENCODER_RUNTIME)."""
+    runtime = os.environ.get("EDITSTREAM_ENCODER_RUNTIME", runtime) if runtime == "auto" else runtime
+    if runtime not in ("auto", "onnx", "torch"):
+        raise ConfigError(f"encoder runtime {runtime!r}: expected 'auto', 'onnx' or 'torch'")
     _require("transformers", "transformers")
     from transformers import AutoModel, AutoTokenizer
 
@@ -213,4 +242,23 @@ def load_encoder(
             raise ConfigError(f"an int8 encoder runs on the CPU; this one is on {dev}")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         return LoadedEncoder(model, tokenizer, f"{name}+int8")
-    return LoadedEncoder(model, tokenizer, name)
+    return LoadedEncoder(model, tokenizer, name, runner=_onnx_runner(model, tokenizer, dev, runtime))
+
+
+def _onnx_runner(model: torch.nn.Module, tokenizer, dev: torch.device, runtime: str):
+    """The ONNX Runtime forward for `runtime` "onnx" (required) or "auto" (when it can), else None."""
+    from editstream import encoder_onnx
+
+    if runtime == "torch" or (runtime == "auto" and (dev.type != "cpu" or not encoder_onnx.onnx_available())):
+        return None
+    if dev.type != "cpu":
+        raise ConfigError(f"encoder runtime 'onnx' runs on the CPU; this encoder is on {dev}")
+    if not encoder_onnx.onnx_available():
+        raise MissingPackageError("encoder runtime 'onnx' needs onnxruntime and onnx: pip install onnxruntime onnx")
+    try:
+        return encoder_onnx.OnnxRunner(model, tokenizer)
+    except Exception as exc:
+        if runtime == "onnx":
+            raise ConfigError(f"cannot run the encoder on ONNX Runtime: {exc}") from exc
+        log.warning("sentence encoder stays on torch: ONNX export failed (%s)", exc)
+        return None
