@@ -77,7 +77,7 @@ def clustered_keys(n: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
 
 def test_past_the_threshold_the_index_turns_ivf_and_finds_what_flat_finds():
     dim, n = 32, 3000
-    keys = clustered_keys(n, dim)
+    keys = clustered_keys(n, dim).half().float()  # artifacts carry float16 keys
     flat, scaling = KeyIndex(dim), ScalingKeyIndex(dim, threshold=1000, nprobe=4, regrow=2.0)  # 4 of 25, then 44 lists
     kinds = []
     for i, k in enumerate(keys):
@@ -98,6 +98,11 @@ def test_past_the_threshold_the_index_turns_ivf_and_finds_what_flat_finds():
     assert agree >= 0.99, agree
     assert not {f"e{i}" for i in range(0, n, 5)} & set(got)  # a removed key is never found
     assert torch.isfinite(scores).all()
+    assert scaling.inner._index.code_size == 2 * dim  # the lists hold float16 keys: half IVF-Flat's bytes
+    scaling.set_nprobe(10**6)  # every list probed: float16 keys in the lists score exactly as flat
+    flat_scores, want = flat.search(queries.half().float())
+    scores, got = scaling.search(queries.half().float())
+    assert got == want and torch.allclose(scores, flat_scores, atol=1e-6)
 
 
 def test_the_ann_threshold_reaches_recipe_and_bad_values_are_refused(real_lm):
