@@ -74,6 +74,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 
 def _bench_cost(args: argparse.Namespace) -> int:
+    import gc
+
     import torch
 
     from editstream.bench import cost
@@ -93,13 +95,23 @@ def _bench_cost(args: argparse.Namespace) -> int:
     recipe = create_method("recipe", lm, checkpoint=args.checkpoint)
     encoder = recipe.retrieval.encoder
     rag = create_method("text-rag", lm, checkpoint=args.checkpoint, encoder=encoder)
-    big = create_method("recipe", lm, checkpoint=args.checkpoint, encoder=encoder)
+    big = create_method("recipe", lm, checkpoint=args.checkpoint, encoder=encoder, ann_threshold=args.ann_threshold)
     throughput = cost.edit_throughput(recipe, edits[:512])
     artifacts = recipe.compute(edits[: args.stored])
     memory = cost.memory_per_edit(recipe, artifacts)
     rag_artifacts = rag.compute(edits[: args.stored])
     cost.fill(rag, rag_artifacts, args.stored)
+    gc.collect()
+    before = cost.rss_bytes()
     cost.fill(big, artifacts, args.large)
+    gc.collect()
+    memory_large = {
+        "n": args.large,
+        "rss_bytes_per_edit": round((cost.rss_bytes() - before) / args.large, 1),
+        "how": "RSS growth of this process while the large setup's edits were applied (real artifacts, then "
+        "copies with random keys); the method's state only, not a replica actor's",
+        "index": type(getattr(big.retrieval.index, "inner", big.retrieval.index)).__name__,
+    }
     setups = {
         "unedited": Replica(create_method("none", lm)),
         f"recipe@{args.stored}": Replica(recipe),
@@ -119,8 +131,11 @@ def _bench_cost(args: argparse.Namespace) -> int:
         "model": lm.name,
         "checkpoint": args.checkpoint,
         "new_tokens": args.new_tokens,
+        "encoder_runtime": encoder.runtime,
+        "ann_threshold": args.ann_threshold,
         "edit_throughput": throughput,
         "memory": memory,
+        "memory_large": memory_large,
         "query_latency": latency,
         "query_latency_probes": "paraphrases of stored edits (not stored prompts): the key search runs",
         "query_latency_exact_prompt": exact,
@@ -317,6 +332,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--real", type=int, default=50, help="scen: edits actually trained (the rest are copies)")
     c.add_argument("--stored", type=int, default=10000, help="edits stored for the main comparison")
     c.add_argument("--large", type=int, default=100000, help="edits stored for the scale point")
+    c.add_argument(
+        "--ann-threshold", type=int, default=0, help="the scale point's key index turns IVF at this count (0: flat)"
+    )
     c.add_argument("--probes", type=int, default=20, help="prompts timed per round")
     c.add_argument("--rounds", type=int, default=3, help="rounds over the probes")
     c.add_argument("--new-tokens", type=int, default=8, help="tokens generated per query")
