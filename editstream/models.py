@@ -184,11 +184,14 @@ class LoadedEncoder:
         if not texts:
             return torch.zeros(0, self.dim)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), self.dim)
+        out: torch.Tensor | None = None
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]
-            out[rows] = self._encode_batch([texts[r] for r in rows]).cpu()
-        return out.to(self.device)
+            embedded = self._encode_batch([texts[r] for r in rows])
+            if out is None:
+                out = torch.empty(len(texts), self.dim, device=embedded.device)
+            out[rows] = embedded
+        return out
 
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
         if self.runner is not None:
