@@ -20,3 +20,32 @@ def test_relation_gate_negatives_are_not_the_subject_probes():
     probes = {normalize_prompt(p.format("X")) for p in SUBJECT_PROBES}
     negatives = {normalize_prompt(p.format("X")) for p in GATE_NEGATIVES}
     assert not probes & negatives, sorted(probes & negatives)
+
+
+def test_the_relation_gates_cache_is_bounded_forgets_and_changes_no_verdict(real_encoder):
+    import torch
+
+    from editstream.methods.recipe.checkpoint import PACKAGED
+    from editstream.methods.recipe.relation import load_gate
+
+    gate = load_gate(PACKAGED, torch.device("cpu"))
+    metas = {
+        "e1": {"prompt": "Danielle Darrieux's mother tongue is", "subject": "Danielle Darrieux"},
+        "e2": {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower"},
+        "e3": {"prompt": "Toko Yasuda plays the instrument", "subject": "Toko Yasuda"},
+    }
+    queries = [
+        "What is Danielle Darrieux's native language?",
+        "Which city is the Eiffel Tower in?",
+        "Toko Yasuda was born in",
+    ]
+    ids = list(metas)
+    first = gate.agree(real_encoder, queries, ids, metas.get)
+    assert first[:2] == [True, True] and first[2] is False  # same relation passes; another relation is stopped
+    assert list(gate._edits) == ids
+    gate.cache_size = 2
+    assert gate.agree(real_encoder, queries, ids, metas.get) == first  # cached vectors: the same verdicts
+    assert list(gate._edits) == ["e2", "e3"]  # least recently used out
+    gate.forget("e3")
+    assert list(gate._edits) == ["e2"]
+    assert gate.agree(real_encoder, queries[:1], ["e1"], metas.get) == first[:1]

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,10 @@ class RelationGate:
     projection: torch.nn.Linear
     threshold: float
     info: dict[str, Any]
-    _edits: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)  # (id, masked prompt)
+    # edit id -> (its masked prompt, its relation vector), least recently used first; bounded, so a
+    # replica serving a million edits keeps vectors only for the edits its queries hit lately
+    _edits: OrderedDict[str, tuple[str, torch.Tensor]] = field(default_factory=OrderedDict, repr=False)
+    cache_size: int = 100_000
 
     def vectors(self, encoder: LoadedEncoder, texts: Sequence[str]) -> torch.Tensor:
         with torch.inference_mode():
@@ -83,8 +87,9 @@ class RelationGate:
         meta_of: Callable[[str], dict[str, Any]],
     ) -> list[bool]:
         """Per row: whether the query asks what the edit (its artifact meta: prompt, subject) asks;
-        True where the gate cannot tell. An edit's relation vector is computed once and kept until
-        `forget`."""
+        True where the gate cannot tell. An edit's relation vector is cached (up to `cache_size`
+        edits, least recently used out) until `forget`; the queries and the edits not cached are
+        encoded in one batch."""
         metas = [(i, meta_of(i)) for i in edit_ids]
         edits = [(i, m.get("prompt", ""), m.get("subject", "")) for i, m in metas]
         masked = [(mask_subject(q, s), mask_subject(p, s)) for q, (_, p, s) in zip(queries, edits, strict=True)]
@@ -92,21 +97,25 @@ class RelationGate:
         out = [True] * len(queries)
         if not rows:
             return out
-        keys = [(edits[i][0], masked[i][1]) for i in rows]
-        missing = sorted({k for k in keys if k not in self._edits})
-        if missing:
-            for k, v in zip(missing, self.vectors(encoder, [p for _, p in missing]), strict=True):
-                self._edits[k] = v
-        q = self.vectors(encoder, [masked[i][0] for i in rows])
-        cos = (q * torch.stack([self._edits[k] for k in keys])).sum(-1).tolist()
+        wanted = {edits[i][0]: masked[i][1] for i in rows}
+        missing = [(e, p) for e, p in wanted.items() if e not in self._edits or self._edits[e][0] != p]
+        vectors = self.vectors(encoder, [masked[i][0] for i in rows] + [p for _, p in missing])
+        q, fresh = vectors[: len(rows)], vectors[len(rows) :]
+        known = {e: self._edits[e][1] for e in wanted if e in self._edits}
+        known.update({e: v for (e, _), v in zip(missing, fresh, strict=True)})
+        cos = (q * torch.stack([known[edits[i][0]] for i in rows])).sum(-1).tolist()
         for i, c in zip(rows, cos, strict=True):
             out[i] = c > self.threshold
+        for e, p in wanted.items():  # cache what was used, newest last
+            self._edits[e] = (p, known[e])
+            self._edits.move_to_end(e)
+        while len(self._edits) > self.cache_size:
+            self._edits.popitem(last=False)
         return out
 
     def forget(self, edit_id: str) -> None:
         """Drop a removed edit's cached relation vector."""
-        for key in [k for k in self._edits if k[0] == edit_id]:
-            del self._edits[key]
+        self._edits.pop(edit_id, None)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
