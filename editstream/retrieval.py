@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 # 0.993 with 32 and 0.999 with 64 (`editstream bench recall`, bench/results/scale/).
 DEFAULT_NPROBE = 64
 
+# RECIPE and text-RAG move their keys to IVF at this many (0: always flat). With 1,000,000 stored
+# edits, 64 lists probed, a searched query took 1.088x the unedited model's time on 2 cores, where a
+# flat scan of a million keys alone costs ~75 ms (`editstream bench cost`, bench/results/scale/).
+DEFAULT_ANN_THRESHOLD = 100_000
+
 
 class _EditSlots:
     """edit_id -> slot (a faiss id or a tensor row): what both indexes count and look up."""

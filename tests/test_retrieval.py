@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from editstream.retrieval import IvfKeyIndex, KeyIndex, ScalingKeyIndex, TensorKeyIndex, make_index
+from editstream.retrieval import (
+    DEFAULT_ANN_THRESHOLD,
+    IvfKeyIndex,
+    KeyIndex,
+    ScalingKeyIndex,
+    TensorKeyIndex,
+    make_index,
+)
 
 
 def test_tensor_index_matches_faiss_through_adds_removes_and_growth():
@@ -110,7 +117,10 @@ def test_the_ann_threshold_reaches_recipe_and_bad_values_are_refused(real_lm):
     from editstream.errors import ConfigError
     from editstream.methods import create_method
 
-    exact, ann = create_method("recipe", real_lm), create_method("recipe", real_lm, ann_threshold=40)
+    default = create_method("recipe", real_lm)
+    assert default.retrieval.index.threshold == DEFAULT_ANN_THRESHOLD == 100_000  # flat below it
+    assert isinstance(default.retrieval.index.inner, KeyIndex)
+    exact, ann = create_method("recipe", real_lm, ann_threshold=0), create_method("recipe", real_lm, ann_threshold=40)
     facts = demo_facts(120)
     for method in (exact, ann):
         for artifact in method.compute(facts):

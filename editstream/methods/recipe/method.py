@@ -28,7 +28,7 @@ from editstream.methods.recipe.network import RecipeNet, embed_ids, target_token
 from editstream.methods.recipe.relation import RelationGate, load_gate
 from editstream.models import LoadedEncoder, LoadedLM, load_encoder
 from editstream.prefix import soft_prefix
-from editstream.retrieval import make_index
+from editstream.retrieval import DEFAULT_ANN_THRESHOLD, make_index
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class RetrievingMethod(EditMethod):
         checkpoint: str | Path | None = None,
         encoder: LoadedEncoder | None = None,
         relation_gate: bool = True,
-        ann_threshold: int = 0,
+        ann_threshold: int = DEFAULT_ANN_THRESHOLD,
         encoder_int8: bool = False,
     ) -> RetrievingMethod:
         if isinstance(ann_threshold, bool) or not isinstance(ann_threshold, int) or ann_threshold < 0:
