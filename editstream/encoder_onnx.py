@@ -72,12 +72,12 @@ def _export(model: torch.nn.Module, tokenizer, input_names: list[str], path: Pat
         ["a short text", "a somewhat longer text to pad the first one"], padding=True, return_tensors="pt"
     )
     previous = getattr(model.config, "_attn_implementation", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-        os.close(fd)
         axes = {name: {0: "batch", 1: "tokens"} for name in [*input_names, "hidden"]}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent code it keeps dynamic
@@ -96,7 +96,7 @@ def _export(model: torch.nn.Module, tokenizer, input_names: list[str], path: Pat
     finally:
         if previous and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(previous)
-        if "tmp" in locals() and os.path.exists(tmp):
+        if os.path.exists(tmp):  # the export failed before the rename
             os.unlink(tmp)
 
 

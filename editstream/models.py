@@ -225,13 +225,12 @@ def load_encoder(
     made with it can tell. `runtime`: "onnx" runs the float32 forward on ONNX Runtime (CPU; the
     same embeddings within 1e-5, about 1.5x faster), "torch" on torch, "auto" ONNX Runtime on the
     CPU when it is installed (also $EDITSTREAM_ENCODER_RUNTIME)."""
-    runtime = os.environ.get("EDITSTREAM_ENCODER_RUNTIME", runtime) if runtime == "auto" else runtime
-    if runtime not in ("auto", "onnx", "torch"):
-        raise ConfigError(f"encoder runtime {runtime!r}: expected 'auto', 'onnx' or 'torch'")
     _require("transformers", "transformers")
     from transformers import AutoModel, AutoTokenizer
 
     dev = pick_device(device)
+    strict = runtime == "onnx"
+    runtime = encoder_runtime(runtime, dev)  # a bad name fails before anything loads
     src = str(embedded_encoder_path()) if name == EMBEDDED_ENCODER else name
     kwargs = _offline_kwargs(allow_download)
     try:
@@ -245,23 +244,39 @@ def load_encoder(
             raise ConfigError(f"an int8 encoder runs on the CPU; this one is on {dev}")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         return LoadedEncoder(model, tokenizer, f"{name}+int8")
-    return LoadedEncoder(model, tokenizer, name, runner=_onnx_runner(model, tokenizer, dev, runtime))
+    return LoadedEncoder(model, tokenizer, name, runner=_onnx_runner(model, tokenizer, runtime, strict))
 
 
-def _onnx_runner(model: torch.nn.Module, tokenizer, dev: torch.device, runtime: str):
-    """The ONNX Runtime forward for `runtime` "onnx" (required) or "auto" (when it can), else None."""
+def encoder_runtime(requested: str = "auto", device: torch.device | None = None) -> str:
+    """Where an encoder on `device` runs for `requested` ("auto" reads $EDITSTREAM_ENCODER_RUNTIME,
+    then picks ONNX Runtime on the CPU when it is installed): "onnx" or "torch"."""
     from editstream import encoder_onnx
 
-    if runtime == "torch" or (runtime == "auto" and (dev.type != "cpu" or not encoder_onnx.onnx_available())):
-        return None
-    if dev.type != "cpu":
+    if requested == "auto":
+        requested = os.environ.get("EDITSTREAM_ENCODER_RUNTIME", "auto")
+    if requested not in ("auto", "onnx", "torch"):
+        raise ConfigError(f"encoder runtime {requested!r}: expected 'auto', 'onnx' or 'torch'")
+    dev = device or pick_device(None)
+    if requested == "auto":
+        return "onnx" if dev.type == "cpu" and encoder_onnx.onnx_available() else "torch"
+    if requested == "onnx" and dev.type != "cpu":
         raise ConfigError(f"encoder runtime 'onnx' runs on the CPU; this encoder is on {dev}")
-    if not encoder_onnx.onnx_available():
+    if requested == "onnx" and not encoder_onnx.onnx_available():
         raise MissingPackageError("encoder runtime 'onnx' needs onnxruntime and onnx: pip install onnxruntime onnx")
+    return requested
+
+
+def _onnx_runner(model: torch.nn.Module, tokenizer, runtime: str, strict: bool):
+    """The ONNX Runtime forward when `runtime` is "onnx", else None; if the export fails, an error
+    when "onnx" was asked for by name (`strict`), else torch with a warning."""
+    from editstream import encoder_onnx
+
+    if runtime != "onnx":
+        return None
     try:
         return encoder_onnx.OnnxRunner(model, tokenizer)
     except Exception as exc:
-        if runtime == "onnx":
+        if strict:
             raise ConfigError(f"cannot run the encoder on ONNX Runtime: {exc}") from exc
         log.warning("sentence encoder stays on torch: ONNX export failed (%s)", exc)
         return None

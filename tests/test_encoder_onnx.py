@@ -9,8 +9,6 @@ from editstream import encoder_onnx
 from editstream.errors import ConfigError
 from editstream.models import load_encoder
 
-pytestmark = pytest.mark.skipif(not encoder_onnx.onnx_available(), reason="onnxruntime and onnx not installed")
-
 TEXTS = [
     "The capital of France is",
     "x",

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from editstream.models import encoder_runtime
+
 
 def git_commit() -> str | None:
     try:
@@ -49,18 +51,8 @@ def machine() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "encoder_runtime": encoder_runtime(),
+        "encoder_runtime": encoder_runtime(),  # where encoders run unless a method is told otherwise
     }
-
-
-def encoder_runtime() -> str:
-    """Where sentence encoders run in this environment unless a method is told otherwise: onnx or torch."""
-    from editstream.encoder_onnx import onnx_available
-
-    chosen = os.environ.get("EDITSTREAM_ENCODER_RUNTIME", "auto")
-    if chosen == "auto":
-        chosen = "onnx" if onnx_available() and not torch.cuda.is_available() else "torch"
-    return chosen
 
 
 def provenance() -> dict[str, Any]:

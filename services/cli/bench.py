@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from editstream.models import EMBEDDED_LLM
+from editstream.retrieval import DEFAULT_ANN_THRESHOLD
 from services.cli import bench_gpu, bench_system
 from services.cli.common import edit_scope_arg, parse_options
 
@@ -333,7 +334,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--stored", type=int, default=10000, help="edits stored for the main comparison")
     c.add_argument("--large", type=int, default=100000, help="edits stored for the scale point")
     c.add_argument(
-        "--ann-threshold", type=int, default=0, help="the scale point's key index turns IVF at this count (0: flat)"
+        "--ann-threshold",
+        type=int,
+        default=DEFAULT_ANN_THRESHOLD,
+        help="the scale point's key index turns IVF at this count, as served (0: flat)",
     )
     c.add_argument("--probes", type=int, default=20, help="prompts timed per round")
     c.add_argument("--rounds", type=int, default=3, help="rounds over the probes")

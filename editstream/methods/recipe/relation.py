@@ -69,9 +69,9 @@ class RelationGate:
     projection: torch.nn.Linear
     threshold: float
     info: dict[str, Any]
-    # edit id -> (its masked prompt, its relation vector), least recently used first; bounded, so a
-    # replica serving a million edits keeps vectors only for the edits its queries hit lately
-    _edits: OrderedDict[str, tuple[str, torch.Tensor]] = field(default_factory=OrderedDict, repr=False)
+    # edit id -> its relation vector (an edit's prompt and subject never change), least recently
+    # used first; bounded, so a replica serving a million edits keeps only those its queries hit lately
+    _edits: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict, repr=False)
     cache_size: int = 100_000
 
     def vectors(self, encoder: LoadedEncoder, texts: Sequence[str]) -> torch.Tensor:
@@ -98,17 +98,15 @@ class RelationGate:
         if not rows:
             return out
         wanted = {edits[i][0]: masked[i][1] for i in rows}
-        missing = [(e, p) for e, p in wanted.items() if e not in self._edits or self._edits[e][0] != p]
+        missing = [(e, p) for e, p in wanted.items() if e not in self._edits]
         vectors = self.vectors(encoder, [masked[i][0] for i in rows] + [p for _, p in missing])
         q, fresh = vectors[: len(rows)], vectors[len(rows) :]
-        known = {e: self._edits[e][1] for e in wanted if e in self._edits}
-        known.update({e: v for (e, _), v in zip(missing, fresh, strict=True)})
-        cos = (q * torch.stack([known[edits[i][0]] for i in rows])).sum(-1).tolist()
+        self._edits.update({e: v for (e, _), v in zip(missing, fresh, strict=True)})
+        for e in wanted:  # used now: newest last
+            self._edits.move_to_end(e)
+        cos = (q * torch.stack([self._edits[edits[i][0]] for i in rows])).sum(-1).tolist()
         for i, c in zip(rows, cos, strict=True):
             out[i] = c > self.threshold
-        for e, p in wanted.items():  # cache what was used, newest last
-            self._edits[e] = (p, known[e])
-            self._edits.move_to_end(e)
         while len(self._edits) > self.cache_size:
             self._edits.popitem(last=False)
         return out
