@@ -32,8 +32,9 @@ from editstream.replica import Replica
 log = logging.getLogger(__name__)
 
 
-def rss_bytes() -> int:
-    with open(f"/proc/{os.getpid()}/statm") as f:
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of process `pid` (this one by default), in bytes."""
+    with open(f"/proc/{pid or os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

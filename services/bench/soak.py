@@ -29,6 +29,7 @@ import pyarrow as pa
 import ray
 
 from editstream.arrowlog import ArrowLog, read_log
+from editstream.bench.cost import rss_bytes
 from editstream.edits import EditRequest
 from editstream.events import event_fields
 from services.bench.snapshots import CITIES, synthetic_facts
@@ -121,17 +122,9 @@ class Producer:
         return sum(self.sent.values())
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _sample(system: System, store: RedisStore, producer: Producer, pids: dict[str, int], started: float) -> dict:
     states = system.replica_states()
-    rss = [_rss(pid) for pid in pids.values()]
+    rss = [rss_bytes(pid) for pid in pids.values()]
     r, k = store.r, store.keys
     return {
         "elapsed_s": round(time.time() - started, 2),

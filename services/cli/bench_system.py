@@ -169,13 +169,17 @@ def _bench_snapshot(args: argparse.Namespace) -> int:
     from editstream.bench.provenance import provenance
     from services.bench import snapshots
 
-    if args.facts < 1 or args.tail < 0:
-        print(f"--facts {args.facts} / --tail {args.tail}: need facts >= 1 and tail >= 0", file=sys.stderr)
+    if args.facts < 1 or args.tail < 0 or args.probes < 0:
+        print(
+            f"--facts {args.facts} / --tail {args.tail} / --probes {args.probes}: need facts >= 1, tail >= 0 "
+            "and probes >= 0",
+            file=sys.stderr,
+        )
         return 2
     if args.method not in ("recipe", "text-rag", "scen"):
         print(f"--method {args.method}: compaction is for recipe, text-rag and scen", file=sys.stderr)
         return 2
-    doc = {**snapshots.run(args.facts, args.tail, args.method, args.model), **provenance()}
+    doc = {**snapshots.run(args.facts, args.tail, args.method, args.model, args.probes), **provenance()}
     text = json.dumps(doc, indent=2)
     if args.out:
         out = Path(args.out) / f"snapshot-{args.method}-n{args.facts}.json"
@@ -254,6 +258,12 @@ def add_parsers(bench: argparse._SubParsersAction) -> None:
     sn.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
     sn.add_argument("--facts", type=int, default=10000, help="synthetic facts journaled before the snapshot")
     sn.add_argument("--tail", type=int, default=100, help="facts journaled after it, replayed by the restarted replica")
+    sn.add_argument(
+        "--probes",
+        type=int,
+        default=500,
+        help="facts then sent one by one through ingest, editor and both replicas: XADD -> applied latency",
+    )
     sn.add_argument("--out", default="bench/results", help="directory for the JSON ('' for none)")
     sn.set_defaults(func=_bench_snapshot)
 
