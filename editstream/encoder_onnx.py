@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from editstream import models
+
 log = logging.getLogger(__name__)
 
 OPSET = 17
@@ -33,13 +35,6 @@ OPSET = 17
 def onnx_available() -> bool:
     """Whether onnxruntime (to run) and onnx (to export) are installed."""
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
-
-
-def cache_dir() -> Path:
-    """Where exported graphs are kept: $EDITSTREAM_CACHE, else $XDG_CACHE_HOME/editstream, else ~/.cache/editstream."""
-    if os.environ.get("EDITSTREAM_CACHE"):
-        return Path(os.environ["EDITSTREAM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "editstream"
 
 
 def _weights_hash(model: torch.nn.Module, input_names: list[str]) -> str:
@@ -108,7 +103,9 @@ class OnnxRunner:
         import onnxruntime as ort
 
         self.input_names = [n for n in tokenizer.model_input_names if n in _forward_args(model)]
-        self.path = cache_dir() / "onnx" / f"{type(model).__name__}-{_weights_hash(model, self.input_names)}.onnx"
+        self.path = (
+            models.cache_dir() / "onnx" / f"{type(model).__name__}-{_weights_hash(model, self.input_names)}.onnx"
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1

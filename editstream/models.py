@@ -67,8 +67,11 @@ def embedded_encoder_path() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where converted models are cached: $EDITSTREAM_CACHE, else ~/.cache/editstream."""
-    return Path(os.environ.get("EDITSTREAM_CACHE", Path.home() / ".cache" / "editstream"))
+    """Where converted models, exported graphs and downloaded snapshots are kept: $EDITSTREAM_CACHE,
+    else $XDG_CACHE_HOME/editstream, else ~/.cache/editstream."""
+    if os.environ.get("EDITSTREAM_CACHE"):
+        return Path(os.environ["EDITSTREAM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "editstream"
 
 
 def _embedded_llm_cache() -> Path:

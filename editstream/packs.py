@@ -136,7 +136,7 @@ def write_state(
             entries.append(Entry(edit_id, pack, offset, len(blob), digest))
             offset += len(blob)
     for name in sorted(kept):
-        _link(previous / name, directory / name)
+        link_or_copy(previous / name, directory / name)
     names = [pack, *sorted(kept)]
     where = {name: i for i, name in enumerate(names)}
     state = {
@@ -189,7 +189,7 @@ def _reusable(previous: Path | None, method: str, fingerprint: str) -> dict[str,
     return {e.edit_id: e for e in index.entries}
 
 
-def _link(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
     """Hard-link `source` as `target`; copy where the file system has no hard links."""
     try:
         os.link(source, target)

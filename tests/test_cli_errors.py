@@ -58,3 +58,10 @@ def test_serve_refuses_compaction_without_snapshots_or_for_a_sequential_method(c
     assert code == 2 and err.startswith("--compact needs --snapshot-dir")
     code, err = run(capsys, "serve", "--compact", "--snapshot-dir", "snaps", "--method", "rome", "--redis-url", url)
     assert code == 2 and err.startswith("--compact: rome is sequential")
+
+
+def test_serve_names_a_bucket_address_without_a_bucket(capsys):
+    code, err = run(
+        capsys, "serve", "--snapshot-dir", "s3:///edits", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"
+    )
+    assert code == 2 and err.startswith("--snapshot-dir: snapshot store 's3:///edits': no bucket named")

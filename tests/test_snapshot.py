@@ -241,13 +241,20 @@ def test_compaction_below_a_snapshot_keeps_every_replica_exact(redis_server, tmp
 
 @pytest.mark.redis
 def test_the_snapshot_bench_measures_compaction_and_a_restart(tmp_path):
-    doc = snapshot_bench.run(facts=20, tail=3, method="recipe", model=EMBEDDED_LLM)
+    doc = snapshot_bench.run(facts=20, tail=3, method="recipe", model=EMBEDDED_LLM, probes=4)
     assert doc["journal_entries"] == 20 + 2 + 1 and doc["live_edits"] == 19  # 10% superseded, 5% retracted
     assert doc["digests_agree"] and doc["restart_replayed_tail"] == 3
+    # the restarted replica ran in a process of its own and reported its memory; then 4 facts went
+    # through ingest, editor and both replicas one by one, each timed from XADD to applied on both
+    assert doc["restart_rss_ready_bytes"] >= doc["restart_rss_model_bytes"] > 100e6
+    assert doc["restart_process_ready_s"] >= doc["restart_ready_s"] > 0
+    assert doc["edit_latency_facts"] == 4 and 0 < doc["edit_latency_p50_ms"] <= doc["edit_latency_max_ms"]
+    assert doc["live_edits_at_end"] == 19 + 3 + 4
     assert doc["restart_loaded_snapshot_seq"] == doc["journal_entries"]
     before, after = doc["redis_bytes_before_compaction"], doc["redis_bytes_after_compaction"]
     assert "artifacts" in before and "artifacts" not in after  # every artifact below the snapshot went
     assert doc["journal_length_after_compaction"] == 1  # the snapshot's own entry
-    # after the tail, an incremental snapshot writes the 3 new artifacts; a whole one all 22 applied
+    # after the tail and the probes, an incremental snapshot writes the 7 new artifacts; a whole one all
+    # 26 applied
     whole, incremental = doc["snapshot_write_whole_bytes"], doc["snapshot_write_incremental_bytes"]
-    assert 0 < incremental < whole / 5
+    assert 0 < incremental < whole / 3

@@ -26,6 +26,15 @@ def _system(args: argparse.Namespace) -> int:
         if args.compact and not args.snapshot_dir:
             print("--compact needs --snapshot-dir: after compaction only snapshots hold old edits", file=sys.stderr)
             return 2
+        if args.snapshot_dir.startswith("s3://"):
+            from editstream.errors import MissingPackageError
+            from editstream.snapshot_s3 import S3Snapshots
+
+            try:
+                S3Snapshots(args.snapshot_dir)
+            except (ValueError, MissingPackageError) as exc:
+                print(f"--snapshot-dir: {exc}", file=sys.stderr)
+                return 2
         from editstream.methods import method_class
 
         if args.compact and method_class(args.method).sequential:
@@ -101,8 +110,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--snapshot-dir",
         default="",
-        help="replica snapshots (a directory every node can read): a starting replica loads the newest "
-        "one and replays only the journal after it (default: none; every replica replays from seq 0)",
+        help="replica snapshots: a directory every node can read, or s3://bucket/prefix for an S3-compatible "
+        "bucket (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; needs boto3). A starting "
+        "replica loads the newest one and replays only the journal after it (default: none; every replica "
+        "replays from seq 0)",
     )
     p.add_argument(
         "--snapshot-every", type=int, default=1000, help="journal entries between snapshots (replica-0 writes them)"

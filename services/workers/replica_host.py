@@ -25,9 +25,10 @@ from editstream.artifacts import Artifact
 from editstream.errors import ArtifactError, NotReadyError, OrderError
 from editstream.generation import Sampling
 from editstream.methods import create_method
-from editstream.models import load_causal_lm
+from editstream.models import cache_dir, load_causal_lm
 from editstream.replica import Replica
 from editstream.snapshot import Capture, capture, load_snapshot, snapshots, write_snapshot
+from editstream.snapshot_s3 import S3Snapshots, is_s3
 from services.transport.store import RedisStore, connect
 from services.wiring.cluster import node_name
 from services.workers.prometheus import Metrics
@@ -56,6 +57,7 @@ class ReplicaService:
         snapshot_dir: str | None = None,
         snapshot_every: int = 0,
         compact: bool = False,
+        snapshot_cache: str | None = None,
     ) -> None:
         torch.set_num_threads(threads)
         self.name, self.method = name, method
@@ -89,7 +91,13 @@ class ReplicaService:
         # Snapshots (one directory per namespace): a starting replica loads the newest one the journal
         # still agrees with and replays only the tail; SNAPSHOT_WRITER takes one every
         # `snapshot_every` entries (0: never).
-        self.snapshot_dir = Path(snapshot_dir) / namespace if snapshot_dir else None
+        # With a bucket as the store (s3://bucket/prefix), this replica reads and writes its own local
+        # copy (`snapshot_cache`, else the cache directory) and the bucket is mirrored to and from it.
+        self.mirror = S3Snapshots(f"{snapshot_dir.rstrip('/')}/{namespace}") if is_s3(snapshot_dir) else None
+        if self.mirror is not None:
+            self.snapshot_dir = Path(snapshot_cache or cache_dir() / "snapshots") / namespace / name
+        else:
+            self.snapshot_dir = Path(snapshot_dir) / namespace if snapshot_dir else None
         self.snapshot_every = snapshot_every if name == SNAPSHOT_WRITER else 0
         self.snapshot_seq = 0  # the seq of the snapshot this replica loaded or last wrote
         # After writing a snapshot the writer compacts Redis below it (`compact`): below the snapshot,
@@ -183,6 +191,17 @@ class ReplicaService:
         past the head, or of a seq that now names another fact, is not used)."""
         if self.snapshot_dir is None or self.replica.version > 0:
             return
+        if self.mirror is not None:
+            try:
+                self.mirror.pull(self.snapshot_dir)
+            except Exception as exc:  # noqa: BLE001 - the bucket unreachable or refusing: use what is here
+                log.warning(
+                    "%s: no snapshots fetched from %s (%s); using those in %s",
+                    self.name,
+                    self.mirror.url,
+                    exc,
+                    self.snapshot_dir,
+                )
         lm = self.replica.method.lm
         for info in snapshots(self.snapshot_dir, self.replica.method.name, lm.fingerprint):
             if info.entry is None or info.seq > self.catch_up_to or not self._journal_holds(info.seq, *info.entry):
@@ -248,7 +267,9 @@ class ReplicaService:
 
     def _write(self, state: Capture) -> None:
         try:
-            write_snapshot(state, self.snapshot_dir)
+            path = write_snapshot(state, self.snapshot_dir)
+            if self.mirror is not None:  # compacted below only once the bucket holds it
+                self.mirror.push(path)
             self.snapshot_seq = state.seq
             if self.compact:
                 self.compact_below(state.seq)
