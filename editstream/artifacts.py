@@ -12,6 +12,7 @@ import json
 import math
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,10 @@ class Artifact:
     _digest: str | None = field(default=None, init=False, repr=False, compare=False)
     # the bytes it was read from (`from_bytes`), so packing it needs no second serialisation
     _raw: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """One metadata value (as `PackedArtifact.get`)."""
+        return self.meta.get(key, default)
 
     def header(self) -> dict[str, Any]:
         return {
@@ -231,6 +236,12 @@ class PackedArtifact:
     def base_fingerprint(self) -> str:
         return self._form.base_fingerprint
 
+    @property
+    def kind(self) -> _Form:
+        """What artifacts of this kind share (method, base model, tensor layout, metadata keys): one
+        check of a kind's shapes holds for every artifact of it."""
+        return self._form
+
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of one tensor, None if there is none of that name."""
         return next((entry[2] for entry in self._form.layout if entry[0] == name), None)
@@ -250,6 +261,32 @@ class PackedArtifact:
 
     def to_bytes(self) -> bytes:
         return self.unpack().to_bytes()
+
+
+def stacked(packed: Sequence[PackedArtifact], name: str) -> torch.Tensor:
+    """Tensor `name` of every artifact in `packed`, stacked (n, *shape), read straight from their bytes
+    (no tensor object per artifact: a snapshot of a million edits loads its keys in one go)."""
+    if not packed:
+        raise ValueError("stacked: no artifacts")
+    spans = {}
+    for kind in {p.kind for p in packed}:
+        entry = next((e for e in kind.layout if e[0] == name), None)
+        if entry is None:
+            raise KeyError(f"artifacts of {kind.method} have no tensor {name!r}")
+        spans[kind] = entry
+    _, dtype, shape, _, _ = spans[packed[0].kind]
+    if any(e[1:3] != (dtype, shape) for e in spans.values()):
+        raise ArtifactError(
+            f"tensor {name!r} differs in dtype or shape between artifacts: {sorted(set(spans.values()))}"
+        )
+    if len(spans) == 1:
+        start, end = spans[packed[0].kind][3:]
+        data = b"".join(p._data[start:end] for p in packed)
+    else:
+        data = b"".join(p._data[spans[p.kind][3] : spans[p.kind][4]] for p in packed)
+    if not data:
+        return torch.empty((len(packed), *shape), dtype=_DTYPES[dtype])
+    return torch.frombuffer(bytearray(data), dtype=_DTYPES[dtype]).reshape(len(packed), *shape)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from editstream.artifacts import Artifact, PackedArtifact
+from editstream.artifacts import Artifact, PackedArtifact, stacked
 from editstream.errors import ArtifactError
 
 
@@ -84,3 +84,19 @@ def test_a_packed_artifact_unpacks_to_the_same_bytes_and_is_not_changed_through_
     assert torch.equal(packed.unpack().tensors["a0"], a.tensors["a0"]) and packed.get("target") == "green"
     with pytest.raises(KeyError, match="no tensor 'nope'"):
         packed.tensor("nope")
+
+
+def test_stacked_reads_one_tensor_of_many_artifacts_from_their_bytes():
+    packed = []
+    for i in range(5):
+        a = make()
+        a.edit_id, a.tensors = f"e{i}", {**a.tensors, "key": torch.full((4,), float(i), dtype=torch.float16)}
+        packed.append(PackedArtifact(a))
+    keys = stacked(packed, "key")
+    assert keys.dtype == torch.float16 and torch.equal(keys, torch.stack([p.tensor("key") for p in packed]))
+    other = make()
+    other.edit_id, other.tensors = "odd", {**other.tensors, "key": torch.zeros(3, dtype=torch.float16)}
+    with pytest.raises(ArtifactError, match="differs in dtype or shape"):
+        stacked([*packed, PackedArtifact(other)], "key")
+    with pytest.raises(KeyError, match="no tensor 'nothing'"):
+        stacked(packed, "nothing")

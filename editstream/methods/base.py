@@ -118,7 +118,7 @@ class EditMethod(ABC):
                 f"artifact {artifact.edit_id} was computed for base model {artifact.base_fingerprint}, "
                 f"this replica serves {self.lm.fingerprint}"
             )
-        if "prompt" not in artifact.meta:
+        if artifact.get("prompt") is None:
             raise ArtifactError(f"artifact {artifact.edit_id} has no prompt in its metadata")
 
     def apply(self, artifact: Artifact) -> bool:
@@ -194,6 +194,10 @@ class EditMethod(ABC):
     def active_edit_ids(self) -> list[str]:
         """Edits now in effect (the newest of each prompt)."""
         return [stack[-1] for stack in self._stacks.values()]
+
+    def active_count(self) -> int:
+        """How many edits are in effect (one per prompt), without listing them."""
+        return len(self._stacks)
 
     def artifact(self, edit_id: str) -> Artifact:
         """An applied edit's artifact, unpacked (a copy: changing it changes nothing applied)."""

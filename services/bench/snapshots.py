@@ -40,7 +40,7 @@ from services.transport.redis_server import RedisServer
 from services.transport.store import RedisStore, connect
 from services.workers.editor import Editor
 from services.workers.ingest import Ingestor, content_hash
-from services.workers.replica_host import ReplicaService
+from services.workers.replica_host import ReplicaService, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ def _restarted(url: str, method: str, model: str, snaps: str, conn: Any) -> None
     pid = os.getpid()
     started = time.perf_counter()
     service = ReplicaService(url, method, model, "replica-1", NAMESPACE, snapshot_dir=snaps)
+    trim_heap()  # as after the snapshot load: both readings without freed pages
     rss_model = rss_bytes(pid)
     while not service.ready:
         service.step()

@@ -20,7 +20,8 @@ def render(store: RedisStore | None, run_dir: Path, thresholds: AlarmThresholds)
         )
         for name, r in sorted(s["replicas"].items()):
             lines.append(
-                f"  {name:<12} version {r['version']:>7}  digest {r['digest']}  "
+                f"  {name:<12} version {r['version']:>7}  digest {r['digest']} "
+                f"(of v{r.get('digest_version', r['version'])})  "
                 f"(seen {time.time() - r['time']:.0f} s ago)"
             )
     evals, edits = read_log(run_dir, "eval"), read_log(run_dir, "edits")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from editstream.artifacts import Artifact, PackedArtifact
+from editstream.artifacts import Artifact, PackedArtifact, stacked
 from editstream.edits import EditRequest
 from editstream.errors import ArtifactError, ConfigError
 from editstream.methods.base import EditMethod, QueryPlan
@@ -140,7 +140,7 @@ class RetrievingMethod(EditMethod):
 
     def check(self, artifact: Artifact | PackedArtifact) -> None:
         super().check(artifact)
-        made_by = artifact.meta.get("key_encoder", self.retrieval.net.config.encoder)  # older artifacts: float32
+        made_by = artifact.get("key_encoder", self.retrieval.net.config.encoder)  # older artifacts: float32
         if made_by != self.retrieval.encoder.name:
             raise ArtifactError(
                 f"artifact {artifact.edit_id} has a key made by encoder {made_by!r}; this replica encodes queries "
@@ -186,11 +186,10 @@ class Recipe(RetrievingMethod):
         self.retrieval.index.add(artifact.edit_id, artifact.tensors["key"])
 
     def _attach_many(self, packed: Sequence[PackedArtifact]) -> None:
-        for p in packed:
+        for p in {p.kind: p for p in packed}.values():  # artifacts of one kind share their shapes
             self._check_tensors(p.edit_id, p.shape)
         if packed:
-            keys = torch.stack([p.tensor("key") for p in packed])
-            self.retrieval.index.add_many([p.edit_id for p in packed], keys)
+            self.retrieval.index.add_many([p.edit_id for p in packed], stacked(packed, "key"))
 
     def _check_tensors(self, edit_id: str, shape: Callable[[str], tuple[int, ...] | None]) -> None:
         """ArtifactError/ConfigError unless an artifact's tensors (`shape(name)`: None if absent) fit."""
