@@ -268,30 +268,27 @@ def stacked(packed: Sequence[PackedArtifact], name: str) -> torch.Tensor:
     (no tensor object per artifact: a snapshot of a million edits loads its keys in one go)."""
     if not packed:
         raise ValueError("stacked: no artifacts")
-    spans = {}
-    for kind in {p.kind for p in packed}:
+    spans: dict[_Form, slice] = {}
+    kinds = set()
+    for kind in {p.kind for p in packed}:  # interned: hashed by identity
         entry = next((e for e in kind.layout if e[0] == name), None)
         if entry is None:
             raise KeyError(f"artifacts of {kind.method} have no tensor {name!r}")
-        spans[kind] = entry
-    _, dtype, shape, _, _ = spans[packed[0].kind]
-    if any(e[1:3] != (dtype, shape) for e in spans.values()):
-        raise ArtifactError(
-            f"tensor {name!r} differs in dtype or shape between artifacts: {sorted(set(spans.values()))}"
-        )
-    if len(spans) == 1:
-        start, end = spans[packed[0].kind][3:]
-        data = b"".join(p._data[start:end] for p in packed)
-    else:
-        data = b"".join(p._data[spans[p.kind][3] : spans[p.kind][4]] for p in packed)
+        spans[kind] = slice(entry[3], entry[4])
+        kinds.add(entry[1:3])
+    if len(kinds) > 1:
+        raise ArtifactError(f"tensor {name!r} differs in dtype or shape between artifacts: {sorted(kinds, key=str)}")
+    ((dtype, shape),) = kinds
+    data = b"".join(p._data[spans[p.kind]] for p in packed)
     if not data:
         return torch.empty((len(packed), *shape), dtype=_DTYPES[dtype])
     return torch.frombuffer(bytearray(data), dtype=_DTYPES[dtype]).reshape(len(packed), *shape)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Form:
-    """What packed artifacts of one kind share."""
+    """What packed artifacts of one kind share; one object per kind (`_form` interns them), so it is
+    compared and hashed by identity (cheap where a million artifacts are grouped by kind)."""
 
     method: str
     base_fingerprint: str

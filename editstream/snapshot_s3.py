@@ -71,7 +71,7 @@ class S3Snapshots:
 
     def finished(self) -> list[str]:
         """Names of the finished snapshots in the bucket, newest first."""
-        return sorted((n for n, files in self.listing().items() if META in files), reverse=True)
+        return _finished(self.listing())
 
     def push(self, snapshot: Path, keep: int = KEEP) -> None:
         """Upload the snapshot directory `snapshot` (its packs copied in the bucket where the previous
@@ -80,8 +80,7 @@ class S3Snapshots:
         name = snapshot.name
         if META in listing.get(name, {}):
             return
-        earlier = sorted((n for n, files in listing.items() if META in files and n < name), reverse=True)
-        previous = earlier[0] if earlier else None
+        previous = next((n for n in _finished(listing) if n < name), None)
         sent = copied = 0
         for path in sorted(snapshot.iterdir()):
             if path.name == META:
@@ -106,7 +105,7 @@ class S3Snapshots:
 
     def _drop(self, listing: dict[str, dict[str, int]], keep: int) -> None:
         """Delete all but the newest `keep` finished snapshots, and unfinished ones older than those."""
-        done = sorted((n for n, files in listing.items() if META in files), reverse=True)
+        done = _finished(listing)
         oldest_kept = done[keep - 1] if len(done) >= keep else ""
         for name, files in listing.items():
             if name in done[:keep] or name > oldest_kept:
@@ -122,7 +121,7 @@ class S3Snapshots:
         store.mkdir(parents=True, exist_ok=True)
         listing = self.listing()
         fetched = []
-        for name in sorted((n for n, files in listing.items() if META in files), reverse=True)[:keep]:
+        for name in _finished(listing)[:keep]:
             final = store / name
             if (final / META).exists():
                 continue
@@ -153,3 +152,8 @@ class S3Snapshots:
         for old in snapshots(store)[keep:]:
             shutil.rmtree(old.path, ignore_errors=True)
         return fetched
+
+
+def _finished(listing: dict[str, dict[str, int]]) -> list[str]:
+    """The snapshots of a `listing` whose snapshot.json is there (uploaded last), newest first."""
+    return sorted((n for n, files in listing.items() if META in files), reverse=True)
