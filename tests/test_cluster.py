@@ -59,10 +59,14 @@ def status(client: httpx.Client) -> dict:
     return client.get("/status").json()
 
 
-def wait_for(check, what: str, timeout_s: float, client: httpx.Client) -> dict:
+def wait_for(
+    check, what: str, timeout_s: float, client: httpx.Client, serve=None, serve_log: Path | None = None
+) -> dict:
+    """The gateway's status once `check` holds; an AssertionError (with the tail of `serve_log`) at the
+    deadline, or as soon as the `serve` process has exited."""
     deadline = time.time() + timeout_s
     last: dict = {}
-    while time.time() < deadline:
+    while time.time() < deadline and (serve is None or serve.poll() is None):
         try:
             last = status(client)
             if check(last):
@@ -70,7 +74,11 @@ def wait_for(check, what: str, timeout_s: float, client: httpx.Client) -> dict:
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last status: {last}")
+    ended = (
+        f"serve exited with code {serve.returncode}" if serve is not None and serve.poll() is not None else "timed out"
+    )
+    tail = serve_log.read_text(errors="replace")[-3000:] if serve_log is not None else ""
+    raise AssertionError(f"{ended} waiting for {what}; last status: {last}\n{tail}")
 
 
 def converged(n: int, journal: int):
@@ -124,7 +132,9 @@ def test_three_node_cluster_survives_losing_a_worker_node(redis_server, tmp_path
     try:
         url = f"http://127.0.0.1:{port}"
         client = httpx.Client(base_url=url, headers=AUTH, timeout=30)
-        wait_for(lambda s: len(s["ready_replicas"]) == 2, "2 ready replicas", 300, client)
+        wait_for(
+            lambda s: len(s["ready_replicas"]) == 2, "2 ready replicas", 300, client, serve, tmp_path / "serve.log"
+        )
 
         placed = {name: r["node"] for name, r in status(client)["replicas"].items()}
         assert sorted(placed.values()) == ["worker-1", "worker-2"], f"replicas not spread over the workers: {placed}"
@@ -137,7 +147,14 @@ def test_three_node_cluster_survives_losing_a_worker_node(redis_server, tmp_path
         cluster.stop_node(victim)
         feeder.join()
         wait_journal(store, len(facts))
-        final = wait_for(converged(2, len(facts)), "the 2 replicas to converge after the node loss", 300, client)
+        final = wait_for(
+            converged(2, len(facts)),
+            "the 2 replicas to converge after the node loss",
+            300,
+            client,
+            serve,
+            tmp_path / "serve.log",
+        )
         recovered_at = time.time()
         assert_exactly_once(store, facts)
         placed_after = {name: r["node"] for name, r in final["replicas"].items()}
@@ -158,7 +175,9 @@ def test_three_node_cluster_survives_losing_a_worker_node(redis_server, tmp_path
             capture_output=True, text=True, env=env, timeout=400,
         )  # fmt: skip
         assert scaled.returncode == 0, scaled.stdout + scaled.stderr
-        wait_for(converged(3, len(facts)), "3 converged replicas after scaling", 120, client)
+        wait_for(
+            converged(3, len(facts)), "3 converged replicas after scaling", 120, client, serve, tmp_path / "serve.log"
+        )
         (choice,) = client.post("/v1/completions", json={"prompt": facts[0].prompt, "max_tokens": 4}).json()["choices"]
         assert choice["editstream"]["fired"] == facts[0].edit_id and choice["editstream"]["version"] == len(facts)
         after = [code for _, end, code in queries if end >= killed_at]
