@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
 from safetensors.torch import save as st_save
 
@@ -128,8 +129,8 @@ def _parse(data: bytes) -> tuple[dict[str, Any], tuple, int]:
     if n > len(data) - 8:
         raise ArtifactError(f"artifact header claims {n} bytes but only {len(data) - 8} follow")
     try:
-        raw = json.loads(data[8 : 8 + n])
-        header = json.loads(raw.pop("__metadata__")[_META_KEY])
+        raw = _loads(data[8 : 8 + n])
+        header = _loads(raw.pop("__metadata__")[_META_KEY])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArtifactError(f"artifact has no editstream metadata: {exc!r}") from exc
     if not isinstance(header, dict):
@@ -141,9 +142,39 @@ def _parse(data: bytes) -> tuple[dict[str, Any], tuple, int]:
         raise ArtifactError(
             f"artifact schema {header['schema_version']} is newer than this editstream's {SCHEMA_VERSION}"
         )
-    size = len(data) - 8 - n
+    return header, _layout(raw, len(data) - 8 - n), 8 + n
+
+
+def _loads(text: bytes | str) -> Any:
+    """JSON by orjson (a snapshot parses a million headers), by `json` what orjson refuses (NaN)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+_LAYOUTS: dict[tuple, tuple] = {}  # checked layouts by (data size, tensor specs): artifacts of a kind share one
+_LAYOUTS_KEPT = 4096
+
+
+def _layout(specs: dict[str, Any], size: int) -> tuple:
+    """The checked tensor layout of a header's tensor `specs` over a data section of `size` bytes,
+    from the cache where one of the same specs was checked before."""
+    try:
+        key = (size, *((name, s["dtype"], tuple(s["shape"]), tuple(s["data_offsets"])) for name, s in specs.items()))
+        layout = _LAYOUTS.get(key)
+    except (KeyError, TypeError):  # a malformed entry (or one that is not hashable): checked below, and refused
+        key, layout = None, None
+    if layout is None:
+        layout = _check_layout(specs, size)
+        if key is not None and len(_LAYOUTS) < _LAYOUTS_KEPT:
+            _LAYOUTS[key] = layout
+    return layout
+
+
+def _check_layout(specs: dict[str, Any], size: int) -> tuple:
     layout = []
-    for name, spec in raw.items():
+    for name, spec in specs.items():
         try:
             dtype = _DTYPES[spec["dtype"]]
             shape = tuple(int(d) for d in spec["shape"])
@@ -159,7 +190,7 @@ def _parse(data: bytes) -> tuple[dict[str, Any], tuple, int]:
                 f"artifact tensor {name!r}: {spec['dtype']} {list(shape)} does not fit bytes {start}-{end} of {size}"
             )
         layout.append((name, spec["dtype"], shape, start, end))
-    return header, tuple(sorted(layout, key=lambda t: t[3])), 8 + n
+    return tuple(sorted(layout, key=lambda t: t[3]))
 
 
 def _tensors(body: bytearray, layout: tuple) -> dict[str, torch.Tensor]:

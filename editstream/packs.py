@@ -11,21 +11,29 @@ Writing a state is then O(new artifacts) in serialisation and I/O, plus the O(li
 
 Reading checks every artifact's edit id and digest against the index, so a torn or altered pack is
 refused, never half-loaded silently.
+
+Beside them a state may hold `derived.safetensors`: what the method derived from its artifacts and
+would otherwise derive again on loading (the IVF lists of RECIPE's key index). It only saves time:
+a state without it, or with one that does not read, loads the same edits.
 """
 
 from __future__ import annotations
 
-import json
+import gc
 import logging
 import mmap
 import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
+
+import orjson
+import torch
+from safetensors.torch import load_file, save_file
 
 from editstream.artifacts import Artifact, PackedArtifact
 from editstream.errors import ArtifactError
@@ -35,13 +43,13 @@ Read = TypeVar("Read", Artifact, PackedArtifact)
 
 FORMAT = 2
 STATE = "state.json"
+DERIVED = "derived.safetensors"
 DIGEST_CHARS = 16  # of the sha256 content digest, per artifact in the index
 PACK_V1 = "artifacts.bin"  # format 1 (before incremental packs): one pack, read still
 
 
-@dataclass(frozen=True)
-class Entry:
-    """Where one applied artifact's bytes are."""
+class Entry(NamedTuple):
+    """Where one applied artifact's bytes are (a tuple: a state index makes a million of them)."""
 
     edit_id: str
     pack: str
@@ -71,7 +79,7 @@ class Written:
 def read_index(directory: Path) -> StateIndex:
     """The index of the state in `directory`; ArtifactError if it is not one this code reads."""
     try:
-        state = json.loads((directory / STATE).read_text())
+        state = orjson.loads((directory / STATE).read_bytes())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{directory / STATE}: not a readable edit state ({exc})") from exc
     if not isinstance(state, dict):
@@ -146,7 +154,7 @@ def write_state(
         "packs": names,
         "order": [[e.edit_id, where[e.pack], e.offset, e.length, e.digest] for e in entries],
     }
-    (directory / STATE).write_text(json.dumps(state, separators=(",", ":")))
+    (directory / STATE).write_bytes(orjson.dumps(state))
     return Written(offset, sum(sizes[name] for name in kept), fresh)
 
 
@@ -171,6 +179,37 @@ def read_artifacts(
                     f"{_place(directory, e)} are not artifact {e.edit_id} (digest {e.digest}) as {STATE} says"
                 )
             yield artifact
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a state's million (acyclic) objects are made: each
+    collection would scan every one made so far (a quarter of a million-edit load); on again after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def write_derived(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a method's derived state beside its artifacts (nothing when there is none)."""
+    if tensors:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(directory / DERIVED))
+
+
+def read_derived(directory: Path) -> dict[str, torch.Tensor]:
+    """The derived state written beside a state's artifacts; {} (with a warning) if there is none readable."""
+    path = directory / DERIVED
+    if not path.exists():
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own errors; the state loads without it
+        log.warning("%s not read (%s): derived again from the artifacts", path, exc)
+        return {}
 
 
 def _place(directory: Path, e: Entry) -> str:

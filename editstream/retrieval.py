@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -54,6 +57,13 @@ class _EditSlots:
         """`add` for each (edit id, key row); indexes that can do better override it."""
         for edit_id, key in zip(edit_ids, keys, strict=True):
             self.add(edit_id, key)
+
+    def training(self) -> dict[str, torch.Tensor]:
+        """What this index learned from its keys (none: an exact index learns nothing)."""
+        return {}
+
+    def seed(self, training: dict[str, torch.Tensor]) -> None:
+        """Take `training` (another index's `training()`) instead of learning it again (ignored here)."""
 
 
 class KeyIndex(_EditSlots):
@@ -151,12 +161,22 @@ class IvfKeyIndex(_EditSlots):
     are faiss labels that are never reused; a hash table from label to list makes a remove
     O(list length) instead of a scan of every list."""
 
-    def __init__(self, dim: int, edit_ids: list[str], keys: np.ndarray, nprobe: int = DEFAULT_NPROBE) -> None:
+    def __init__(
+        self,
+        dim: int,
+        edit_ids: list[str],
+        keys: np.ndarray,
+        nprobe: int = DEFAULT_NPROBE,
+        centroids: np.ndarray | None = None,
+        trained_on: int | None = None,
+    ) -> None:
+        """`centroids` (with the count `trained_on` they were trained on): the lists of an index trained
+        before (a snapshot's), used as they are instead of training on `keys`."""
         import faiss
 
         super().__init__(dim)
         n = len(edit_ids)
-        self.nlist = max(1, min(int(math.sqrt(n)), n // 39))  # faiss wants >= 39 training keys per list
+        self.nlist = max(1, min(int(math.sqrt(n)), n // 39)) if centroids is None else len(centroids)
         self._quantizer = faiss.IndexFlatIP(dim)  # owned here: the IVF index only points to it
         self._index = faiss.IndexIVFScalarQuantizer(
             self._quantizer, dim, self.nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
@@ -164,10 +184,14 @@ class IvfKeyIndex(_EditSlots):
         self._index.by_residual = False  # the key itself in float16: exact for float16 keys
         self._index.cp.max_points_per_centroid = 64
         keys = np.ascontiguousarray(keys, dtype=np.float32).reshape(n, dim)
-        self._index.train(keys)
+        if centroids is None:
+            self._index.train(keys)
+        else:  # float16 storage learns nothing beyond the lists, so the index is trained once they are in
+            self._quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32).reshape(self.nlist, dim))
+            self._index.is_trained = True
         self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
         self.set_nprobe(nprobe)
-        self.trained_on = n
+        self.trained_on = n if trained_on is None else trained_on
         self._labels: dict[int, str] = {}
         self._next = 0
         self._add(edit_ids, keys)
@@ -180,9 +204,9 @@ class IvfKeyIndex(_EditSlots):
     def _add(self, edit_ids: list[str], keys: np.ndarray) -> None:
         labels = np.arange(self._next, self._next + len(edit_ids), dtype=np.int64)
         self._index.add_with_ids(keys, labels)
-        for label, edit_id in zip(labels.tolist(), edit_ids, strict=True):
-            self._labels[label] = edit_id
-            self._by_edit[edit_id] = label
+        numbers = labels.tolist()
+        self._labels.update(zip(numbers, edit_ids, strict=True))
+        self._by_edit.update(zip(edit_ids, numbers, strict=True))
         self._next += len(edit_ids)
 
     def add(self, edit_id: str, key: torch.Tensor) -> None:
@@ -208,10 +232,29 @@ class IvfKeyIndex(_EditSlots):
         best[torch.tensor([f is None for f in found])] = float("-inf")
         return best, found
 
+    def training(self) -> dict[str, torch.Tensor]:
+        """The lists' centroids and the count they were trained on."""
+        centroids = self._quantizer.reconstruct_n(0, self.nlist)
+        return {"ivf_centroids": torch.from_numpy(centroids), "ivf_trained_on": torch.tensor([self.trained_on])}
+
     def live_keys(self) -> tuple[list[str], np.ndarray]:
         labels = list(self._labels)
         keys = np.stack([self._index.reconstruct(label) for label in labels]) if labels else np.zeros((0, self.dim))
         return [self._labels[label] for label in labels], keys.astype(np.float32)
+
+
+@contextmanager
+def _every_core() -> Iterator[None]:
+    """faiss on every core this process may use, for a bulk build or training (a replica serves on one
+    thread, but while its index is being built it serves nothing: the build holds its lock)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 class ScalingKeyIndex:
@@ -224,6 +267,7 @@ class ScalingKeyIndex:
             raise ValueError(f"ann threshold {threshold}: must be at least 1")
         self.dim, self.threshold, self.nprobe, self.regrow = dim, threshold, nprobe, regrow
         self.inner: KeyIndex | IvfKeyIndex = KeyIndex(dim)
+        self._seeded: tuple[np.ndarray, int] | None = None  # centroids and their count, for the next bulk add
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -236,8 +280,50 @@ class ScalingKeyIndex:
         self._train_if_grown()
 
     def add_many(self, edit_ids: list[str], keys: torch.Tensor) -> None:
-        self.inner.add_many(edit_ids, keys)
+        seeded, self._seeded = self._seeded, None
+        last = {e: r for r, e in enumerate(edit_ids)} if seeded and not len(self.inner) else {}  # last row counts
+        if len(last) >= self.threshold:
+            self._build(list(last), keys[list(last.values())], seeded)
+        else:
+            self.inner.add_many(edit_ids, keys)
         self._train_if_grown()
+
+    def _build(self, edit_ids: list[str], keys: torch.Tensor, seeded: tuple[np.ndarray, int]) -> None:
+        """The IVF index over `keys` on the seeded centroids: no flat stage, no training."""
+        started = time.perf_counter()
+        centroids, trained_on = seeded
+        rows = keys.detach().float().cpu().numpy()
+        with _every_core():
+            self.inner = IvfKeyIndex(self.dim, edit_ids, rows, self.nprobe, centroids, trained_on)
+        log.info(
+            "key index: IVF over %d keys on the %d lists it was given in %.1f s",
+            len(edit_ids),
+            self.inner.nlist,
+            time.perf_counter() - started,
+        )
+
+    def training(self) -> dict[str, torch.Tensor]:
+        """The IVF lists' centroids and the count they were trained on; none while flat."""
+        return self.inner.training()
+
+    def seed(self, training: dict[str, torch.Tensor]) -> None:
+        """Build the IVF index of the next bulk add (into an empty index, of at least `threshold` keys)
+        on `training` (an index's `training()`) instead of adding flat and training again; ignored
+        (with a warning) if it does not fit."""
+        centroids, trained_on = training.get("ivf_centroids"), training.get("ivf_trained_on")
+        if centroids is None or trained_on is None:
+            return
+        if centroids.ndim != 2 or centroids.shape[1] != self.dim or not len(centroids) or trained_on.numel() != 1:
+            log.warning(
+                "key index: seeded centroids of shape %s do not fit %d-dim keys; training anew",
+                tuple(centroids.shape),
+                self.dim,
+            )
+            return
+        if len(self.inner):
+            return
+        self.inner = KeyIndex(self.dim)
+        self._seeded = (centroids.float().numpy(), int(trained_on.item()))
 
     def _train_if_grown(self) -> None:
         n = len(self.inner)
@@ -248,7 +334,8 @@ class ScalingKeyIndex:
     def _train(self) -> None:
         started = time.perf_counter()
         edit_ids, keys = self.inner.live_keys()
-        self.inner = IvfKeyIndex(self.dim, edit_ids, keys, self.nprobe)
+        with _every_core():
+            self.inner = IvfKeyIndex(self.dim, edit_ids, keys, self.nprobe)
         log.info(
             "key index: IVF over %d keys (%d lists, %d probed) in %.1f s",
             len(edit_ids),

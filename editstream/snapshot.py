@@ -2,7 +2,8 @@
 
 A snapshot is a directory `snap-<seq>` in a snapshot store (a directory every node can read):
 the method's state in `editstream.packs`' form (the applied artifacts in pack files with a JSON
-index) and a small `snapshot.json`: format, method, base-model fingerprint, the seq, the journal
+index, and `derived.safetensors` where the method carries what it derived from them, such as
+RECIPE's IVF lists) and a small `snapshot.json`: format, method, base-model fingerprint, the seq, the journal
 entry at that seq (edit id and time, so a reader can check the journal still holds it) and the
 state digest.
 
@@ -23,12 +24,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from editstream.artifacts import PackedArtifact
 from editstream.errors import ArtifactError
-from editstream.packs import write_state
+from editstream.packs import write_derived, write_state
 from editstream.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -62,13 +65,15 @@ class Capture:
     method: str
     base_fingerprint: str
     artifacts: tuple[PackedArtifact, ...]  # their content digests are known (computed when applied)
+    derived: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's `derived_state()`
 
 
 def capture(replica: Replica, entry: tuple[str, float] | None) -> Capture:
     """The replica's edit state now; `entry`: the (edit id, time) of the journal entry at its version."""
     method = replica.method
     applied = tuple(method.packed(e) for e in method.edit_ids())
-    return Capture(replica.version, replica.digest(), entry, method.name, method.lm.fingerprint, applied)
+    fingerprint, derived = method.lm.fingerprint, method.derived_state()
+    return Capture(replica.version, replica.digest(), entry, method.name, fingerprint, applied, derived)
 
 
 def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:
@@ -98,6 +103,7 @@ def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:
         "entry": list(state.entry) if state.entry else None,
         "digest": state.digest,
     }
+    write_derived(tmp, state.derived)
     (tmp / META).write_text(json.dumps(meta))
     tmp.rename(final)
     for old in snapshots(store)[keep:]:

@@ -112,6 +112,44 @@ def test_past_the_threshold_the_index_turns_ivf_and_finds_what_flat_finds():
     assert got == want and torch.allclose(scores, flat_scores, atol=1e-6)
 
 
+def test_a_seeded_index_takes_the_ivf_lists_it_is_given_and_finds_the_same(caplog):
+    """A snapshot carries the IVF centroids (`training`): an index seeded with them builds its lists in
+    one bulk add, untrained and without a flat stage, and searches exactly as the one it came from."""
+    dim, n = 32, 3000
+    keys = clustered_keys(n, dim).half().float()
+    writer = ScalingKeyIndex(dim, threshold=1000, nprobe=4, regrow=2.0)
+    for i, k in enumerate(keys):
+        writer.add(f"e{i}", k)
+    for i in range(0, n, 7):
+        writer.remove(f"e{i}")
+    training = writer.training()
+    assert training["ivf_centroids"].shape == (writer.inner.nlist, dim) and int(training["ivf_trained_on"]) == 2000
+    ids, live = writer.inner.live_keys()
+    loaded = ScalingKeyIndex(dim, threshold=1000, nprobe=4, regrow=2.0)
+    loaded.seed(training)
+    loaded.add_many([*ids, ids[0]], torch.cat([torch.from_numpy(live), torch.from_numpy(live[:1])]))
+    assert isinstance(loaded.inner, IvfKeyIndex) and len(loaded) == len(ids)
+    assert loaded.inner.trained_on == 2000  # the writer's regrow schedule goes on from the same count
+    assert torch.equal(loaded.training()["ivf_centroids"], training["ivf_centroids"])  # not trained again
+    queries = torch.nn.functional.normalize(
+        keys + 0.15 * torch.randn(n, dim, generator=torch.Generator().manual_seed(2)), dim=1
+    )
+    want_scores, want = writer.search(queries)
+    got_scores, got = loaded.search(queries)
+    assert got == want and torch.equal(got_scores, want_scores)
+    # a seed that does not fit (another key width) is refused with a warning: the index trains anew
+    other = ScalingKeyIndex(dim, threshold=1000, nprobe=4)
+    other.seed({**training, "ivf_centroids": training["ivf_centroids"][:, :16]})
+    assert "do not fit" in caplog.text
+    other.add_many(ids, torch.from_numpy(live))
+    assert isinstance(other.inner, IvfKeyIndex) and other.inner.trained_on == len(ids)
+    # fewer keys than the threshold: flat as ever, the seed unused
+    small = ScalingKeyIndex(dim, threshold=1000)
+    small.seed(training)
+    small.add_many(ids[:10], torch.from_numpy(live[:10]))
+    assert isinstance(small.inner, KeyIndex) and small.training() == {}
+
+
 def test_the_ann_threshold_reaches_recipe_and_bad_values_are_refused(real_lm):
     from editstream.demo_facts import demo_facts
     from editstream.errors import ConfigError

@@ -11,6 +11,7 @@ import json
 import threading
 
 import pytest
+import torch
 
 from editstream.demo_facts import demo_facts
 from editstream.errors import ArtifactError, NotReadyError
@@ -61,6 +62,31 @@ def test_a_snapshot_brings_back_the_same_state_and_answers(real_lm, tmp_path):
     # the supersede stack came back too: retracting the newer edit brings the first one back
     restored.retract(8, newer.edit_id)
     assert restored.method.is_active(facts[0].edit_id)
+
+
+def test_a_snapshot_carries_the_ivf_lists_and_a_restart_searches_on_them(real_lm, tmp_path):
+    """Past the ANN threshold the snapshot holds the key index's centroids (derived.safetensors); the
+    restored replica's index is built on them (no k-means) and answers as the writer's; a snapshot
+    whose derived file is damaged still loads, its lists trained anew."""
+    facts = demo_facts(8)
+    method = create_method("recipe", real_lm, ann_threshold=4)
+    replica = Replica(method)
+    for seq, artifact in enumerate(method.compute(facts), start=1):
+        replica.apply(seq, artifact)
+    assert type(method.retrieval.index.inner).__name__ == "IvfKeyIndex"
+    path = write_snapshot(capture(replica, (facts[-1].edit_id, 1.0)), tmp_path)
+    assert (path / "derived.safetensors").is_file()
+    restored = Replica(create_method("recipe", real_lm, ann_threshold=4))
+    load_snapshot(restored, snapshots(tmp_path)[0])
+    got, want = restored.method.retrieval.index, method.retrieval.index
+    assert torch.equal(got.training()["ivf_centroids"], want.training()["ivf_centroids"])
+    assert restored.digest() == replica.digest()
+    prompts = [f.prompt for f in facts[:3]] + ["Which city is the Eiffel Tower in?"]
+    assert restored.method.retrieval.retrieve(prompts) == method.retrieval.retrieve(prompts)
+    (path / "derived.safetensors").write_bytes(b"not safetensors")
+    again = Replica(create_method("recipe", real_lm, ann_threshold=4))
+    load_snapshot(again, snapshots(tmp_path)[0])
+    assert again.digest() == replica.digest() and type(again.method.retrieval.index.inner).__name__ == "IvfKeyIndex"
 
 
 def test_a_snapshot_that_does_not_fit_is_refused(real_lm, tmp_path):

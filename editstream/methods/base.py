@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from editstream.artifacts import Artifact, PackedArtifact
 from editstream.edits import EditRequest, normalize_prompt
 from editstream.errors import ArtifactError
 from editstream.models import LoadedLM
-from editstream.packs import read_artifacts, read_index, write_state
+from editstream.packs import gc_paused, read_artifacts, read_derived, read_index, write_derived, write_state
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +220,7 @@ class EditMethod(ABC):
     def save_state(self, directory: Path) -> None:
         """Write the applied artifacts and their order (`editstream.packs`); `load_state` restores the same state."""
         write_state(directory, self.name, self.lm.fingerprint, self._applied.values())
+        write_derived(directory, self.derived_state())
 
     def load_state(self, directory: Path) -> None:
         """Replace the edit state with the one `save_state` (or `packs.write_state`) wrote: the
@@ -227,11 +230,22 @@ class EditMethod(ABC):
         if index.method != self.name:
             raise ArtifactError(f"state in {directory} is for method {index.method!r}, not {self.name!r}")
         self.reset()
+        self.seed_derived(read_derived(directory))
         try:
-            self.apply_packed(list(read_artifacts(directory, index, PackedArtifact.from_bytes)))
+            with gc_paused():
+                self.apply_packed(list(read_artifacts(directory, index, PackedArtifact.from_bytes)))
         except Exception:
             self.reset()
             raise
+
+    def derived_state(self) -> dict[str, torch.Tensor]:
+        """What this method derived from its artifacts and a state can carry so that loading need not
+        derive it again (RECIPE: its key index's IVF lists); none by default."""
+        return {}
+
+    def seed_derived(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Use `tensors` (a `derived_state()`) for the artifacts about to be applied in bulk; ignored by default."""
+        return None
 
     def apply_packed(self, packed: Sequence[PackedArtifact]) -> None:
         """Apply `packed` in order onto an empty edit state, leaving it as `apply` one by one would,

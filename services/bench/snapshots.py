@@ -196,9 +196,11 @@ def _run(
 def _restarted(url: str, method: str, model: str, snaps: str, conn: Any) -> None:
     """A replica restarting in a process of its own: it loads the newest snapshot, replays the tail,
     reports its time to ready and resident memory, then follows the journal until told where to stop."""
+    logging.basicConfig(level=logging.INFO, format="restarted replica %(asctime)s %(name)s: %(message)s")
     pid = os.getpid()
     started = time.perf_counter()
     service = ReplicaService(url, method, model, "replica-1", NAMESPACE, snapshot_dir=snaps)
+    constructed = time.perf_counter() - started
     trim_heap()  # as after the snapshot load: both readings without freed pages
     rss_model = rss_bytes(pid)
     while not service.ready:
@@ -206,6 +208,8 @@ def _restarted(url: str, method: str, model: str, snaps: str, conn: Any) -> None
     conn.send(
         {
             "restart_ready_s": round(time.perf_counter() - started, 1),
+            "restart_constructor_s": round(constructed, 1),  # model, method, warm-up
+            "restart_snapshot_load_s": round(service.snapshot_load_s or 0.0, 1),
             "restart_rss_model_bytes": rss_model,
             "restart_rss_ready_bytes": rss_bytes(pid),
             "restart_loaded_snapshot_seq": service.snapshot_seq,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import logging
 import queue
 import threading
@@ -116,6 +117,7 @@ class ReplicaService:
             self.snapshot_dir = Path(snapshot_dir) / namespace if snapshot_dir else None
         self.snapshot_every = snapshot_every if name == SNAPSHOT_WRITER else 0
         self.snapshot_seq = 0  # the seq of the snapshot this replica loaded or last wrote
+        self.snapshot_load_s: float | None = None  # how long loading it took (None: none loaded)
         # After writing a snapshot the writer compacts Redis below it (`compact`): below the snapshot,
         # every live replica's version and the editors' progress, so no running reader loses an entry.
         self.compact = compact and bool(self.snapshot_every)
@@ -233,6 +235,8 @@ class ReplicaService:
                 continue
             self.snapshot_seq = info.seq
             trim_heap()  # the load's parse buffers are free now: give their pages back
+            gc.freeze()  # the loaded edits live on: later collections need not scan a million objects
+            self.snapshot_load_s = time.perf_counter() - started
             log.info(
                 "%s: loaded the snapshot at seq %d (%d edits) in %.1f s; replaying the journal after it",
                 self.name,

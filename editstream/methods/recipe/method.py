@@ -114,6 +114,13 @@ class RetrievingMethod(EditMethod):
         super().__init__(lm)
         self.retrieval = retrieval
 
+    def derived_state(self) -> dict[str, torch.Tensor]:
+        """The key index's training (IVF centroids), so a loaded state's index skips its k-means."""
+        return self.retrieval.index.training()
+
+    def seed_derived(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.retrieval.index.seed(tensors)
+
     @classmethod
     def build(
         cls,
