@@ -246,7 +246,7 @@ class IvfKeyIndex(_EditSlots):
 @contextmanager
 def _every_core() -> Iterator[None]:
     """faiss on every core this process may use, for a bulk build or training (a replica serves on one
-    thread, but while its index is being built it serves nothing: the build holds its lock)."""
+    thread, but a build holds its lock, so new queries wait for it anyway)."""
     import faiss
 
     before = faiss.omp_get_max_threads()
@@ -283,24 +283,10 @@ class ScalingKeyIndex:
         seeded, self._seeded = self._seeded, None
         last = {e: r for r, e in enumerate(edit_ids)} if seeded and not len(self.inner) else {}  # last row counts
         if len(last) >= self.threshold:
-            self._build(list(last), keys[list(last.values())], seeded)
+            self._train(list(last), keys[list(last.values())].detach().float().cpu().numpy(), seeded)
         else:
             self.inner.add_many(edit_ids, keys)
         self._train_if_grown()
-
-    def _build(self, edit_ids: list[str], keys: torch.Tensor, seeded: tuple[np.ndarray, int]) -> None:
-        """The IVF index over `keys` on the seeded centroids: no flat stage, no training."""
-        started = time.perf_counter()
-        centroids, trained_on = seeded
-        rows = keys.detach().float().cpu().numpy()
-        with _every_core():
-            self.inner = IvfKeyIndex(self.dim, edit_ids, rows, self.nprobe, centroids, trained_on)
-        log.info(
-            "key index: IVF over %d keys on the %d lists it was given in %.1f s",
-            len(edit_ids),
-            self.inner.nlist,
-            time.perf_counter() - started,
-        )
 
     def training(self) -> dict[str, torch.Tensor]:
         """The IVF lists' centroids and the count they were trained on; none while flat."""
@@ -331,15 +317,21 @@ class ScalingKeyIndex:
         if (flat and n >= self.threshold) or (not flat and n >= self.regrow * self.inner.trained_on):
             self._train()
 
-    def _train(self) -> None:
+    def _train(
+        self, edit_ids: list[str] | None = None, keys: np.ndarray | None = None, seeded: tuple | None = None
+    ) -> None:
+        """The IVF index over `keys` of `edit_ids` (default: the live keys held now), trained on them,
+        or on the `seeded` (centroids, trained-on count) as given: no flat stage, no k-means."""
         started = time.perf_counter()
-        edit_ids, keys = self.inner.live_keys()
+        if edit_ids is None:
+            edit_ids, keys = self.inner.live_keys()
         with _every_core():
-            self.inner = IvfKeyIndex(self.dim, edit_ids, keys, self.nprobe)
+            self.inner = IvfKeyIndex(self.dim, edit_ids, keys, self.nprobe, *(seeded or ()))
         log.info(
-            "key index: IVF over %d keys (%d lists, %d probed) in %.1f s",
+            "key index: IVF over %d keys (%d lists%s, %d probed) in %.1f s",
             len(edit_ids),
             self.inner.nlist,
+            " as given" if seeded else "",
             self.inner.nprobe,
             time.perf_counter() - started,
         )

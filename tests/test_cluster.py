@@ -4,6 +4,7 @@ with `editstream scale`, queries answered over HTTP throughout."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -132,9 +133,8 @@ def test_three_node_cluster_survives_losing_a_worker_node(redis_server, tmp_path
     try:
         url = f"http://127.0.0.1:{port}"
         client = httpx.Client(base_url=url, headers=AUTH, timeout=30)
-        wait_for(
-            lambda s: len(s["ready_replicas"]) == 2, "2 ready replicas", 300, client, serve, tmp_path / "serve.log"
-        )
+        wait = functools.partial(wait_for, client=client, serve=serve, serve_log=tmp_path / "serve.log")
+        wait(lambda s: len(s["ready_replicas"]) == 2, "2 ready replicas", 300)
 
         placed = {name: r["node"] for name, r in status(client)["replicas"].items()}
         assert sorted(placed.values()) == ["worker-1", "worker-2"], f"replicas not spread over the workers: {placed}"
@@ -147,14 +147,7 @@ def test_three_node_cluster_survives_losing_a_worker_node(redis_server, tmp_path
         cluster.stop_node(victim)
         feeder.join()
         wait_journal(store, len(facts))
-        final = wait_for(
-            converged(2, len(facts)),
-            "the 2 replicas to converge after the node loss",
-            300,
-            client,
-            serve,
-            tmp_path / "serve.log",
-        )
+        final = wait(converged(2, len(facts)), "the 2 replicas to converge after the node loss", 300)
         recovered_at = time.time()
         assert_exactly_once(store, facts)
         placed_after = {name: r["node"] for name, r in final["replicas"].items()}
@@ -175,9 +168,7 @@ def test_three_node_cluster_survives_losing_a_worker_node(redis_server, tmp_path
             capture_output=True, text=True, env=env, timeout=400,
         )  # fmt: skip
         assert scaled.returncode == 0, scaled.stdout + scaled.stderr
-        wait_for(
-            converged(3, len(facts)), "3 converged replicas after scaling", 120, client, serve, tmp_path / "serve.log"
-        )
+        wait(converged(3, len(facts)), "3 converged replicas after scaling", 120)
         (choice,) = client.post("/v1/completions", json={"prompt": facts[0].prompt, "max_tokens": 4}).json()["choices"]
         assert choice["editstream"]["fired"] == facts[0].edit_id and choice["editstream"]["version"] == len(facts)
         after = [code for _, end, code in queries if end >= killed_at]
