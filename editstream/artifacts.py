@@ -7,8 +7,10 @@ fingerprint, so it can cross processes and machines (Redis, disk) with no pickle
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import math
 import struct
 import sys
@@ -25,6 +27,7 @@ from editstream.errors import ArtifactError
 
 SCHEMA_VERSION = 1
 _META_KEY = "editstream"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -291,6 +294,25 @@ class PackedArtifact:
         return artifact
 
     def to_bytes(self) -> bytes:
+        """The artifact's bytes, written straight from the packed form: the safetensors header is
+        the kind's tensor entries (made once per kind) behind this artifact's metadata, so no tensor
+        object is made (a whole snapshot writes a million). They must hash to the digest the artifact
+        was read with; where they do not (nothing known does), `Artifact.to_bytes` writes them."""
+        form = self._form
+        header = {
+            "method": form.method,
+            "edit_id": self.edit_id,
+            "base_fingerprint": form.base_fingerprint,
+            "schema_version": form.schema_version,
+            "meta": self.meta,
+        }
+        try:
+            data = form.encode(json.dumps(header, sort_keys=True), self._data)
+        except UnicodeEncodeError:  # a lone surrogate in a tensor name: not UTF-8, so not what was read
+            data = b""
+        if hashlib.sha256(data).digest() == self._digest:
+            return data
+        log.warning("packed artifact %s did not re-encode to its digest; serialising it in full", self.edit_id)
         return self.unpack().to_bytes()
 
 
@@ -326,6 +348,28 @@ class _Form:
     schema_version: int
     layout: tuple  # (name, safetensors dtype, shape, start, end) per tensor, in data order
     meta_keys: tuple[str, ...]
+
+    @functools.cached_property
+    def _entries(self) -> bytes:
+        """The header's tensor entries as safetensors writes them (compact JSON, in data order)."""
+        return b"".join(
+            b',"%s":{"dtype":"%s","shape":%s,"data_offsets":[%d,%d]}'
+            % (_escaped(name), dtype.encode(), json.dumps(list(shape), separators=(",", ":")).encode(), start, end)
+            for name, dtype, shape, start, end in self.layout
+        )
+
+    def encode(self, metadata: str, data: bytes) -> bytes:
+        """A safetensors buffer of this kind: the metadata string first, then the tensor entries, the
+        header padded with spaces to a multiple of 8, then the data section."""
+        header = b'{"__metadata__":{"%s":"%s"}%s}' % (_META_KEY.encode(), _escaped(metadata), self._entries)
+        header += b" " * (-len(header) % 8)
+        return struct.pack("<Q", len(header)) + header + data
+
+
+def _escaped(text: str) -> bytes:
+    """`text` as the inside of a JSON string the way safetensors (serde_json) writes it: UTF-8 as is;
+    quote, backslash and control characters escaped."""
+    return json.dumps(text, ensure_ascii=False)[1:-1].encode()
 
 
 _FORMS: dict[tuple, _Form] = {}

@@ -100,3 +100,37 @@ def test_stacked_reads_one_tensor_of_many_artifacts_from_their_bytes():
         stacked([*packed, PackedArtifact(other)], "key")
     with pytest.raises(KeyError, match="no tensor 'nothing'"):
         stacked(packed, "nothing")
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"prompt": "The sky is", "target": "green"},
+        {"prompt": 'quote " back \\ slash / tab \t nul \x00 del \x7f', "target": "Zürich \u200b\u202e \x1b[31m"},
+        {"target": "東京", "nested": {"b": [1, 2.5, None, True], "a": "x"}, "score": 1e-7, "n": 2**40},
+        {},
+    ],
+)
+def test_a_packed_artifact_writes_the_bytes_safetensors_writes_without_making_tensors(meta, monkeypatch):
+    tensors = {
+        "u0": torch.randn(3, 5).half(),
+        "a0": torch.randn(3, 7),
+        "ids": torch.arange(4, dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+        "bf": torch.randn(2).bfloat16(),
+        "empty": torch.empty(0, 2),
+        "scalar": torch.tensor(3.0),
+    }
+    a = Artifact("rledit", "e-\u00e9", "fp", tensors, meta)
+    expected = a.to_bytes()  # safetensors' own serialisation
+    packed = PackedArtifact.from_bytes(expected)
+    monkeypatch.setattr(PackedArtifact, "unpack", lambda self: pytest.fail("took the slow path"))
+    assert packed.to_bytes() == expected
+
+
+def test_a_packed_artifact_whose_bytes_do_not_hash_to_its_digest_is_serialised_in_full(caplog):
+    a = make()
+    packed = PackedArtifact.from_bytes(a.to_bytes())
+    packed._digest = bytes(32)  # as if the fast header differed from what was read
+    assert packed.to_bytes() == a.to_bytes()
+    assert "did not re-encode to its digest" in caplog.text
