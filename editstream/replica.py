@@ -146,7 +146,7 @@ class Replica:
         return True
 
     def digest(self) -> str:
-        return hashlib.sha256(f"{self.version}:{self.method.digest()}".encode()).hexdigest()[:16]
+        return state_digest(self.version, self.method.digest())
 
     # --- reading -------------------------------------------------------------------------------
     def _forward(self, batch: PairBatch) -> torch.Tensor:
@@ -337,3 +337,8 @@ class Replica:
 
 
 __all__ = ["Answer", "QueryPlan", "Replica"]
+
+
+def state_digest(version: int, method_digest: str) -> str:
+    """`Replica.digest` of a replica at `version` whose method has `method_digest`."""
+    return hashlib.sha256(f"{version}:{method_digest}".encode()).hexdigest()[:16]

@@ -21,6 +21,7 @@ refuses a snapshot whose digest does not come out the same.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -31,8 +32,9 @@ import torch
 
 from editstream.artifacts import PackedArtifact
 from editstream.errors import ArtifactError
+from editstream.methods.base import edits_digest
 from editstream.packs import write_derived, write_state
-from editstream.replica import Replica
+from editstream.replica import Replica, state_digest
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +58,27 @@ class SnapshotInfo:
 
 @dataclass(frozen=True)
 class Capture:
-    """A replica's state taken under its lock (cheap: references to immutable packed artifacts); written
-    to disk afterwards, outside the lock."""
+    """A replica's state taken under its lock (cheap: references to immutable packed artifacts); its
+    digest and the files are made afterwards, outside the lock (both walk every live edit)."""
 
     seq: int
-    digest: str
     entry: tuple[str, float] | None
     method: str
     base_fingerprint: str
     artifacts: tuple[PackedArtifact, ...]  # their content digests are known (computed when applied)
     derived: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's `derived_state()`
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """The replica's digest at this state (`Replica.digest`)."""
+        return state_digest(self.seq, edits_digest(self.method, self.artifacts))
+
 
 def capture(replica: Replica, entry: tuple[str, float] | None) -> Capture:
     """The replica's edit state now; `entry`: the (edit id, time) of the journal entry at its version."""
     method = replica.method
-    applied = tuple(method.packed(e) for e in method.edit_ids())
     fingerprint, derived = method.lm.fingerprint, method.derived_state()
-    return Capture(replica.version, replica.digest(), entry, method.name, fingerprint, applied, derived)
+    return Capture(replica.version, entry, method.name, fingerprint, method.applied(), derived)
 
 
 def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:

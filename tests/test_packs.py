@@ -81,9 +81,9 @@ def test_a_snapshot_whose_predecessor_lost_a_pack_is_written_whole(tmp_path):
     from editstream.snapshot import Capture, snapshots, write_snapshot
 
     first = [artifact(i) for i in range(4)]
-    write_snapshot(Capture(4, "d4", ("e3", 1.0), "recipe", "fp", tuple(first)), tmp_path)
+    write_snapshot(Capture(4, ("e3", 1.0), "recipe", "fp", tuple(first)), tmp_path)
     (tmp_path / "snap-000000000004" / "pack-000000000004.bin").unlink()  # the older snapshot is damaged
-    path = write_snapshot(Capture(5, "d5", ("e4", 2.0), "recipe", "fp", (*first, artifact(4))), tmp_path)
+    path = write_snapshot(Capture(5, ("e4", 2.0), "recipe", "fp", (*first, artifact(4))), tmp_path)
     assert [s.seq for s in snapshots(tmp_path)] == [5, 4]
     assert digests(read(path)) == digests([*first, artifact(4)])
 
@@ -108,6 +108,6 @@ def test_a_format_1_snapshot_is_still_read_and_the_next_one_is_written_whole(tmp
     (snap / "snapshot.json").write_text(json.dumps(meta))
     (info,) = snapshots(tmp_path)
     assert digests(read(info.path)) == digests(old)
-    path = write_snapshot(Capture(4, "d4", ("e3", 2.0), "recipe", "fp", (*old, artifact(3))), tmp_path)
+    path = write_snapshot(Capture(4, ("e3", 2.0), "recipe", "fp", (*old, artifact(3))), tmp_path)
     assert digests(read(path)) == digests([*old, artifact(3)])
     assert sorted(p.name for p in path.iterdir()) == ["pack-000000000004.bin", "snapshot.json", "state.json"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,17 +205,14 @@ class EditMethod(ABC):
         """An applied edit's artifact, unpacked (a copy: changing it changes nothing applied)."""
         return self._applied[edit_id].unpack()
 
-    def packed(self, edit_id: str) -> PackedArtifact:
-        """An applied edit's artifact as kept (immutable; what snapshots hold)."""
-        return self._applied[edit_id]
+    def applied(self) -> tuple[PackedArtifact, ...]:
+        """The applied artifacts in apply order, as kept (one C-level copy: a snapshot takes it under
+        the replica's lock, and a million edits must not hold that lock for long)."""
+        return tuple(self._applied.values())
 
     def digest(self) -> str:
         """Hash of the applied artifacts in apply order: equal on replicas that applied the same stream."""
-        h = hashlib.sha256(self.name.encode())
-        for edit_id, artifact in self._applied.items():
-            h.update(edit_id.encode())
-            h.update(artifact.content_digest().encode())
-        return h.hexdigest()[:16]
+        return edits_digest(self.name, self._applied.values())
 
     def save_state(self, directory: Path) -> None:
         """Write the applied artifacts and their order (`editstream.packs`); `load_state` restores the same state."""
@@ -278,3 +275,12 @@ class EditMethod(ABC):
             for edit_id in reversed(done):
                 self._detach(edit_id)
             raise
+
+
+def edits_digest(method: str, artifacts: Iterable[Artifact | PackedArtifact]) -> str:
+    """`EditMethod.digest` of a method that applied `artifacts` in this order."""
+    h = hashlib.sha256(method.encode())
+    for artifact in artifacts:
+        h.update(artifact.edit_id.encode())
+        h.update(artifact.content_digest().encode())
+    return h.hexdigest()[:16]
