@@ -307,3 +307,35 @@ def test_a_heartbeat_does_not_hash_every_edit_each_time_but_asked_state_is_fresh
     assert (beat["version"], beat["digest_version"], beat["digest"]) == (3, 2, first["digest"])
     asked = replica.state()
     assert (asked["digest_version"], asked["digest"]) == (3, replica.replica.digest()) and asked["edits"] == 3
+
+
+@pytest.mark.redis
+def test_a_state_hashes_the_edits_with_the_lock_free_and_keeps_no_hash_of_a_state_reset_meanwhile(
+    redis_server, monkeypatch
+):
+    """The digest walks every live edit (seconds at a million): applies must not wait behind it."""
+    store = RedisStore(connect(redis_server.url), "free")
+    editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "free")
+    replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "free")
+    journal(store, demo_facts(2))
+    drain(editor)
+    drain(replica)
+    real, seen = replica_host.edits_digest, []
+
+    def hashing(method, applied):
+        seen.append(replica._lock.locked())
+        return real(method, applied)
+
+    monkeypatch.setattr(replica_host, "edits_digest", hashing)
+    replica._digest_cache = (-1, "", 0.0, 0.0)  # a heartbeat in the loop may have hashed this version
+    asked = replica.state()
+    assert seen == [False] and (asked["digest_version"], asked["digest"]) == (2, replica.replica.digest())
+
+    def reset_meanwhile(method, applied):
+        replica._resets += 1  # as `_start_over` does while the hash runs
+        return real(method, applied)
+
+    monkeypatch.setattr(replica_host, "edits_digest", reset_meanwhile)
+    replica._digest_cache = (-1, "", 0.0, 0.0)
+    replica.state()
+    assert replica._digest_cache[0] == -1  # the hash of the state before the reset is not kept

@@ -29,8 +29,9 @@ from editstream.artifacts import Artifact
 from editstream.errors import ArtifactError, NotReadyError, OrderError
 from editstream.generation import Sampling
 from editstream.methods import create_method
+from editstream.methods.base import edits_digest
 from editstream.models import cache_dir, load_causal_lm
-from editstream.replica import Replica
+from editstream.replica import Replica, state_digest
 from editstream.snapshot import Capture, capture, load_snapshot, snapshots, write_snapshot
 from editstream.snapshot_s3 import S3Snapshots, is_s3
 from services.transport.store import RedisStore, connect
@@ -85,6 +86,7 @@ class ReplicaService:
         self._checked = 0.0
         self._state: dict = {"name": name, "version": 0, "digest": "", "edits": 0, "ready": False}
         self._digest_cache: tuple[int, str, float, float] = (-1, "", 0.0, 0.0)  # version, digest, when, cost
+        self._resets = 0  # times the state went back to version 0 (a hash taken before is not kept)
         self.store = RedisStore(connect(redis_url), namespace)
         self.replica = Replica(create_method(method, load_causal_lm(model), **(method_options or {})))
         self.replica.set_edit_scope(edit_scope)
@@ -354,6 +356,7 @@ class ReplicaService:
             self.replica.version, self._last_entry, self.snapshot_seq = 0, None, 0
             self.ready, self.catch_up_to = False, self.store.last_seq()
             self._digest_cache = (-1, "", 0.0, 0.0)  # the same version may now be another state
+            self._resets += 1
 
     def _take(self, entry, artifact: Artifact | None, dead: bool = False) -> bool:
         """Apply one journal entry (an edit's artifact, a retract), or skip a dead-lettered one; an
@@ -507,33 +510,37 @@ class ReplicaService:
         """Version, digest (of the state at `digest_version`), ready. Heartbeats and status must not
         hang behind a long query: if the replica is busy for `wait_s`, the last state read is
         returned, marked `"busy": true`. `fresh=False` (heartbeats) may give the digest of an earlier
-        version rather than hash every applied edit again (see DIGEST_DUTY)."""
+        version rather than hash every applied edit again (see DIGEST_DUTY). The hash walks every
+        live edit, so it runs after the lock is released, on the applied artifacts taken under it."""
         if not self._lock.acquire(timeout=wait_s):
             return {**self._state, "busy": True}
         try:
-            version, digest = self._digest(fresh)
-            self._state = {
+            version, digest, at, cost = self._digest_cache
+            due = time.monotonic() - at >= max(DIGEST_MIN_S, DIGEST_DUTY * cost)
+            todo = None
+            if version != self.replica.version and (fresh or due):
+                todo = (self.replica.version, self.replica.method.applied(), self._resets)
+            state = {
                 "name": self.name,
                 "version": self.replica.version,
-                "digest": digest,
-                "digest_version": version,
                 "edits": self.replica.method.active_count(),
                 "ready": self.ready,
                 "node": self.node,
                 "apply_busy_s": round(self.busy_s, 3),
             }
-            return dict(self._state)
         finally:
             self._lock.release()
+        if todo is not None:
+            version, digest = self._hash(*todo)
+        self._state = {**state, "digest": digest, "digest_version": version}
+        return dict(self._state)
 
-    def _digest(self, fresh: bool) -> tuple[int, str]:
-        """(version, digest) of the state now, or with `fresh=False` of the last one hashed while a new
-        hash is not due yet. Called under the lock."""
-        version, digest, at, cost = self._digest_cache
-        due = time.monotonic() - at >= max(DIGEST_MIN_S, DIGEST_DUTY * cost)
-        if version != self.replica.version and (fresh or due):
-            started = time.monotonic()
-            version, digest = self.replica.version, self.replica.digest()
+    def _hash(self, version: int, applied: tuple, resets: int) -> tuple[int, str]:
+        """(version, digest) of the applied artifacts taken at `version`; kept for heartbeats unless
+        the state was reset meanwhile (the same version may then be another state)."""
+        started = time.monotonic()
+        digest = state_digest(version, edits_digest(self.replica.method.name, applied))
+        if resets == self._resets:
             self._digest_cache = (version, digest, started, time.monotonic() - started)
         return version, digest
 
