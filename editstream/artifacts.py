@@ -50,13 +50,7 @@ class Artifact:
         return self.meta.get(key, default)
 
     def header(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "edit_id": self.edit_id,
-            "base_fingerprint": self.base_fingerprint,
-            "schema_version": self.schema_version,
-            "meta": self.meta,
-        }
+        return _header(self.method, self.edit_id, self.base_fingerprint, self.schema_version, self.meta)
 
     def to_bytes(self) -> bytes:
         if self._raw is not None:  # read from these bytes, and artifacts are not changed after they are made
@@ -105,6 +99,17 @@ class Artifact:
     @property
     def nbytes(self) -> int:
         return len(self.to_bytes())
+
+
+def _header(method: str, edit_id: str, fingerprint: str, schema: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """The editstream metadata of an artifact (the JSON its bytes carry, keys sorted when written)."""
+    return {
+        "method": method,
+        "edit_id": edit_id,
+        "base_fingerprint": fingerprint,
+        "schema_version": schema,
+        "meta": meta,
+    }
 
 
 _DTYPES = {
@@ -299,13 +304,7 @@ class PackedArtifact:
         object is made (a whole snapshot writes a million). They must hash to the digest the artifact
         was read with; where they do not (nothing known does), `Artifact.to_bytes` writes them."""
         form = self._form
-        header = {
-            "method": form.method,
-            "edit_id": self.edit_id,
-            "base_fingerprint": form.base_fingerprint,
-            "schema_version": form.schema_version,
-            "meta": self.meta,
-        }
+        header = _header(form.method, self.edit_id, form.base_fingerprint, form.schema_version, self.meta)
         try:
             data = form.encode(json.dumps(header, sort_keys=True), self._data)
         except UnicodeEncodeError:  # a lone surrogate in a tensor name: not UTF-8, so not what was read

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from editstream.artifacts import Artifact
+from editstream.artifacts import Artifact, PackedArtifact
 from editstream.errors import ConfigError, OrderError
 from editstream.generation import (
     Decoded,
@@ -27,7 +27,7 @@ from editstream.generation import (
     stop_token_ids,
     template_heads,
 )
-from editstream.methods.base import EditMethod, QueryPlan
+from editstream.methods.base import EditMethod, QueryPlan, edits_digest
 from editstream.metrics import PairBatch, answer_predictions, encode_pairs, positions_to_score
 from editstream.models import LoadedLM
 
@@ -146,7 +146,7 @@ class Replica:
         return True
 
     def digest(self) -> str:
-        return state_digest(self.version, self.method.digest())
+        return state_digest(self.version, self.method.name, self.method.applied())
 
     # --- reading -------------------------------------------------------------------------------
     def _forward(self, batch: PairBatch) -> torch.Tensor:
@@ -339,6 +339,7 @@ class Replica:
 __all__ = ["Answer", "QueryPlan", "Replica"]
 
 
-def state_digest(version: int, method_digest: str) -> str:
-    """`Replica.digest` of a replica at `version` whose method has `method_digest`."""
-    return hashlib.sha256(f"{version}:{method_digest}".encode()).hexdigest()[:16]
+def state_digest(version: int, method: str, artifacts: Iterable[Artifact | PackedArtifact]) -> str:
+    """`Replica.digest` of a replica at `version` whose `method` applied `artifacts` in this order
+    (a snapshot's capture and a heartbeat hash taken artifacts with no lock held)."""
+    return hashlib.sha256(f"{version}:{edits_digest(method, artifacts)}".encode()).hexdigest()[:16]

@@ -32,7 +32,6 @@ import torch
 
 from editstream.artifacts import PackedArtifact
 from editstream.errors import ArtifactError
-from editstream.methods.base import edits_digest
 from editstream.packs import write_derived, write_state
 from editstream.replica import Replica, state_digest
 
@@ -71,7 +70,7 @@ class Capture:
     @functools.cached_property
     def digest(self) -> str:
         """The replica's digest at this state (`Replica.digest`)."""
-        return state_digest(self.seq, edits_digest(self.method, self.artifacts))
+        return state_digest(self.seq, self.method, self.artifacts)
 
 
 def capture(replica: Replica, entry: tuple[str, float] | None) -> Capture:

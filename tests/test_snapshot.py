@@ -320,22 +320,22 @@ def test_a_state_hashes_the_edits_with_the_lock_free_and_keeps_no_hash_of_a_stat
     journal(store, demo_facts(2))
     drain(editor)
     drain(replica)
-    real, seen = replica_host.edits_digest, []
+    real, seen = replica_host.state_digest, []
 
-    def hashing(method, applied):
+    def hashing(version, method, applied):
         seen.append(replica._lock.locked())
-        return real(method, applied)
+        return real(version, method, applied)
 
-    monkeypatch.setattr(replica_host, "edits_digest", hashing)
+    monkeypatch.setattr(replica_host, "state_digest", hashing)
     replica._digest_cache = (-1, "", 0.0, 0.0)  # a heartbeat in the loop may have hashed this version
     asked = replica.state()
     assert seen == [False] and (asked["digest_version"], asked["digest"]) == (2, replica.replica.digest())
 
-    def reset_meanwhile(method, applied):
+    def reset_meanwhile(version, method, applied):
         replica._resets += 1  # as `_start_over` does while the hash runs
-        return real(method, applied)
+        return real(version, method, applied)
 
-    monkeypatch.setattr(replica_host, "edits_digest", reset_meanwhile)
+    monkeypatch.setattr(replica_host, "state_digest", reset_meanwhile)
     replica._digest_cache = (-1, "", 0.0, 0.0)
     replica.state()
     assert replica._digest_cache[0] == -1  # the hash of the state before the reset is not kept

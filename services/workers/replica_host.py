@@ -29,7 +29,6 @@ from editstream.artifacts import Artifact
 from editstream.errors import ArtifactError, NotReadyError, OrderError
 from editstream.generation import Sampling
 from editstream.methods import create_method
-from editstream.methods.base import edits_digest
 from editstream.models import cache_dir, load_causal_lm
 from editstream.replica import Replica, state_digest
 from editstream.snapshot import Capture, capture, load_snapshot, snapshots, write_snapshot
@@ -539,7 +538,7 @@ class ReplicaService:
         """(version, digest) of the applied artifacts taken at `version`; kept for heartbeats unless
         the state was reset meanwhile (the same version may then be another state)."""
         started = time.monotonic()
-        digest = state_digest(version, edits_digest(self.replica.method.name, applied))
+        digest = state_digest(version, self.replica.method.name, applied)
         if resets == self._resets:
             self._digest_cache = (version, digest, started, time.monotonic() - started)
         return version, digest
