@@ -7,7 +7,10 @@ can reuse an older state's packs: `write_state(..., previous=older)` writes only
 older state does not hold into one new pack and hard-links the older packs it still reads (a copy
 where the file system has no hard links). A pack of which less than `min_live` of the bytes is still
 read is not linked: its live artifacts are copied into the new pack, so dead bytes do not pile up.
-Writing a state is then O(new artifacts) in serialisation and I/O, plus the O(live) index.
+Writing a state is then O(new artifacts) in serialisation and I/O, plus the O(live) index. Given
+what writing the older state returned (`Written.placed`) instead of its directory, the older index
+is not read back either: the edits still live are found by identity, in C loops (a million-edit
+state's next snapshot costs about a second of Python, not ten).
 
 Reading checks every artifact's edit id and digest against the index, so a torn or altered pack is
 refused, never half-loaded silently.
@@ -22,15 +25,17 @@ from __future__ import annotations
 import gc
 import logging
 import mmap
+import operator
 import os
 import shutil
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import numpy as np
 import orjson
 import torch
 from safetensors.torch import load_file, save_file
@@ -68,12 +73,33 @@ class StateIndex:
 
 
 @dataclass(frozen=True)
+class Placed:
+    """Where a written state put its artifacts, kept by its writer so that the next state need not read
+    this one's index back: the artifacts themselves (the objects, in apply order) and, row by row, the
+    number of each one's pack in `packs`, its offset and its length."""
+
+    directory: Path
+    method: str
+    fingerprint: str
+    packs: list[str]
+    artifacts: tuple[Artifact | PackedArtifact, ...]
+    pack: np.ndarray  # int64, a row per artifact
+    offset: np.ndarray
+    length: np.ndarray
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.pack, self.offset, self.length
+
+
+@dataclass(frozen=True)
 class Written:
-    """What `write_state` did: bytes written to the new pack, bytes of older packs reused by link."""
+    """What `write_state` did: bytes written to the new pack, bytes of older packs reused by link, and
+    where every artifact now is (pass it as the next state's `previous`)."""
 
     written: int
     linked: int
     artifacts_written: int
+    placed: Placed
 
 
 def read_index(directory: Path) -> StateIndex:
@@ -104,58 +130,60 @@ def write_state(
     fingerprint: str,
     artifacts: Iterable[Artifact | PackedArtifact],
     pack: str = "pack-0.bin",
-    previous: Path | None = None,
+    previous: Path | Placed | None = None,
     min_live: float = 0.5,
 ) -> Written:
-    """Write a state of `artifacts` (in apply order) to `directory`: those `previous` (an older state
-    directory of the same method and base model) holds with the same digest are linked from its
-    packs, the rest go to the new pack `pack`."""
-    old = _reusable(previous, method, fingerprint)
-    sizes = {name: (previous / name).stat().st_size for name in {e.pack for e in old.values()}} if previous else {}
+    """Write a state of `artifacts` (in apply order) to `directory`: those an older state of the same
+    method and base model holds with the same digest are linked from its packs, the rest go to the
+    new pack `pack`. `previous` is that state's directory (its index is read and matched by edit id
+    and digest: O(live) in Python) or what writing it returned (matched by identity: the artifacts
+    it held that are still live, then the new ones, is what an edit state becomes; O(new) in Python)."""
+    artifacts = tuple(artifacts)
+    digests = [a.content_digest()[:DIGEST_CHARS] for a in artifacts]
+    old, rows = _reusable(previous, method, fingerprint, artifacts, digests)
+    sizes = {name: (old.directory / name).stat().st_size for name in old.packs}
     if pack in sizes:
         raise ArtifactError(f"{directory}: the new pack {pack!r} has the name of a pack it would reuse")
-    plan: list[Entry | Artifact | PackedArtifact] = []
-    for artifact in artifacts:
-        entry = old.get(artifact.edit_id)
-        same = entry is not None and entry.digest == artifact.content_digest()[:DIGEST_CHARS]  # None: never
-        plan.append(entry if same else artifact)
-    live = Counter()
-    for item in plan:
-        if isinstance(item, Entry):
-            live[item.pack] += item.length
-    kept = {name for name, n in live.items() if n >= min_live * sizes[name]}
+    # each artifact's pack, offset and length in the older state (row -1, not there: pack -1)
+    source, offset, length = (
+        np.append(column, fill)[rows] for column, fill in zip(old.columns(), (-1, 0, 0), strict=True)
+    )
+    found = source >= 0
+    live = np.bincount(source[found], weights=length[found], minlength=len(old.packs))
+    kept = sorted(name for i, name in enumerate(old.packs) if live[i] and live[i] >= min_live * sizes[name])
+    names = [pack, *kept]
+    renumber = np.full(len(old.packs) + 1, -1, dtype=np.int64)  # the last: for pack -1
+    for name in kept:
+        renumber[old.packs.index(name)] = names.index(name)
+    new_pack = renumber[source]
+    linked = new_pack >= 0
+    new_pack[~linked] = 0
     directory.mkdir(parents=True, exist_ok=True)
-    entries, offset, fresh = [], 0, 0
+    at, fresh = 0, 0
     with ExitStack() as stack:
         out = stack.enter_context((directory / pack).open("wb"))
-        sparse = {name: stack.enter_context((previous / name).open("rb")) for name in live.keys() - kept}
-        for item in plan:
-            if isinstance(item, Entry) and item.pack in kept:
-                entries.append(item)
-                continue
-            if isinstance(item, Entry):  # live bytes of a mostly dead pack: copied as they are
-                source = sparse[item.pack]
-                source.seek(item.offset)
-                blob, edit_id, digest = source.read(item.length), item.edit_id, item.digest
+        copied = set(source[~linked].tolist()) - {-1}
+        sparse = {i: stack.enter_context((old.directory / old.packs[i]).open("rb")) for i in copied}
+        for i in np.flatnonzero(~linked).tolist():
+            if source[i] >= 0:  # live bytes of a mostly dead pack: copied as they are
+                f = sparse[int(source[i])]
+                f.seek(int(offset[i]))
+                blob = f.read(int(length[i]))
             else:
-                blob, edit_id, digest = item.to_bytes(), item.edit_id, item.content_digest()[:DIGEST_CHARS]
+                blob = artifacts[i].to_bytes()
                 fresh += 1
             out.write(blob)
-            entries.append(Entry(edit_id, pack, offset, len(blob), digest))
-            offset += len(blob)
-    for name in sorted(kept):
-        link_or_copy(previous / name, directory / name)
-    names = [pack, *sorted(kept)]
-    where = {name: i for i, name in enumerate(names)}
-    state = {
-        "format": FORMAT,
-        "method": method,
-        "base_fingerprint": fingerprint,
-        "packs": names,
-        "order": [[e.edit_id, where[e.pack], e.offset, e.length, e.digest] for e in entries],
-    }
+            offset[i], length[i] = at, len(blob)
+            at += len(blob)
+    for name in kept:
+        link_or_copy(old.directory / name, directory / name)
+    order = list(
+        zip([a.edit_id for a in artifacts], new_pack.tolist(), offset.tolist(), length.tolist(), digests, strict=True)
+    )
+    state = {"format": FORMAT, "method": method, "base_fingerprint": fingerprint, "packs": names, "order": order}
     (directory / STATE).write_bytes(orjson.dumps(state))
-    return Written(offset, sum(sizes[name] for name in kept), fresh)
+    placed = Placed(directory, method, fingerprint, names, artifacts, new_pack, offset, length)
+    return Written(at, sum(sizes[name] for name in kept), fresh, placed)
 
 
 def read_artifacts(
@@ -216,16 +244,63 @@ def _place(directory: Path, e: Entry) -> str:
     return f"{directory / e.pack}: the {e.length} bytes at {e.offset}"
 
 
-def _reusable(previous: Path | None, method: str, fingerprint: str) -> dict[str, Entry]:
-    """The entries of `previous` by edit id, if it is a readable state of the same method and model."""
+def _reusable(
+    previous: Path | Placed | None,
+    method: str,
+    fingerprint: str,
+    artifacts: tuple[Artifact | PackedArtifact, ...],
+    digests: list[str],
+) -> tuple[Placed, np.ndarray]:
+    """The older state (as `Placed`) and, per artifact, its row there (-1: not there, or changed)."""
+    none = np.full(len(artifacts), -1, dtype=np.int64)
     if previous is None:
-        return {}
+        return Placed(Path(), method, fingerprint, [], (), *(np.zeros(0, dtype=np.int64),) * 3), none
+    if isinstance(previous, Placed):
+        if (previous.method, previous.fingerprint) != (method, fingerprint):
+            raise ArtifactError(
+                f"{previous.directory} holds {previous.method} on {previous.fingerprint}, not {method} on {fingerprint}"
+            )
+        rows = _still_live(previous.artifacts, artifacts)
+        if rows is not None:
+            return previous, rows
+        log.info(
+            "%s: the edit state is not the one written there plus new edits; matching by edit id", previous.directory
+        )
+        previous = previous.directory
     index = read_index(previous)
     if (index.method, index.base_fingerprint) != (method, fingerprint):
         raise ArtifactError(
             f"{previous} holds {index.method} on {index.base_fingerprint}, not {method} on {fingerprint}"
         )
-    return {e.edit_id: e for e in index.entries}
+    packs = sorted({e.pack for e in index.entries})
+    number = {name: i for i, name in enumerate(packs)}
+    where = {e.edit_id: row for row, e in enumerate(index.entries)}
+    entries = index.entries
+    rows = np.fromiter(
+        (
+            row if (row := where.get(a.edit_id, -1)) >= 0 and entries[row].digest == digest else -1  # None: never
+            for a, digest in zip(artifacts, digests, strict=True)
+        ),
+        dtype=np.int64,
+        count=len(artifacts),
+    )
+    columns = (
+        np.fromiter((number[e.pack] for e in entries), dtype=np.int64, count=len(entries)),
+        np.fromiter((e.offset for e in entries), dtype=np.int64, count=len(entries)),
+        np.fromiter((e.length for e in entries), dtype=np.int64, count=len(entries)),
+    )
+    return Placed(previous, method, fingerprint, packs, (), *columns), rows
+
+
+def _still_live(before: tuple, now: tuple) -> np.ndarray | None:
+    """Per artifact of `now` its row in `before` (-1: new), if `now` is `before` with some artifacts
+    gone and new ones after them (what applies, supersedes and retracts make of an edit state); else None."""
+    ids = set(map(id, now))  # both tuples hold their objects alive, so equal ids are the same object
+    alive = np.fromiter(map(ids.__contains__, map(id, before)), dtype=bool, count=len(before))
+    rows = np.flatnonzero(alive)
+    if len(rows) > len(now) or not all(map(operator.is_, compress(before, alive), now)):
+        return None
+    return np.concatenate([rows, np.full(len(now) - len(rows), -1, dtype=np.int64)])
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -10,8 +10,9 @@ state digest.
 Snapshots are incremental: a new one writes only the artifacts the newest earlier snapshot does not
 hold into a pack of its own and hard-links that snapshot's packs (a pack mostly dead by now is
 copied from instead, live artifacts only), so taking one costs the edits since the last, not every
-live edit. Each snapshot directory is complete on its own: dropping an older one drops nothing a
-newer one reads.
+live edit; a `SnapshotWriter` also keeps where its last snapshot put each artifact, so it need not
+read that snapshot's index back either. Each snapshot directory is complete on its own: dropping
+an older one drops nothing a newer one reads.
 
 It is written under a temporary name and renamed, so a reader never sees half of one; the newest
 `keep` are kept. Loading is `EditMethod.load_state` (the artifacts read packed, in bulk: only the
@@ -21,6 +22,7 @@ refuses a snapshot whose digest does not come out the same.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -32,7 +34,7 @@ import torch
 
 from editstream.artifacts import PackedArtifact
 from editstream.errors import ArtifactError
-from editstream.packs import write_derived, write_state
+from editstream.packs import Placed, write_derived, write_state
 from editstream.replica import Replica, state_digest
 
 log = logging.getLogger(__name__)
@@ -80,49 +82,71 @@ def capture(replica: Replica, entry: tuple[str, float] | None) -> Capture:
     return Capture(replica.version, entry, method.name, fingerprint, method.applied(), derived)
 
 
-def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:
-    """Write `state` as `store/snap-<seq>` (atomically, reusing the packs of the newest earlier
-    snapshot of the same method and base model) and drop all but the newest `keep`."""
-    store.mkdir(parents=True, exist_ok=True)
-    final = store / f"snap-{state.seq:012d}"
-    if final.exists():
-        return final
-    tmp = store / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    earlier = [s for s in snapshots(store, state.method, state.base_fingerprint) if s.seq < state.seq]
-    previous = earlier[0].path if earlier else None
-    try:
-        written = write_state(
-            tmp, state.method, state.base_fingerprint, state.artifacts, f"pack-{state.seq:012d}.bin", previous
-        )
-    except (ArtifactError, OSError) as exc:  # an unreadable earlier snapshot: write this one whole
-        log.warning("snapshot at seq %d: not reusing %s (%s); writing every artifact", state.seq, previous, exc)
+class SnapshotWriter:
+    """Writes a replica's snapshots to a store, keeping where the last one put each artifact: the next
+    snapshot then matches the edits still live by identity instead of reading the last index back and
+    walking every live edit in Python (a million-edit replica's snapshot takes its apply loop's
+    interpreter lock for about a second, not twenty)."""
+
+    def __init__(self, store: Path, keep: int = KEEP) -> None:
+        self.store = store
+        self.keep = keep
+        self._last: Placed | None = None  # what the last write placed where (None: read it back)
+
+    def write(self, state: Capture) -> Path:
+        """Write `state` as `store/snap-<seq>` (atomically, reusing the packs of the newest earlier
+        snapshot of the same method and base model) and drop all but the newest `keep`."""
+        store = self.store
+        store.mkdir(parents=True, exist_ok=True)
+        final = store / f"snap-{state.seq:012d}"
+        if final.exists():
+            return final
+        tmp = store / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        written = write_state(tmp, state.method, state.base_fingerprint, state.artifacts, f"pack-{state.seq:012d}.bin")
-    meta = {
-        "format": FORMAT,
-        "method": state.method,
-        "base_fingerprint": state.base_fingerprint,
-        "seq": state.seq,
-        "entry": list(state.entry) if state.entry else None,
-        "digest": state.digest,
-    }
-    write_derived(tmp, state.derived)
-    (tmp / META).write_text(json.dumps(meta))
-    tmp.rename(final)
-    for old in snapshots(store)[keep:]:
-        shutil.rmtree(old.path, ignore_errors=True)
-    log.info(
-        "snapshot at seq %d: %d artifacts, %d written (%.1f MB), %.1f MB reused from %s; in %s",
-        state.seq,
-        len(state.artifacts),
-        written.artifacts_written,
-        written.written / 1e6,
-        written.linked / 1e6,
-        previous.name if previous else "none",
-        final,
-    )
-    return final
+        earlier = [s for s in snapshots(store, state.method, state.base_fingerprint) if s.seq < state.seq]
+        previous: Path | Placed | None = earlier[0].path if earlier else None
+        if self._last is not None and self._last.directory == previous:
+            previous = self._last
+        pack = f"pack-{state.seq:012d}.bin"
+        try:
+            written = write_state(tmp, state.method, state.base_fingerprint, state.artifacts, pack, previous)
+        except (ArtifactError, OSError) as exc:  # an unreadable earlier snapshot: write this one whole
+            where = previous.directory if isinstance(previous, Placed) else previous
+            log.warning("snapshot at seq %d: not reusing %s (%s); writing every artifact", state.seq, where, exc)
+            shutil.rmtree(tmp, ignore_errors=True)
+            written = write_state(tmp, state.method, state.base_fingerprint, state.artifacts, pack)
+        meta = {
+            "format": FORMAT,
+            "method": state.method,
+            "base_fingerprint": state.base_fingerprint,
+            "seq": state.seq,
+            "entry": list(state.entry) if state.entry else None,
+            "digest": state.digest,
+        }
+        write_derived(tmp, state.derived)
+        (tmp / META).write_text(json.dumps(meta))
+        tmp.rename(final)
+        self._last = dataclasses.replace(written.placed, directory=final)
+        for old in snapshots(store)[self.keep :]:
+            shutil.rmtree(old.path, ignore_errors=True)
+        log.info(
+            "snapshot at seq %d: %d artifacts, %d written (%.1f MB), %.1f MB reused from %s (%s); in %s",
+            state.seq,
+            len(state.artifacts),
+            written.artifacts_written,
+            written.written / 1e6,
+            written.linked / 1e6,
+            earlier[0].path.name if earlier else "none",
+            "kept in memory" if isinstance(previous, Placed) else "index read back",
+            final,
+        )
+        return final
+
+
+def write_snapshot(state: Capture, store: Path, keep: int = KEEP) -> Path:
+    """Write `state` as `store/snap-<seq>` (`SnapshotWriter.write` with nothing kept from before:
+    the newest earlier snapshot's index is read back)."""
+    return SnapshotWriter(store, keep).write(state)
 
 
 def snapshots(store: Path, method: str | None = None, fingerprint: str | None = None) -> list[SnapshotInfo]:

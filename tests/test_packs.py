@@ -1,6 +1,8 @@
 """Edit state on disk: a state reads back in apply order; a newer state writes only what the older one
 lacks and links its packs, copies the live part of a mostly dead pack, rewrites an edit id whose
-content changed, and a damaged pack is refused with its place named."""
+content changed, and a damaged pack is refused with its place named. Given what writing the older
+state returned, the newer one does not read the older index back, and a state that is not the older
+one plus new edits falls back to matching by edit id."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from editstream.artifacts import Artifact
+from editstream.artifacts import Artifact, PackedArtifact
 from editstream.errors import ArtifactError
 from editstream.packs import read_artifacts, read_index, write_state
 
@@ -111,3 +113,18 @@ def test_a_format_1_snapshot_is_still_read_and_the_next_one_is_written_whole(tmp
     path = write_snapshot(Capture(4, ("e3", 2.0), "recipe", "fp", (*old, artifact(3))), tmp_path)
     assert digests(read(path)) == digests([*old, artifact(3)])
     assert sorted(p.name for p in path.iterdir()) == ["pack-000000000004.bin", "snapshot.json", "state.json"]
+
+
+def test_a_state_written_after_one_it_placed_reads_no_index_back_and_writes_only_the_new(tmp_path):
+    first = [PackedArtifact(artifact(i)) for i in range(10)]
+    placed = write_state(tmp_path / "a", "recipe", "fp", first, "pack-a.bin").placed
+    (tmp_path / "a" / "state.json").unlink()  # matched by identity: the older index is not needed
+    second = [*first[:3], *first[5:], PackedArtifact(artifact(10)), PackedArtifact(artifact(11))]
+    written = write_state(tmp_path / "b", "recipe", "fp", second, "pack-b.bin", previous=placed)
+    assert written.artifacts_written == 2 and written.linked == (tmp_path / "a" / "pack-a.bin").stat().st_size
+    assert digests(read(tmp_path / "b")) == digests(second)
+    third = [second[-1], *second[:-1]]  # not the older state plus new edits: matched by edit id and digest
+    written = write_state(tmp_path / "c", "recipe", "fp", third, "pack-c.bin", previous=written.placed)
+    assert written.artifacts_written == 0 and digests(read(tmp_path / "c")) == digests(third)
+    shutil.rmtree(tmp_path / "b")
+    assert digests(read(tmp_path / "c")) == digests(third)

@@ -19,7 +19,7 @@ from editstream.methods import create_method
 from editstream.models import EMBEDDED_LLM
 from editstream.packs import read_index
 from editstream.replica import Replica
-from editstream.snapshot import capture, load_snapshot, snapshots, write_snapshot
+from editstream.snapshot import SnapshotWriter, capture, load_snapshot, snapshots, write_snapshot
 from services.bench import snapshots as snapshot_bench
 from services.cli.commands import rollback
 from services.transport.store import RedisStore, connect
@@ -172,13 +172,13 @@ def test_the_replica_applies_on_while_a_snapshot_is_written(redis_server, tmp_pa
     store = RedisStore(connect(redis_server.url), "bg")
     facts = demo_facts(4)
     editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "bg")
-    release, real_write = threading.Event(), replica_host.write_snapshot
+    release, real_write = threading.Event(), SnapshotWriter.write
 
-    def slow_write(state, where):  # a snapshot of many edits takes seconds to write
+    def slow_write(self, state):  # a snapshot of many edits takes seconds to write
         release.wait(10)
-        return real_write(state, where)
+        return real_write(self, state)
 
-    monkeypatch.setattr(replica_host, "write_snapshot", slow_write)
+    monkeypatch.setattr(SnapshotWriter, "write", slow_write)
     opts = {"snapshot_dir": str(tmp_path / "snaps"), "snapshot_every": 2}
     writer = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "bg", **opts)
     journal(store, facts[:2])

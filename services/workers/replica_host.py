@@ -31,7 +31,7 @@ from editstream.generation import Sampling
 from editstream.methods import create_method
 from editstream.models import cache_dir, load_causal_lm
 from editstream.replica import Replica, state_digest
-from editstream.snapshot import Capture, capture, load_snapshot, snapshots, write_snapshot
+from editstream.snapshot import Capture, SnapshotWriter, capture, load_snapshot, snapshots
 from editstream.snapshot_s3 import S3Snapshots, is_s3
 from services.transport.store import RedisStore, connect
 from services.wiring.cluster import node_name
@@ -125,6 +125,8 @@ class ReplicaService:
             # (5 ms by default), several times per entry, so a long write starved the applies (a
             # million-edit soak: p99 9.5 s on this replica, 2.3 s on the other). Switch sooner.
             sys.setswitchinterval(SWITCH_INTERVAL_S)
+        # the writer keeps where its last snapshot put each edit, so the next walks only the new ones
+        self._snapshots = SnapshotWriter(self.snapshot_dir) if self.snapshot_every and self.snapshot_dir else None
         self.snapshot_seq = 0  # the seq of the snapshot this replica loaded or last wrote
         self.snapshot_load_s: float | None = None  # how long loading it took (None: none loaded)
         # After writing a snapshot the writer compacts Redis below it (`compact`): below the snapshot,
@@ -281,7 +283,7 @@ class ReplicaService:
         meanwhile is taken at the first step after it."""
         if self._writer is not None and self._writer.is_alive():
             return
-        if self.snapshot_dir is None or self._last_entry is None or self._last_entry[0] != self.version:
+        if self._snapshots is None or self._last_entry is None or self._last_entry[0] != self.version:
             return  # nothing to tie a snapshot to: no capture of every live edit on each idle step
         state = self.capture()
         if state.entry is None:
@@ -297,7 +299,7 @@ class ReplicaService:
 
     def _write(self, state: Capture) -> None:
         try:
-            path = write_snapshot(state, self.snapshot_dir)
+            path = self._snapshots.write(state)
             if self.mirror is not None:  # compacted below only once the bucket holds it
                 self.mirror.push(path)
             self.snapshot_seq = state.seq
