@@ -294,11 +294,12 @@ def _reusable(
 
 def _still_live(before: tuple, now: tuple) -> np.ndarray | None:
     """Per artifact of `now` its row in `before` (-1: new), if `now` is `before` with some artifacts
-    gone and new ones after them (what applies, supersedes and retracts make of an edit state); else None."""
+    gone and new ones after them (what applies, supersedes and retracts make of an edit state); else,
+    or if most of `before` is not found (a state loaded again is made of other objects), None."""
     ids = set(map(id, now))  # both tuples hold their objects alive, so equal ids are the same object
     alive = np.fromiter(map(ids.__contains__, map(id, before)), dtype=bool, count=len(before))
     rows = np.flatnonzero(alive)
-    if len(rows) > len(now) or not all(map(operator.is_, compress(before, alive), now)):
+    if len(rows) > len(now) or 2 * len(rows) < len(before) or not all(map(operator.is_, compress(before, alive), now)):
         return None
     return np.concatenate([rows, np.full(len(now) - len(rows), -1, dtype=np.int64)])
 

@@ -128,3 +128,6 @@ def test_a_state_written_after_one_it_placed_reads_no_index_back_and_writes_only
     assert written.artifacts_written == 0 and digests(read(tmp_path / "c")) == digests(third)
     shutil.rmtree(tmp_path / "b")
     assert digests(read(tmp_path / "c")) == digests(third)
+    loaded = [PackedArtifact.from_bytes(a.to_bytes()) for a in third]  # the same edits, other objects
+    written = write_state(tmp_path / "d", "recipe", "fp", loaded, "pack-d.bin", previous=written.placed)
+    assert written.artifacts_written == 0 and digests(read(tmp_path / "d")) == digests(third)
