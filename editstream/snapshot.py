@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +97,7 @@ class SnapshotWriter:
     def write(self, state: Capture) -> Path:
         """Write `state` as `store/snap-<seq>` (atomically, reusing the packs of the newest earlier
         snapshot of the same method and base model) and drop all but the newest `keep`."""
-        store = self.store
+        started, store = time.perf_counter(), self.store
         store.mkdir(parents=True, exist_ok=True)
         final = store / f"snap-{state.seq:012d}"
         if final.exists():
@@ -130,7 +131,7 @@ class SnapshotWriter:
         for old in snapshots(store)[self.keep :]:
             shutil.rmtree(old.path, ignore_errors=True)
         log.info(
-            "snapshot at seq %d: %d artifacts, %d written (%.1f MB), %.1f MB reused from %s (%s); in %s",
+            "snapshot at seq %d: %d artifacts, %d written (%.1f MB), %.1f MB reused from %s (%s), %.2f s; in %s",
             state.seq,
             len(state.artifacts),
             written.artifacts_written,
@@ -138,6 +139,7 @@ class SnapshotWriter:
             written.linked / 1e6,
             earlier[0].path.name if earlier else "none",
             "kept in memory" if isinstance(previous, Placed) else "index read back",
+            time.perf_counter() - started,
             final,
         )
         return final
