@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.ray]
 
 
 def test_short_chaos_run_with_recipe(ray_local, tmp_path):
-    doc = run_chaos("recipe", minutes=0.75, run_dir=tmp_path, rate=15.0, kill_every_s=6.0)
+    doc = run_chaos("recipe", minutes=0.5, run_dir=tmp_path, rate=15.0, kill_every_s=5.0)
     assert doc["lost"] == 0 and doc["converged"], doc
     assert not any(doc["applied_twice"].values()), doc["applied_twice"]
     assert doc["redis_restart"] and len([k for k in doc["kills"] if "at_s" in k]) >= 3, doc["kills"]

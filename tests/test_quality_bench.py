@@ -41,7 +41,7 @@ def test_subject_probes_cover_every_edit_with_a_subject():
 def test_quality_rows(real_lm, name):
     method = create_method(name, real_lm)
     try:
-        (row,) = run_quality(Replica(method), EDITS, [len(EDITS)])["rows"]
+        (row,) = run_quality(Replica(method), EDITS, [len(EDITS)], wild_tokens=24)["rows"]
     finally:
         method.reset()
     assert row["n"] == len(EDITS)
@@ -85,7 +85,7 @@ def test_question_sets_score_the_chat_form_served_and_searched(real_lm):
     when served, so it is asked again with the lookup off (chat_reliability_retrieved)."""
     method = create_method("recipe", real_lm)
     try:
-        (row,) = run_quality(Replica(method), QUESTIONS, [len(QUESTIONS)])["rows"]
+        (row,) = run_quality(Replica(method), QUESTIONS, [len(QUESTIONS)], wild_tokens=24)["rows"]
         assert method.exact_lookup  # switched back on after the searched pass
     finally:
         method.reset()

@@ -99,11 +99,12 @@ def test_edited_answers_stop_cleanly_do_not_echo_and_hold_in_chat(edited):
     assert answer.fired == lyon.edit_id and wild.exact(wild.cut(answer.text, lyon.target), lyon.target), answer.text
     (para,) = replica.generate([lyon.paraphrases[0]], max_new_tokens=50)
     assert wild.answer_first(wild.cut(para.text, lyon.target), lyon.target), para.text
-    (chat,) = replica.generate([lyon.prompt], max_new_tokens=50, chat=True)  # the fact as the user's turn
+    # the fact as the user's turn; only the reply's first sentence is read, so decoding stops at its cut
+    (chat,) = replica.generate([lyon.prompt], max_new_tokens=50, chat=True, until_cut=True)
     assert chat.fired == lyon.edit_id and wild.contains(wild.cut(chat.text), lyon.target), chat.text
     answers = replica.generate([f.prompt for f in facts], max_new_tokens=50)
     assert mean([wild.echo(a.text, f.target) for a, f in zip(answers, facts, strict=True)]) <= 0.05
-    chats = replica.generate([f.prompt for f in facts], max_new_tokens=50, chat=True)
+    chats = replica.generate([f.prompt for f in facts], max_new_tokens=50, chat=True, until_cut=True)
     assert mean([wild.contains(wild.cut(a.text), f.target) for a, f in zip(chats, facts, strict=True)]) >= 0.5
 
 
