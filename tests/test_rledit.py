@@ -81,6 +81,23 @@ def test_one_training_step_lowers_the_trajectory_loss(tiny_lm, tmp_path):
     assert create_method("rledit", tiny_lm, checkpoint=str(tmp_path)).names == trainer.names
 
 
+def test_batch_updates_step_after_every_batch_and_lower_the_loss(tiny_lm, tmp_path):
+    probe = (LocalityProbe("Bees make", "honey"),)
+    edits = [dataclasses.replace(e, locality=probe) for e in demo_facts(60)]
+    schedule = TrainConfig(
+        trajectories=1, trajectory=3, batch=4, backtrack=2, lr=3e-2, validation_edits=8, update="batch"
+    )
+    trainer = RLEditTrainer(tiny_lm, edits, tmp_path, RLEditConfig(rank=16, batch=4), schedule)
+    before = trainer.trajectory(random.Random(5), learn=False)
+    assert trainer.updates == 0
+    trainer.trajectory(random.Random(5))
+    assert trainer.updates == 3  # one per batch, none at the trajectory's end
+    after = trainer.trajectory(random.Random(5), learn=False)
+    assert after["edit"] < before["edit"], (before, after)
+    with pytest.raises(ValueError, match="'step'"):
+        TrainConfig(update="step")
+
+
 def test_below_band_skips_the_layers_below_for_a_seen_input_and_changes_nothing(tiny_lm):
     edits = demo_facts(4)
     layers = decoder_layers(tiny_lm.model)

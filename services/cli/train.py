@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from editstream.methods.rledit.config import UPDATES
 from editstream.models import EMBEDDED_ENCODER, EMBEDDED_LLM
 
 log = logging.getLogger("editstream")
@@ -47,6 +48,7 @@ def _train_rledit(args: argparse.Namespace) -> int:
             "locality_weight": 1.0 if args.locality_weight is None else args.locality_weight,
             "lr": 1e-4 if args.lr is None else args.lr,
             "log_lr": args.log_lr,
+            "update": args.update,
             "validate_every": args.validate_every or 10,
             "validation_edits": args.validation_edits,
             "cache_below": not args.no_cache_below,
@@ -193,7 +195,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="steps (recipe, 100) or trajectories (rledit, 10) between validations",
     )
     r = p.add_argument_group("rledit")
-    r.add_argument("--trajectories", type=int, default=200, help="trajectories (one optimiser step each)")
+    r.add_argument("--trajectories", type=int, default=200, help="trajectories to train on")
+    r.add_argument(
+        "--update",
+        default="trajectory",
+        choices=UPDATES,
+        help="optimiser step once per trajectory (its steps' gradients added up) or after every edit batch",
+    )
     r.add_argument("--trajectory-batches", type=int, default=8, help="edit batches per trajectory")
     r.add_argument("--edit-batch", type=int, default=20, help="edits solved together")
     r.add_argument("--backtrack", type=int, default=3, help="earlier batches re-scored at each step")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+UPDATES = ("trajectory", "batch")  # when the RLEdit trainer takes an optimiser step
+
 
 @dataclass(frozen=True)
 class RLEditConfig:
@@ -26,7 +28,10 @@ class TrainConfig:
     """Training on trajectories: `trajectory` consecutive batches of `batch` train edits, each solved
     on the model the earlier ones already changed; the loss per step is the batch's generality
     (its paraphrases and prompts) plus memory backtracking over the last `backtrack` batches (weight
-    decay ** age), a locality KL to the model before the step, and an L2 penalty on the shift."""
+    decay ** age), a locality KL to the model before the step, and an L2 penalty on the shift.
+    `update`: when the optimiser steps, once per "trajectory" (the gradients of all its steps added
+    up) or after every "batch" (each step's graph ends at its own shift, so the next batch is solved
+    by the hypernetworks just updated: `trajectory` times as many updates for the same compute)."""
 
     trajectories: int = 200
     trajectory: int = 8
@@ -37,7 +42,12 @@ class TrainConfig:
     l2_weight: float = 1e-3
     lr: float = 1e-4
     log_lr: float = 1e-2  # Adam's step on the per-module log step sizes and log ridge strengths
+    update: str = "trajectory"  # "trajectory" or "batch"
     cache_below: bool = True  # skip the layers below the band for inputs a trajectory has seen (below.py)
     validate_every: int = 10
     validation_edits: int = 100
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.update not in UPDATES:
+            raise ValueError(f"update {self.update!r}: expected one of {', '.join(UPDATES)}")

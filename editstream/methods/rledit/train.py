@@ -11,11 +11,11 @@ shift (with the graph back to the hypernetworks), and scores, with the shift in 
 * L2: the shift's squared Frobenius norm, with a real gradient (it is computed from the factors).
 
 Each step's loss is backpropagated at once (its graph ends at its own shift; earlier shifts are in
-the weights as constants), the gradients add up over the trajectory, and the hypernetworks take one
-optimiser step per trajectory. The weights are restored after every trajectory. Held-back train
-edits are edited as one trajectory every `validate_every` trajectories and scored teacher-forced;
-the best hypernetworks by that score are the exported checkpoint, and the run resumes from
-`train_state.*` in its output directory.
+the weights as constants); the hypernetworks take one optimiser step per trajectory, the gradients
+added up over it (`update="trajectory"`), or one after every batch (`update="batch"`). The weights
+are restored after every trajectory. Held-back train edits are edited as one trajectory every
+`validate_every` trajectories and scored teacher-forced; the best hypernetworks by that score are
+the exported checkpoint, and the run resumes from `train_state.*` in its output directory.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ class RLEditTrainer:
         self.names, self.modules = [n for n, _ in named], [m for _, m in named]
         self.band_start = min(int(n.split(".")[0]) for n in self.names)  # nothing below it changes
         self.cache_counts = (0, 0)  # BelowBand's (hits, misses) in the last trajectory
+        self.updates = 0  # optimiser steps taken by this trainer
         self.scorer = Replica(create_method("none", lm))  # teacher-forced scores on the weights as they are
         self.nets: Hypernets = new_hypernets(lm, config)
         groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}  # is it a log step size or ridge strength
@@ -140,9 +141,12 @@ class RLEditTrainer:
         return {"rledit": config_to_dict(self.config), "train": config_to_dict(self.schedule)}
 
     # --- one trajectory ---------------------------------------------------------------------------
-    def step(self, batch: list[EditRequest], earlier: list[list[EditRequest]], shifts: Shifts) -> dict[str, float]:
+    def step(
+        self, batch: list[EditRequest], earlier: list[list[EditRequest]], shifts: Shifts, learn: bool = False
+    ) -> dict[str, float]:
         """One edit step: losses with this batch's shift in effect, backpropagated into the
-        hypernetworks' gradients; then the shift goes into the weights (without a graph)."""
+        hypernetworks' gradients (and, with `learn` and `update="batch"`, an optimiser step); then
+        the shift goes into the weights (without a graph)."""
         s = self.schedule
         u, grads, _ = self.reader.read(batch)
         local = locality_prompts(batch)
@@ -161,9 +165,12 @@ class RLEditTrainer:
                 loc = F.kl_div(after, before, log_target=True, reduction="batchmean")
             l2 = sum(((uj.T @ aj) ** 2).sum() for uj, aj in zip(u, factors, strict=True))
             total = edit + back + s.locality_weight * loc + s.l2_weight * l2
-            (total / s.trajectory).backward()
+            per_batch = s.update == "batch"
+            (total if per_batch else total / s.trajectory).backward()
         finally:
             shifts.factors = None
+        if per_batch:
+            self._optimise(learn)
         with torch.no_grad():
             for m, uj, aj in zip(self.modules, u, factors, strict=True):
                 m.weight += delta(m, aj.detach().T, uj.T)
@@ -184,12 +191,9 @@ class RLEditTrainer:
         try:
             for _ in range(s.trajectory):
                 batch = rng.sample(self.train, s.batch)
-                losses.append(self.step(batch, batches[-s.backtrack :] if s.backtrack else [], shifts))
+                losses.append(self.step(batch, batches[-s.backtrack :] if s.backtrack else [], shifts, learn))
                 batches.append(batch)
-            if learn:
-                torch.nn.utils.clip_grad_norm_(self.nets.parameters(), 1.0)
-                self.opt.step()
-            self.opt.zero_grad()
+            self._optimise(learn and s.update == "trajectory")
         finally:
             shifts.remove()
             if below is not None:
@@ -199,6 +203,15 @@ class RLEditTrainer:
                 for m, w in zip(self.modules, saved, strict=True):
                     m.weight.copy_(w)
         return {k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}
+
+    def _optimise(self, learn: bool) -> None:
+        """Take the optimiser step on the gradients gathered since the last one (if `learn`), then
+        clear them."""
+        if learn:
+            torch.nn.utils.clip_grad_norm_(self.nets.parameters(), 1.0)
+            self.opt.step()
+            self.updates += 1
+        self.opt.zero_grad()
 
     # --- validation -------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
