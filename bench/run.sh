@@ -21,14 +21,15 @@ if [[ $what == all || $what == wild ]]; then
   # served as users get it (edit scope "answer", relation gate on). CounterFact T = 1000 takes about
   # 50 min here (every probe is a 50-token greedy generation); QAEdit T = 500 about 40 min. Then, on
   # the first 100 CounterFact edits, the served form and each mechanism switched off in turn: the
-  # edit held for the whole text, and no relation gate (these three are not committed yet).
+  # edit held for the whole text, and no relation gate (bench/results/wild/ablations/).
   $es bench quality --method recipe --data counterfact --T 1000 --limit 1000 --seed 0 --out bench/results/wild
   $es bench quality --method recipe --data qaedit --T 500 --limit 500 --seed 0 --out bench/results/wild
   $es bench quality --method recipe --data zsre --T 200 --limit 200 --seed 0 --out bench/results/wild
-  $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out bench/results/wild
-  $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out bench/results/wild \
+  abl=bench/results/wild/ablations
+  $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out $abl
+  $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out $abl \
     --edit-scope text --tag scope-text
-  $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out bench/results/wild \
+  $es bench quality --method recipe --data counterfact --T 100 --limit 100 --seed 0 --out $abl \
     --option relation_gate=false --tag no-gate
   # SCEN served as users get it (answer scope, relation gate): about 2 hours for T = 1000 here
   $es bench quality --method scen --data counterfact --T 1000 --limit 1000 --seed 0 --out bench/results/wild
