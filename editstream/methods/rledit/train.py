@@ -148,6 +148,7 @@ class RLEditTrainer:
         hypernetworks' gradients (and, with `learn` and `update="batch"`, an optimiser step); then
         the shift goes into the weights (without a graph)."""
         s = self.schedule
+        per_batch = s.update == "batch"
         u, grads, _ = self.reader.read(batch)
         local = locality_prompts(batch)
         with torch.no_grad():
@@ -165,7 +166,6 @@ class RLEditTrainer:
                 loc = F.kl_div(after, before, log_target=True, reduction="batchmean")
             l2 = sum(((uj.T @ aj) ** 2).sum() for uj, aj in zip(u, factors, strict=True))
             total = edit + back + s.locality_weight * loc + s.l2_weight * l2
-            per_batch = s.update == "batch"
             (total if per_batch else total / s.trajectory).backward()
         finally:
             shifts.factors = None
