@@ -61,12 +61,16 @@ def test_a_missing_hypernetwork_is_refused_with_the_command_that_makes_one(tiny_
         create_method("rledit", tiny_lm, checkpoint=str(tmp_path / "none"))
 
 
-def test_one_training_step_lowers_the_trajectory_loss(tiny_lm, tmp_path):
+def demo_trainer(tiny_lm, out, **schedule) -> RLEditTrainer:
+    """A trainer on 60 demo facts (one locality probe each), trajectories of 3 batches of 4."""
     probe = (LocalityProbe("Bees make", "honey"),)
     edits = [dataclasses.replace(e, locality=probe) for e in demo_facts(60)]
-    config = RLEditConfig(rank=16, batch=4)
-    schedule = TrainConfig(trajectories=1, trajectory=3, batch=4, backtrack=2, lr=3e-2, validation_edits=8)
-    trainer = RLEditTrainer(tiny_lm, edits, tmp_path, config, schedule)
+    schedule = {"trajectories": 1, "trajectory": 3, "batch": 4, "backtrack": 2, "validation_edits": 8, **schedule}
+    return RLEditTrainer(tiny_lm, edits, out, RLEditConfig(rank=16, batch=4), TrainConfig(**schedule))
+
+
+def test_one_training_step_lowers_the_trajectory_loss(tiny_lm, tmp_path):
+    trainer = demo_trainer(tiny_lm, tmp_path, lr=3e-2)
     weights = params_hash(tiny_lm.model)
     before = trainer.trajectory(random.Random(5), learn=False)
     for _ in range(3):
@@ -82,12 +86,7 @@ def test_one_training_step_lowers_the_trajectory_loss(tiny_lm, tmp_path):
 
 
 def test_batch_updates_step_after_every_batch_and_lower_the_loss(tiny_lm, tmp_path):
-    probe = (LocalityProbe("Bees make", "honey"),)
-    edits = [dataclasses.replace(e, locality=probe) for e in demo_facts(60)]
-    schedule = TrainConfig(
-        trajectories=1, trajectory=3, batch=4, backtrack=2, lr=3e-2, validation_edits=8, update="batch"
-    )
-    trainer = RLEditTrainer(tiny_lm, edits, tmp_path, RLEditConfig(rank=16, batch=4), schedule)
+    trainer = demo_trainer(tiny_lm, tmp_path, lr=3e-2, update="batch")
     before = trainer.trajectory(random.Random(5), learn=False)
     assert trainer.updates == 0
     trainer.trajectory(random.Random(5))
@@ -121,15 +120,12 @@ def test_below_band_skips_the_layers_below_for_a_seen_input_and_changes_nothing(
 
 
 def test_a_trajectory_scores_the_same_with_and_without_the_layers_below_cached(tiny_lm, tmp_path):
-    probe = (LocalityProbe("Bees make", "honey"),)
-    edits = [dataclasses.replace(e, locality=probe) for e in demo_facts(40)]
-    schedule = TrainConfig(trajectories=1, trajectory=3, batch=4, backtrack=2, validation_edits=8)
-    trainer = RLEditTrainer(tiny_lm, edits, tmp_path, RLEditConfig(rank=16, batch=4), schedule)
+    trainer = demo_trainer(tiny_lm, tmp_path)
     nets = {k: v.clone() for k, v in trainer.nets.state_dict().items()}  # its running norms move in a trajectory
     cached = trainer.trajectory(random.Random(3), learn=False)
     hits, misses = trainer.cache_counts
     assert hits >= 3 * 2 and misses > 0, trainer.cache_counts  # every step: the batch's prompts and locality again
-    trainer.schedule = dataclasses.replace(schedule, cache_below=False)
+    trainer.schedule = dataclasses.replace(trainer.schedule, cache_below=False)
     trainer.nets.load_state_dict(nets)
     plain = trainer.trajectory(random.Random(3), learn=False)
     assert cached.keys() == plain.keys()

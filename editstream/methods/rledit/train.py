@@ -141,14 +141,11 @@ class RLEditTrainer:
         return {"rledit": config_to_dict(self.config), "train": config_to_dict(self.schedule)}
 
     # --- one trajectory ---------------------------------------------------------------------------
-    def step(
-        self, batch: list[EditRequest], earlier: list[list[EditRequest]], shifts: Shifts, learn: bool = False
-    ) -> dict[str, float]:
+    def step(self, batch: list[EditRequest], earlier: list[list[EditRequest]], shifts: Shifts) -> dict[str, float]:
         """One edit step: losses with this batch's shift in effect, backpropagated into the
-        hypernetworks' gradients (and, with `learn` and `update="batch"`, an optimiser step); then
-        the shift goes into the weights (without a graph)."""
+        hypernetworks' gradients (scaled to a trajectory's mean unless each batch is its own update);
+        then the shift goes into the weights (without a graph)."""
         s = self.schedule
-        per_batch = s.update == "batch"
         u, grads, _ = self.reader.read(batch)
         local = locality_prompts(batch)
         with torch.no_grad():
@@ -166,11 +163,9 @@ class RLEditTrainer:
                 loc = F.kl_div(after, before, log_target=True, reduction="batchmean")
             l2 = sum(((uj.T @ aj) ** 2).sum() for uj, aj in zip(u, factors, strict=True))
             total = edit + back + s.locality_weight * loc + s.l2_weight * l2
-            (total if per_batch else total / s.trajectory).backward()
+            (total if s.update == "batch" else total / s.trajectory).backward()
         finally:
             shifts.factors = None
-        if per_batch:
-            self._optimise(learn)
         with torch.no_grad():
             for m, uj, aj in zip(self.modules, u, factors, strict=True):
                 m.weight += delta(m, aj.detach().T, uj.T)
@@ -191,8 +186,10 @@ class RLEditTrainer:
         try:
             for _ in range(s.trajectory):
                 batch = rng.sample(self.train, s.batch)
-                losses.append(self.step(batch, batches[-s.backtrack :] if s.backtrack else [], shifts, learn))
+                losses.append(self.step(batch, batches[-s.backtrack :] if s.backtrack else [], shifts))
                 batches.append(batch)
+                if s.update == "batch":
+                    self._optimise(learn)
             self._optimise(learn and s.update == "trajectory")
         finally:
             shifts.remove()
