@@ -10,6 +10,13 @@ The graph is exported from the loaded model with eager attention (traced SDPA ba
 batch's padding into the mask, and other batches then get embeddings at cosine 0.85), cached on
 disk under a hash of the weights and the exporter's versions, and written atomically (replicas and
 editors start together). ORT's threads do not spin while idle: the actors share the cores.
+
+`int8=True` runs the same graph with its weights quantised to int8 per output channel (ONNX
+Runtime's dynamic quantisation, written once beside the float graph): on one core of an AVX-512
+VNNI CPU 498 texts/s one at a time (which int8 needs: `models.LoadedEncoder.encode`) against the
+float graph's 311 in batches of 32, embeddings at cosine >= 0.97 to float32 (mean 0.993 on 1,024
+CounterFact prompts and statements). Its keys differ from float32 ones, so
+such an encoder carries its own name (`models.load_encoder`).
 """
 
 from __future__ import annotations
@@ -99,13 +106,14 @@ class OnnxRunner:
     """Runs an encoder's exported graph: `__call__(batch)` with the tokenizer's numpy arrays gives
     the last hidden state (batch, tokens, dim), float32."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, threads: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, threads: int | None = None, int8: bool = False) -> None:
         import onnxruntime as ort
 
         self.input_names = [n for n in tokenizer.model_input_names if n in _forward_args(model)]
         self.path = (
             models.cache_dir() / "onnx" / f"{type(model).__name__}-{_weights_hash(model, self.input_names)}.onnx"
         )
+        self.int8 = int8
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -114,15 +122,44 @@ class OnnxRunner:
         if not self.path.is_file():
             log.info("exporting the sentence encoder to %s (once)", self.path)
             _export(model, tokenizer, self.input_names, self.path)
+        providers = ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # a damaged cache file: export again
+            self.session = ort.InferenceSession(str(self._graph()), options, providers=providers)
+        except Exception as exc:  # a damaged cache file: export (and quantise) again
             log.warning("cached encoder graph %s unreadable (%s); exporting it again", self.path, exc)
             _export(model, tokenizer, self.input_names, self.path)
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self._graph(again=True)), options, providers=providers)
+
+    def _graph(self, again: bool = False) -> Path:
+        """The graph to run: the float one, or with `int8` its quantised copy (made once, or `again`)."""
+        if not self.int8:
+            return self.path
+        path = self.path.with_name(f"{self.path.stem}-int8pc.onnx")
+        if again or not path.is_file():
+            log.info("quantising the sentence encoder to int8 per channel: %s (once)", path)
+            _quantise(self.path, path)
+        return path
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, {n: batch[n].astype(np.int64) for n in self.input_names})[0]
+
+
+def _quantise(src: Path, dst: Path) -> None:
+    """Write `src`'s graph with int8 weights, one scale per output channel, to `dst` (atomically).
+    Per channel matters: one scale per matrix (per tensor) gives embeddings at cosine 0.90-0.96."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    logging.disable(logging.WARNING)  # its advice to pre-process the graph, logged to the root logger
+    try:
+        quantize_dynamic(str(src), tmp, per_channel=True, reduce_range=False, weight_type=QuantType.QInt8)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    finally:
+        logging.disable(logging.NOTSET)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _forward_args(model: torch.nn.Module) -> set[str]:

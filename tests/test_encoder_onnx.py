@@ -67,3 +67,18 @@ def test_a_bad_runtime_is_named(monkeypatch) -> None:
     monkeypatch.setenv("EDITSTREAM_ENCODER_RUNTIME", "bogus")
     with pytest.raises(ConfigError, match="'bogus'"):
         load_encoder(device="cpu")
+
+
+def test_the_int8_graph_keeps_embeddings_close_and_has_its_own_name(encoders, monkeypatch) -> None:
+    torch_enc, _, cache = encoders
+    monkeypatch.setenv("EDITSTREAM_CACHE", str(cache))
+    int8 = load_encoder(device="cpu", runtime="onnx", int8=True)
+    per_tensor = load_encoder(device="cpu", runtime="torch", int8=True)
+    assert (int8.name, int8.runtime, per_tensor.name) == ("minilm+int8-ort", "onnx", "minilm+int8")
+    assert len(list((cache / "onnx").glob("*-int8pc.onnx"))) == 1  # quantised once, beside the float graph
+    reference = torch_enc.encode(TEXTS)
+    cosine = (int8.encode(TEXTS) * reference).sum(-1)
+    assert cosine.min() > 0.97, cosine
+    # activations are quantised per batch, so each text goes alone: a key equals its query, whatever the batch
+    assert torch.equal(torch.cat([int8.encode([t]) for t in TEXTS]), int8.encode(TEXTS, batch_size=32))
+    assert cosine.min() < 0.99999  # it is another encoder, not the float graph under a new name

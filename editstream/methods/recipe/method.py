@@ -137,7 +137,7 @@ class RetrievingMethod(EditMethod):
             )
         if not isinstance(encoder_int8, bool):
             raise ConfigError(f"encoder_int8 {encoder_int8!r}: expected true or false")
-        if encoder is not None and encoder_int8 and not encoder.name.endswith("+int8"):
+        if encoder is not None and encoder_int8 and "+int8" not in encoder.name:
             raise ConfigError(f"encoder_int8=true, but the encoder passed in is {encoder.name!r}")
         return cls(lm, load_retrieval(lm, checkpoint, encoder, relation_gate, ann_threshold, encoder_int8))
 
