@@ -27,7 +27,7 @@ import ray
 from editstream.demo_facts import demo_facts
 from services.transport.store import RedisStore, connect
 from services.wiring.clients import EvaluatorClient, ReplicaClient
-from services.wiring.demo import edit_log, feed, method_options, percentile
+from services.wiring.demo import edit_log, feed, percentile
 from services.wiring.system import System, SystemConfig
 
 
@@ -37,7 +37,7 @@ def _system(
     method: str,
     model: str,
     replicas: int,
-    checkpoint: str | None,
+    options: dict[str, Any],
     evaluators: int = 0,
     editors: int = 1,
     editor_threads: int = 0,
@@ -53,15 +53,15 @@ def _system(
         evaluators=evaluators,
         editors=editors,
         editor_threads=editor_threads,
-        method_options=method_options(method, checkpoint),
+        method_options=options,
     )
     return System(config).start(), RedisStore(connect(redis_url), namespace)
 
 
 def latency_run(
-    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, rate: float
+    redis_url: str, run_dir: str, method: str, model: str, options: dict[str, Any], n: int, rate: float
 ) -> dict[str, Any]:
-    system, store = _system(redis_url, run_dir + "/latency", method, model, 2, checkpoint)
+    system, store = _system(redis_url, run_dir + "/latency", method, model, 2, options)
     try:
         system.ask(["warm up"])
         feed(store, demo_facts(n), rate, progress=False)
@@ -80,9 +80,9 @@ def latency_run(
 
 
 def sustained_run(
-    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int
+    redis_url: str, run_dir: str, method: str, model: str, options: dict[str, Any], n: int
 ) -> dict[str, Any]:
-    system, store = _system(redis_url, run_dir + "/sustained", method, model, 2, checkpoint)
+    system, store = _system(redis_url, run_dir + "/sustained", method, model, 2, options)
     try:
         system.ask(["warm up"])
         facts = demo_facts(n)
@@ -151,11 +151,11 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 
 def evaluator_run(
-    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, seconds: float = 120.0
+    redis_url: str, run_dir: str, method: str, model: str, options: dict[str, Any], n: int, seconds: float = 120.0
 ) -> dict[str, Any]:
     """Two replicas with the same `n` edits; the evaluator probes only the first. Single-prompt
     queries alternate between them for `seconds`, so both sides see the same time and machine load."""
-    system, store = _system(redis_url, run_dir + "/evaluator", method, model, 2, checkpoint, evaluators=1)
+    system, store = _system(redis_url, run_dir + "/evaluator", method, model, 2, options, evaluators=1)
     try:
         feed(store, demo_facts(n), 0, progress=False)
         system.wait_for_version(n, timeout_s=600)
@@ -191,9 +191,9 @@ def evaluator_run(
 
 
 def query_run(
-    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int, rounds: int = 20
+    redis_url: str, run_dir: str, method: str, model: str, options: dict[str, Any], n: int, rounds: int = 20
 ) -> dict[str, Any]:
-    system, store = _system(redis_url, run_dir + "/query", method, model, 2, checkpoint)
+    system, store = _system(redis_url, run_dir + "/query", method, model, 2, options)
     try:
         prompts = [f.prompt for f in demo_facts(10)]
         one = _timer(system.replica_handles()[0])
@@ -220,7 +220,7 @@ def query_run(
 
 
 def editors_run(
-    redis_url: str, run_dir: str, method: str, model: str, checkpoint: str | None, n: int
+    redis_url: str, run_dir: str, method: str, model: str, options: dict[str, Any], n: int
 ) -> dict[str, Any]:
     """Throughput of one editor on one thread, one editor on the node's cores, two editors sharing them."""
     out: dict[str, Any] = {"facts": n}
@@ -228,7 +228,7 @@ def editors_run(
     for editors, threads in ((1, 1), (1, 0), (2, 0)):  # threads 0: the cores shared among the editors
         key = f"editors_{editors}_threads_{threads or 'shared'}"
         system, store = _system(
-            redis_url, f"{run_dir}/{key}", method, model, 1, checkpoint, editors=editors, editor_threads=threads
+            redis_url, f"{run_dir}/{key}", method, model, 1, options, editors=editors, editor_threads=threads
         )
         try:
             started = time.time()

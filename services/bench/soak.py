@@ -21,7 +21,7 @@ import statistics
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ from editstream.edits import EditRequest
 from editstream.events import event_fields
 from services.bench.snapshots import CITIES, synthetic_facts
 from services.transport.store import RedisStore, connect
-from services.wiring.demo import method_options
 from services.wiring.system import System, SystemConfig
 
 log = logging.getLogger(__name__)
@@ -74,6 +73,7 @@ class SoakOptions:
     retract: float = 0.02
     seed: int = 0
     timeout_s: float = 600.0  # for the replicas to catch up after the producer's last event
+    options: dict[str, Any] = field(default_factory=dict)  # method options, e.g. {"encoder_int8": True}
 
 
 class Producer:
@@ -156,7 +156,7 @@ def run_soak(url: str, run_dir: Path, options: SoakOptions) -> dict[str, Any]:
         namespace=f"soak-{uuid.uuid4().hex[:6]}",
         replicas=o.replicas,
         evaluators=0,
-        method_options=method_options(o.method, None),
+        method_options=o.options,
         snapshot_dir=str(run_dir / "snapshots"),
         snapshot_every=o.snapshot_every,
         compact=True,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from editstream.models import EMBEDDED_LLM
-from services.cli.common import method_args
+from services.cli.common import method_args, parse_options
 
 log = logging.getLogger("editstream")
 
@@ -26,6 +26,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     from editstream.bench.provenance import provenance
     from services.bench import pipeline as bp
     from services.transport.redis_server import RedisServer
+    from services.wiring.demo import method_options
 
     server = None
     url = args.redis_url
@@ -33,7 +34,8 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         server = RedisServer().start()
         url = server.url
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    common = (url, args.run_dir, args.method, args.model, args.checkpoint)
+    options = {**method_options(args.method, args.checkpoint), **parse_options(args.option)}
+    common = (url, args.run_dir, args.method, args.model, options)
     runs = {
         "latency": lambda: bp.latency_run(*common, args.latency_facts, args.rate),
         "sustained": lambda: bp.sustained_run(*common, args.sustained),
@@ -47,7 +49,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {sorted(runs)}")
     out = Path(args.out) / f"pipeline-{args.method}.json" if args.out else None
     doc: dict = json.loads(out.read_text()) if out and out.is_file() else {}  # keep earlier runs' results
-    doc.update({"method": args.method, "model": args.model})  # replicas and editors: per run
+    doc.update({"method": args.method, "model": args.model, "options": options})  # replicas and editors: per run
     try:
         for name in wanted:
             log.info("pipeline benchmark: %s run", name)
@@ -209,7 +211,7 @@ def _bench_soak(args: argparse.Namespace) -> int:
         return 2
     options = soak.SoakOptions(
         facts=args.facts, rate=args.rate, method=args.method, model=args.model, replicas=args.replicas,
-        every_s=args.every, snapshot_every=args.snapshot_every, seed=args.seed,
+        every_s=args.every, snapshot_every=args.snapshot_every, seed=args.seed, options=parse_options(args.option),
     )  # fmt: skip
     run_dir = Path(args.run_dir)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -229,6 +231,16 @@ def _bench_soak(args: argparse.Namespace) -> int:
     return 0
 
 
+def option_arg(p: argparse.ArgumentParser) -> None:
+    """--option KEY=VALUE, the method options every editor and replica of the run gets."""
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="KEY=VALUE method option for every editor and replica (e.g. encoder_int8=true), repeatable",
+    )
+
+
 def add_parsers(bench: argparse._SubParsersAction) -> None:
     """Register the running-system benchmarks under `editstream bench`."""
     pl = bench.add_parser("pipeline", help="edit latency at a rate, sustained ingest, query latency under load")
@@ -246,6 +258,7 @@ def add_parsers(bench: argparse._SubParsersAction) -> None:
         "(results merge into the existing JSON)",
     )
     pl.add_argument("--redis-url", default=None, help="an existing Redis (default: start a private redis-server)")
+    option_arg(pl)
     pl.add_argument("--run-dir", default="runs/bench-pipeline")
     pl.add_argument("--out", default="bench/results")
     pl.set_defaults(func=_bench_pipeline)
@@ -280,6 +293,7 @@ def add_parsers(bench: argparse._SubParsersAction) -> None:
     so.add_argument("--every", type=float, default=10.0, help="seconds between samples (default 10)")
     so.add_argument("--snapshot-every", type=int, default=10_000, help="journal entries between snapshots")
     so.add_argument("--seed", type=int, default=0)
+    option_arg(so)
     so.add_argument("--run-dir", default="runs/soak", help="the private Redis, snapshots and Arrow logs go here")
     so.add_argument("--out", default="bench/results", help="directory for soak-<method>-n<facts>.json and .png")
     so.set_defaults(func=_bench_soak)
