@@ -166,7 +166,6 @@ class LoadedEncoder:
     name: str
     max_length: int = 64
     runner: Callable[[dict], np.ndarray] | None = None
-    alone: bool = False  # encode each text in a batch of its own (int8: see `encode`)
 
     @property
     def runtime(self) -> str:
@@ -184,13 +183,11 @@ class LoadedEncoder:
         """Mean-pooled, L2-normalised embeddings of `texts`, shape (n, dim), float32. Texts go in
         batches of similar length (a batch pads to its longest text: on CounterFact prompts, batches
         of 128 in arrival order are padded to 1.9x their mean length); each embedding depends on
-        its own text only. An int8 encoder (`alone`) quantises each batch's activations with one
-        scale, so batch-mates would move each other's embeddings (up to 0.04 per coordinate
-        measured): its texts go one at a time, and a key equals the query of the same text."""
+        its own text only, except with an int8 encoder: it quantises each batch's activations with
+        one scale, so batch-mates move each other's embeddings a little (cosine >= 0.97 to the text
+        encoded alone, measured); one at a time would cost more than int8 saves on two threads."""
         if not texts:
             return torch.zeros(0, self.dim)
-        if self.alone:
-            batch_size = 1
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: torch.Tensor | None = None
         for i in range(0, len(order), batch_size):
@@ -231,9 +228,8 @@ def load_encoder(
     "onnx" runs the float32 forward on ONNX Runtime (CPU; the same embeddings within 1e-5, about
     1.5x faster), "torch" on torch, "auto" ONNX Runtime on the CPU when it is installed (also
     $EDITSTREAM_ENCODER_RUNTIME). `int8` (CPU only): weights quantised to int8, on ONNX Runtime per
-    output channel (`<name>+int8-ort`: about 1.6x the float32 graph's speed, texts one at a time
-    against float32 batches of 32; cosine >= 0.97 to float32), on torch per tensor (`<name>+int8`:
-    cosine 0.86-0.98); each has its own
+    output channel (`<name>+int8-ort`: about 1.9x the float32 graph's texts per second on 2 threads,
+    cosine >= 0.97 to float32), on torch per tensor (`<name>+int8`: cosine 0.86-0.98); each has its own
     name because keys made by one are not the other's, and replicas refuse keys of another name."""
     _require("transformers", "transformers")
     from transformers import AutoModel, AutoTokenizer
@@ -255,9 +251,9 @@ def load_encoder(
         if runtime == "onnx":
             runner = _onnx_runner(model, tokenizer, runtime, strict, int8=True)
             if runner is not None:
-                return LoadedEncoder(model, tokenizer, f"{name}+int8-ort", runner=runner, alone=True)
+                return LoadedEncoder(model, tokenizer, f"{name}+int8-ort", runner=runner)
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        return LoadedEncoder(model, tokenizer, f"{name}+int8", alone=True)
+        return LoadedEncoder(model, tokenizer, f"{name}+int8")
     return LoadedEncoder(model, tokenizer, name, runner=_onnx_runner(model, tokenizer, runtime, strict))
 
 
