@@ -233,6 +233,7 @@ def _summary(
         "method": o.method,
         "replicas": o.replicas,
         "rate": o.rate,
+        "options": o.options,
         "facts": o.facts,
         "sent": dict(producer.sent),
         "journaled": last["journal_seq"],
