@@ -65,3 +65,13 @@ def test_serve_names_a_bucket_address_without_a_bucket(capsys):
         capsys, "serve", "--snapshot-dir", "s3:///edits", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"
     )
     assert code == 2 and err.startswith("--snapshot-dir: snapshot store 's3:///edits': no bucket named")
+
+
+def test_serve_takes_method_options_and_names_a_malformed_one():
+    from services.cli import build_parser
+    from services.cli.common import parse_options
+
+    args = build_parser().parse_args(["serve", "--option", "encoder_int8=true", "--option", "relation_gate=false"])
+    assert parse_options(args.option) == {"encoder_int8": True, "relation_gate": False}
+    with pytest.raises(SystemExit, match="'encoder_int8': expected KEY=VALUE"):
+        parse_options(["encoder_int8"])

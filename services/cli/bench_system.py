@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from editstream.models import EMBEDDED_LLM
-from services.cli.common import method_args, parse_options
+from services.cli.common import method_args, option_arg, parse_options
 
 log = logging.getLogger("editstream")
 
@@ -229,16 +229,6 @@ def _bench_soak(args: argparse.Namespace) -> int:
         log.info("wrote %s and its plot", out)
     print(text)
     return 0
-
-
-def option_arg(p: argparse.ArgumentParser) -> None:
-    """--option KEY=VALUE, the method options every editor and replica of the run gets."""
-    p.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        help="KEY=VALUE method option for every editor and replica (e.g. encoder_int8=true), repeatable",
-    )
 
 
 def add_parsers(bench: argparse._SubParsersAction) -> None:

@@ -41,3 +41,13 @@ def method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="recipe", help="editing method (default recipe)")
     p.add_argument("--model", default=EMBEDDED_LLM, help="causal LM: embedded name, HF id or local path")
     p.add_argument("--checkpoint", default=None, help="RECIPE checkpoint dir (default: the packaged one)")
+
+
+def option_arg(p: argparse.ArgumentParser) -> None:
+    """--option KEY=VALUE, the method options every editor and replica of the run gets."""
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="KEY=VALUE method option for every editor and replica (e.g. encoder_int8=true), repeatable",
+    )

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from services.cli.common import edit_scope_arg, method_args
+from services.cli.common import edit_scope_arg, method_args, option_arg, parse_options
 
 log = logging.getLogger("editstream")
 
@@ -57,7 +57,7 @@ def _system(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             editors=args.editors,
             evaluators=args.evaluators,
-            method_options=method_options(args.method, args.checkpoint),
+            method_options={**method_options(args.method, args.checkpoint), **parse_options(args.option)},
             edit_scope=args.edit_scope,
             snapshot_dir=args.snapshot_dir or None,
             snapshot_every=args.snapshot_every,
@@ -105,6 +105,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--replicas", type=int, default=2, help="model replicas (default 2)")
     method_args(p)
+    option_arg(p)
     edit_scope_arg(p)
     p.add_argument("--run-dir", default="runs/serve", help="where the Arrow logs go")
     p.add_argument(
