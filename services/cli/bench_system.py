@@ -34,7 +34,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         server = RedisServer().start()
         url = server.url
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    options = {**method_options(args.method, args.checkpoint), **parse_options(args.option)}
+    options = method_options(args.method, args.checkpoint, parse_options(args.option))
     common = (url, args.run_dir, args.method, args.model, options)
     runs = {
         "latency": lambda: bp.latency_run(*common, args.latency_facts, args.rate),

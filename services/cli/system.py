@@ -57,7 +57,7 @@ def _system(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             editors=args.editors,
             evaluators=args.evaluators,
-            method_options={**method_options(args.method, args.checkpoint), **parse_options(args.option)},
+            method_options=method_options(args.method, args.checkpoint, parse_options(args.option)),
             edit_scope=args.edit_scope,
             snapshot_dir=args.snapshot_dir or None,
             snapshot_every=args.snapshot_every,

@@ -85,9 +85,10 @@ def edit_log(system: System, store: RedisStore, run_dir: Path, timeout_s: float 
         time.sleep(0.2)
 
 
-def method_options(method: str, checkpoint: str | None) -> dict[str, Any]:
-    """Options for methods that load a trained checkpoint."""
-    return {"checkpoint": checkpoint} if checkpoint and method in ("recipe", "text-rag") else {}
+def method_options(method: str, checkpoint: str | None, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A method's options: the checkpoint for methods that load a trained one, then those `given`
+    (`--option KEY=VALUE`), which win."""
+    return {**({"checkpoint": checkpoint} if checkpoint and method in ("recipe", "text-rag") else {}), **(given or {})}
 
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
