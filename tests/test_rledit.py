@@ -17,7 +17,9 @@ from editstream.methods.rledit.below import BelowBand
 from editstream.methods.rledit.config import RLEditConfig, TrainConfig
 from editstream.methods.rledit.hypernet import ridge_factors
 from editstream.methods.rledit.method import new_hypernets, save_hypernets
+from editstream.methods.rledit.null_space import projection
 from editstream.methods.rledit.train import RLEditTrainer, pairs_loss
+from editstream.methods.rome.stats import second_moments
 from editstream.methods.scen.layers import decoder_layers
 from editstream.replica import Replica
 from tests.conftest import params_hash
@@ -131,3 +133,50 @@ def test_a_trajectory_scores_the_same_with_and_without_the_layers_below_cached(t
     assert cached.keys() == plain.keys()
     for key in cached:
         assert cached[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+
+
+def test_the_null_space_projection_keeps_only_the_directions_text_hardly_uses():
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 12, generator=gen))[0]
+    scales = torch.tensor([3.0] * 8 + [0.01] * 4)  # 8 directions in use, 4 hardly used
+    x = (torch.randn(4000, 12, generator=gen) * scales) @ basis.T
+    p = projection(x.T @ x / len(x), threshold=0.05)
+    torch.testing.assert_close(p, p.T)
+    torch.testing.assert_close(p @ p, p, atol=1e-5, rtol=0)
+    assert round(float(p.trace())) == 4
+    torch.testing.assert_close(basis[:, :8].T @ p, torch.zeros(8, 12), atol=1e-3, rtol=0)  # used: removed
+    torch.testing.assert_close(basis[:, 8:].T @ p, basis[:, 8:].T, atol=1e-3, rtol=0)  # unused: kept
+    with pytest.raises(ValueError, match="-0.1"):
+        RLEditConfig(null_space=-0.1)
+
+
+def corpus_energy(tiny_lm, null_space: float, tmp_path, bound_at: float = 0.5) -> tuple[float, float]:
+    """(E[|x dW|^2] on the corpus, the bound `bound_at` x mean eigenvalue x |dW|^2 that a projection at
+    that threshold guarantees) for the shift that 5 edits put into the edited layer's up_proj,
+    measured from the weights a replica changed. (A random tiny model uses its input directions
+    evenly: none is below 0.05 of the mean, as the real model's are; 0.5 keeps some.)"""
+    config = RLEditConfig(rank=16, batch=5, init_lr=1.0, null_space=null_space, null_space_tokens=2048)
+    save_hypernets(new_hypernets(tiny_lm, config), config, tmp_path, {"llm": tiny_lm.name})
+    method = create_method("rledit", tiny_lm, checkpoint=str(tmp_path))
+    module = decoder_layers(tiny_lm.model)[1].mlp.up_proj
+    before = module.weight.detach().clone()
+    replica = Replica(method)
+    artifacts = method.compute(demo_facts(5))
+    for seq, a in enumerate(artifacts, start=1):
+        replica.apply(seq, a)
+    change = module.weight.detach() - before  # (out, in): x -> x change^T
+    for seq, a in enumerate(artifacts, start=6):
+        replica.retract(seq, a.edit_id)
+    mom2 = second_moments(tiny_lm, [1], config.null_space_corpus, 2048, site="mlp")[1]
+    energy = float(torch.trace(change @ mom2 @ change.T))
+    bound = bound_at * float(torch.linalg.eigvalsh(mom2).mean()) * float((change**2).sum())
+    return energy, bound
+
+
+def test_null_space_shifts_leave_ordinary_text_nearly_alone(tiny_lm, tmp_path):
+    energy, bound = corpus_energy(tiny_lm, 0.5, tmp_path / "projected")
+    assert 0 < energy <= bound, (energy, bound)
+    energy, bound = corpus_energy(tiny_lm, 0.0, tmp_path / "plain")
+    assert energy > bound, (energy, bound)  # without the projection the same edits reach ordinary text
+    with pytest.raises(ConfigError, match="raise null_space"):  # nothing below 0.01 of the mean here
+        corpus_energy(tiny_lm, 0.01, tmp_path / "empty")

@@ -35,6 +35,8 @@ def _train_rledit(args: argparse.Namespace) -> int:
             "positions": args.positions,
             "batch": args.edit_batch,
             "init_lr": args.init_lr,
+            "null_space": args.null_space,
+            "modules": tuple(args.modules.split(",")),
         },
     )
     schedule = config_from_dict(
@@ -215,6 +217,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--layers", default="", help="edited decoder layers, comma-separated (default: 60-80%% of depth)")
     r.add_argument("--positions", default="answer", choices=["answer", "all"], help="where keys are read")
+    r.add_argument(
+        "--modules",
+        default="gate_proj,up_proj",
+        help="edited projections of each layer's MLP, comma-separated (e.g. down_proj; GPT-2: c_fc)",
+    )
+    r.add_argument(
+        "--null-space",
+        type=float,
+        default=0.0,
+        help="confine shifts to input directions whose second moment on ordinary text is below this fraction "
+        "of the mean (AlphaEdit's projection; e.g. 0.05); 0: off",
+    )
     r.add_argument("--validation-edits", type=int, default=100, help="held-back train edits scored as it goes")
     r.add_argument(
         "--no-cache-below",

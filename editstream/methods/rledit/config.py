@@ -11,7 +11,10 @@ UPDATES = ("trajectory", "batch")  # when the RLEdit trainer takes an optimiser 
 class RLEditConfig:
     """`layers` () = the default band (the decoder layers from 60% to 80% of the depth); `modules`:
     the MLP input projections of each (GPT-2: `c_fc`). `positions`: where keys and gradients are
-    read, "answer" (the positions that predict the target's tokens) or "all" (every real token)."""
+    read, "answer" (the positions that predict the target's tokens) or "all" (every real token).
+    `null_space` > 0 confines each shift to the input directions whose second moment on
+    `null_space_corpus` (`null_space_tokens` tokens) is below that fraction of the mean
+    (`null_space.py`); 0 leaves the keys as read."""
 
     layers: tuple[int, ...] = ()
     modules: tuple[str, ...] = ("gate_proj", "up_proj")
@@ -21,6 +24,13 @@ class RLEditConfig:
     init_lr: float = 3e-4  # per-module step on the value change, learnt (as its log)
     init_lambda: float = 0.0  # per-module log ridge strength, learnt
     batch: int = 20  # edits solved together (the editor hands runs of consecutive entries)
+    null_space: float = 0.0
+    null_space_corpus: str = "hallucination/openwebtext.json"
+    null_space_tokens: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.null_space < 0:
+            raise ValueError(f"null_space {self.null_space}: expected >= 0 (0: keys as read)")
 
 
 @dataclass(frozen=True)

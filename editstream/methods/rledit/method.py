@@ -29,6 +29,7 @@ from editstream.errors import ConfigError
 from editstream.generation import positions
 from editstream.methods.rledit.config import RLEditConfig
 from editstream.methods.rledit.hypernet import ShiftNet, ridge_factors
+from editstream.methods.rledit.null_space import projections
 from editstream.methods.rome.weights import WeightEdit, delta, is_transposed, temporarily_added
 from editstream.methods.scen.layers import decoder_layers
 from editstream.metrics import encode_pairs
@@ -38,10 +39,12 @@ log = logging.getLogger(__name__)
 
 PACKAGED = Path(__file__).resolve().parents[2] / "assets" / "rledit-smollm2-135m"  # none ships yet (README)
 FILES = ("rledit.json", "rledit.safetensors")
+GPT2_NAMES = {"gate_proj": "c_fc", "up_proj": "c_fc", "down_proj": "c_proj"}
 
 
 def edited_modules(model: nn.Module, config: RLEditConfig) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every edited projection, layer by layer (GPT-2: `c_fc` for any name)."""
+    """(name, module) of every edited projection, layer by layer (GPT-2: `c_fc` for the input
+    projections, `c_proj` for `down_proj`)."""
     layers = decoder_layers(model)
     low = int(0.6 * len(layers))
     band = list(config.layers) or list(range(low, max(int(0.8 * len(layers)), low + 1)))
@@ -50,10 +53,12 @@ def edited_modules(model: nn.Module, config: RLEditConfig) -> list[tuple[str, nn
         if not 0 <= layer < len(layers):
             raise ConfigError(f"rledit layer {layer} is outside the model's {len(layers)} layers")
         mlp = layers[layer].mlp
-        names = config.modules if all(hasattr(mlp, n) for n in config.modules) else ("c_fc",)
+        names = config.modules
+        if not all(hasattr(mlp, n) for n in names):  # GPT-2's MLP: c_fc in, c_proj out
+            names = tuple(dict.fromkeys(GPT2_NAMES.get(n, n) for n in names))
         for name in names:
             if not hasattr(mlp, name):
-                raise ConfigError(f"{type(mlp).__name__} has no {name!r}; rledit edits {config.modules} or c_fc")
+                raise ConfigError(f"{type(mlp).__name__} has no {name!r}; rledit edits {config.modules}")
             out.append((f"{layer}.{name}", getattr(mlp, name)))
     return out
 
@@ -80,12 +85,16 @@ class Hypernets(nn.Module):
         for s in shapes:
             self.route.append((f"{s[0]}x{s[1]}", seen.get(s, 0)))
             seen[s] = seen.get(s, 0) + 1
+        # per module, the projection its keys go through (null_space.py); measured, not trained
+        self.projections: list[torch.Tensor] | None = None
 
-    def factors(self, j: int, u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """A (N, d_out) of module `j` for keys u and output gradients grad."""
+    def factors(self, j: int, u: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, A) of module `j` for inputs u and output gradients grad: its shift is dW = K^T A, K the
+        keys (u, projected when `projections` are set), A (N, d_out) their ridge-solved values."""
         name, m = self.route[j]
         net = self.nets[name]
-        return ridge_factors(u, net.values(u, grad, m), net.log_lambda[m])
+        keys = u if self.projections is None else u @ self.projections[j]
+        return keys, ridge_factors(keys, net.values(u, grad, m), net.log_lambda[m])
 
 
 class KeyReader:
@@ -156,6 +165,14 @@ def new_hypernets(lm: LoadedLM, config: RLEditConfig) -> Hypernets:
     return Hypernets([shape_of(m) for _, m in edited_modules(lm.model, config)], config).to(lm.device)
 
 
+def project_keys(nets: Hypernets, lm: LoadedLM, config: RLEditConfig) -> None:
+    """Set `nets.projections` as `config.null_space` asks (once: the statistics are cached on disk)."""
+    if config.null_space > 0 and nets.projections is None:
+        names = [n for n, _ in edited_modules(lm.model, config)]
+        c = config
+        nets.projections = projections(lm, names, c.null_space, c.null_space_corpus, c.null_space_tokens)
+
+
 def save_hypernets(nets: Hypernets, config: RLEditConfig, directory: Path, info: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in nets.state_dict().items()}
@@ -200,10 +217,20 @@ class RLEdit(WeightEdit):
         self.reader = KeyReader(lm, self.modules, config.positions)
 
     @classmethod
-    def build(cls, lm: LoadedLM, checkpoint: str | Path | None = None, batch: int | None = None) -> RLEdit:
+    def build(
+        cls,
+        lm: LoadedLM,
+        checkpoint: str | Path | None = None,
+        batch: int | None = None,
+        null_space: float | None = None,
+    ) -> RLEdit:
+        """The hypernetworks at `checkpoint` with their config; `batch` and `null_space` override it
+        (a hypernetwork trained without the projection can be served with it, for comparison)."""
         nets, config, _ = load_hypernets(lm, checkpoint)
-        if batch is not None:
-            config = config_from_dict(RLEditConfig, {**config_to_dict(config), "batch": batch})
+        given = {"batch": batch, "null_space": null_space}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        if overrides:
+            config = config_from_dict(RLEditConfig, {**config_to_dict(config), **overrides})
         return cls(lm, nets, config)
 
     def compute(self, edits: Sequence[EditRequest]) -> list[Artifact]:
@@ -220,6 +247,7 @@ class RLEdit(WeightEdit):
         return out
 
     def _solve(self, edits: list[EditRequest]) -> list[Artifact]:
+        project_keys(self.nets, self.lm, self.config)  # on the first edit, not when a replica starts
         u, grads, owner = self.reader.read(edits)
         with torch.no_grad():
             factors = [self.nets.factors(j, u[j], grads[j]) for j in range(len(self.modules))]
@@ -227,9 +255,9 @@ class RLEdit(WeightEdit):
         for i, edit in enumerate(edits):
             rows = owner == i
             tensors: dict[str, torch.Tensor] = {}
-            for j in range(len(self.modules)):
-                tensors[f"u{j}"] = u[j][rows].half().cpu().contiguous()
-                tensors[f"a{j}"] = factors[j][rows].cpu().contiguous()  # float32: its entries are ~1e-5
+            for j, (keys, values) in enumerate(factors):
+                tensors[f"u{j}"] = keys[rows].half().cpu().contiguous()
+                tensors[f"a{j}"] = values[rows].cpu().contiguous()  # float32: its entries are ~1e-5
             out.append(self.new_artifact(edit, tensors, modules=self.names))
         return out
 

@@ -45,6 +45,7 @@ from editstream.methods.rledit.method import (
     answer_nll,
     edited_modules,
     new_hypernets,
+    project_keys,
     save_hypernets,
 )
 from editstream.methods.rome.weights import delta
@@ -124,6 +125,7 @@ class RLEditTrainer:
         self.updates = 0  # optimiser steps taken by this trainer
         self.scorer = Replica(create_method("none", lm))  # teacher-forced scores on the weights as they are
         self.nets: Hypernets = new_hypernets(lm, config)
+        project_keys(self.nets, lm, config)
         groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}  # is it a log step size or ridge strength
         for name, p in self.nets.named_parameters():
             groups[name.endswith(("log_lr", "log_lambda"))].append(p)
@@ -151,7 +153,7 @@ class RLEditTrainer:
         with torch.no_grad():
             before = next_token_logprobs(self.lm, local) if local else None
         factors = [self.nets.factors(j, u[j], grads[j]) for j in range(len(self.modules))]
-        shifts.factors = list(zip(u, factors, strict=True))
+        shifts.factors = factors
         try:
             edit = pairs_loss(self.lm, batch)
             back = torch.zeros((), device=self.lm.device)
@@ -161,14 +163,14 @@ class RLEditTrainer:
             if before is not None:
                 after = next_token_logprobs(self.lm, local)
                 loc = F.kl_div(after, before, log_target=True, reduction="batchmean")
-            l2 = sum(((uj.T @ aj) ** 2).sum() for uj, aj in zip(u, factors, strict=True))
+            l2 = sum(((kj.T @ aj) ** 2).sum() for kj, aj in factors)
             total = edit + back + s.locality_weight * loc + s.l2_weight * l2
             (total if s.update == "batch" else total / s.trajectory).backward()
         finally:
             shifts.factors = None
         with torch.no_grad():
-            for m, uj, aj in zip(self.modules, u, factors, strict=True):
-                m.weight += delta(m, aj.detach().T, uj.T)
+            for m, (kj, aj) in zip(self.modules, factors, strict=True):
+                m.weight += delta(m, aj.detach().T, kj.detach().T)
         named = {"edit": edit, "backtrack": back, "locality": loc, "l2": l2}
         return {k: float(v.detach()) for k, v in named.items()}
 
@@ -225,7 +227,8 @@ class RLEditTrainer:
                 u, grads, _ = self.reader.read(batch)
                 with torch.no_grad():
                     for j, m in enumerate(self.modules):
-                        m.weight += delta(m, self.nets.factors(j, u[j], grads[j]).T, u[j].T)
+                        keys, values = self.nets.factors(j, u[j], grads[j])
+                        m.weight += delta(m, values.T, keys.T)
             preds, ids, _ = self.scorer.predict([e.prompt for e in self.val], [e.target for e in self.val])
             scores = {"reliability": mean_accuracy(preds, ids)}
             paired = [(e.paraphrases[0], e.target) for e in self.val if e.paraphrases]
