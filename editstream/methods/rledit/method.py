@@ -168,9 +168,9 @@ def new_hypernets(lm: LoadedLM, config: RLEditConfig) -> Hypernets:
 def project_keys(nets: Hypernets, lm: LoadedLM, config: RLEditConfig) -> None:
     """Set `nets.projections` as `config.null_space` asks (once: the statistics are cached on disk)."""
     if config.null_space > 0 and nets.projections is None:
-        names = [n for n, _ in edited_modules(lm.model, config)]
         c = config
-        nets.projections = projections(lm, names, c.null_space, c.null_space_corpus, c.null_space_tokens)
+        named = edited_modules(lm.model, c)
+        nets.projections = projections(lm, named, c.null_space, c.null_space_corpus, c.null_space_tokens)
 
 
 def save_hypernets(nets: Hypernets, config: RLEditConfig, directory: Path, info: dict[str, Any]) -> None:

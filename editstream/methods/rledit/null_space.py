@@ -15,9 +15,11 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from editstream.errors import ConfigError
 from editstream.methods.rome.stats import second_moments
+from editstream.methods.rome.weights import key_module
 from editstream.models import LoadedLM
 
 log = logging.getLogger(__name__)
@@ -32,17 +34,19 @@ def projection(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
     return (basis @ basis.T).float()
 
 
-def site_of(name: str) -> str:
-    """The statistics site of an edited module named "<layer>.<proj>": the MLP output matrix reads
-    the MLP's hidden activations ("key"), every other projection the MLP's input ("mlp")."""
-    return "key" if name.split(".", 1)[1] in ("down_proj", "c_proj") else "mlp"
-
-
-def projections(lm: LoadedLM, names: Sequence[str], threshold: float, corpus: str, tokens: int) -> list[torch.Tensor]:
-    """One P per edited module (named "<layer>.<proj>"); modules reading the same input share one."""
+def projections(
+    lm: LoadedLM, named: Sequence[tuple[str, nn.Module]], threshold: float, corpus: str, tokens: int
+) -> list[torch.Tensor]:
+    """One P per edited (name "<layer>.<proj>", module); modules reading the same
+    input share one. The MLP output matrix (`key_module`) reads the MLP's hidden activations ("key"
+    statistics), every other projection the MLP's input ("mlp")."""
+    sites = []
+    for name, module in named:
+        layer = int(name.split(".")[0])
+        sites.append((layer, "key" if module is key_module(lm.model, layer) else "mlp"))
     found: dict[tuple[int, str], torch.Tensor] = {}
-    for site in sorted({site_of(n) for n in names}):
-        layers = sorted({int(n.split(".")[0]) for n in names if site_of(n) == site})
+    for site in sorted({s for _, s in sites}):
+        layers = sorted({layer for layer, s in sites if s == site})
         mom2 = second_moments(lm, layers, corpus, tokens, site=site)
         for layer in layers:
             p = projection(mom2[layer], threshold).to(lm.device)
@@ -54,4 +58,4 @@ def projections(lm: LoadedLM, names: Sequence[str], threshold: float, corpus: st
                 )
             log.info("rledit layer %d (%s input): shifts confined to %d of %d directions", layer, site, kept, len(p))
             found[(layer, site)] = p
-    return [found[(int(n.split(".")[0]), site_of(n))] for n in names]
+    return [found[s] for s in sites]
