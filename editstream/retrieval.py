@@ -8,7 +8,8 @@
   whose centroids are nearest to it instead of every key, so search cost stops growing with the
   count; approximate (a key in an unprobed list is missed). A remove takes the key out of its list.
 * `ScalingKeyIndex`: flat (exact) up to `threshold` keys, then IVF trained on the keys it holds,
-  trained again each time the count has grown `regrow`-fold since.
+  trained again each time the count has grown `regrow`-fold since; by default on a thread beside
+  the caller, the current index serving meanwhile (the changes made meanwhile replayed onto the new).
 * `TensorKeyIndex`: the same as one matrix product on the model's device (a GPU replica keeps its
   keys in GPU memory next to the model: no host round trip per query). Rows live in a preallocated
   tensor that doubles when full; a removed row is masked and reused.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -175,6 +177,7 @@ class IvfKeyIndex(_EditSlots):
         import faiss
 
         super().__init__(dim)
+        self._faiss = faiss
         n = len(edit_ids)
         self.nlist = max(1, min(int(math.sqrt(n)), n // 39)) if centroids is None else len(centroids)
         self._quantizer = faiss.IndexFlatIP(dim)  # owned here: the IVF index only points to it
@@ -238,9 +241,23 @@ class IvfKeyIndex(_EditSlots):
         return {"ivf_centroids": torch.from_numpy(centroids), "ivf_trained_on": torch.tensor([self.trained_on])}
 
     def live_keys(self) -> tuple[list[str], np.ndarray]:
-        labels = list(self._labels)
-        keys = np.stack([self._index.reconstruct(label) for label in labels]) if labels else np.zeros((0, self.dim))
-        return [self._labels[label] for label in labels], keys.astype(np.float32)
+        """The live edit ids and their keys (float32), read list by list from the float16 codes: a
+        removed key has left its list, so the lists hold exactly the live keys."""
+        invlists, faiss = self._index.invlists, self._faiss
+        labels, keys = [], []
+        for lst in range(self.nlist):
+            size = invlists.list_size(lst)
+            if not size:
+                continue
+            ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
+            codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * self._index.code_size)
+            labels.append(np.array(ids, dtype=np.int64))
+            keys.append(np.frombuffer(codes.tobytes(), dtype=np.float16).reshape(size, self.dim))
+        if not labels:
+            return [], np.zeros((0, self.dim), dtype=np.float32)
+        return [self._labels[label] for label in np.concatenate(labels).tolist()], np.concatenate(keys).astype(
+            np.float32
+        )
 
 
 @contextmanager
@@ -257,17 +274,58 @@ def _every_core() -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+class _Build:
+    """An IVF index being trained and filled on a thread of its own (one OpenMP thread: the replica's
+    apply loop and queries keep the other core), over a copy of the keys taken when it started."""
+
+    def __init__(self, dim: int, edit_ids: list[str], keys: np.ndarray, nprobe: int) -> None:
+        self.result: IvfKeyIndex | None = None
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.count = len(edit_ids)
+        self._thread = threading.Thread(
+            target=self._run, args=(dim, edit_ids, keys, nprobe), name="ivf-build", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, dim: int, edit_ids: list[str], keys: np.ndarray, nprobe: int) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # this thread's OpenMP setting only
+        try:
+            self.result = IvfKeyIndex(dim, edit_ids, keys, nprobe)
+        except BaseException as exc:  # a thread's top level: reported where the build is taken up
+            self.error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
 class ScalingKeyIndex:
     """Exact flat search up to `threshold` keys, IVF from there on (trained on the keys held then, and
-    trained again whenever the count has grown `regrow`-fold since). Training stalls the caller (the
-    replica's apply loop) for a few seconds at a million keys; it happens about log4(n) times."""
+    trained again whenever the count has grown `regrow`-fold since).
 
-    def __init__(self, dim: int, threshold: int, nprobe: int = DEFAULT_NPROBE, regrow: float = 4.0) -> None:
+    With `background` (the default), training never stalls the caller (a replica's apply loop): the
+    new IVF index is trained and filled on a thread over a copy of the live keys, while the current
+    index keeps serving and taking adds and removes; those are logged and replayed onto the new index
+    when it is taken up (at the first call after it is done), so it holds exactly the same edits.
+    Without, training runs in the call that crosses the count (a few seconds at a million keys)."""
+
+    def __init__(
+        self, dim: int, threshold: int, nprobe: int = DEFAULT_NPROBE, regrow: float = 4.0, background: bool = True
+    ) -> None:
         if threshold < 1:
             raise ValueError(f"ann threshold {threshold}: must be at least 1")
         self.dim, self.threshold, self.nprobe, self.regrow = dim, threshold, nprobe, regrow
+        self.background = background
         self.inner: KeyIndex | IvfKeyIndex = KeyIndex(dim)
         self._seeded: tuple[np.ndarray, int] | None = None  # centroids and their count, for the next bulk add
+        self._build: _Build | None = None
+        self._since: list[tuple[str, np.ndarray | None]] = []  # (edit id, key or None: removed) since the build began
+        self._retry_at = 0  # after a failed build: no other before this count
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -276,15 +334,23 @@ class ScalingKeyIndex:
         return edit_id in self.inner
 
     def add(self, edit_id: str, key: torch.Tensor) -> None:
+        self._take_up()
+        if self._build is not None and edit_id not in self.inner:
+            self._since.append((edit_id, key.detach().float().cpu().numpy().reshape(self.dim)))
         self.inner.add(edit_id, key)
         self._train_if_grown()
 
     def add_many(self, edit_ids: list[str], keys: torch.Tensor) -> None:
+        self._take_up()
         seeded, self._seeded = self._seeded, None
         last = {e: r for r, e in enumerate(edit_ids)} if seeded and not len(self.inner) else {}  # last row counts
         if len(last) >= self.threshold:
             self._train(list(last), keys[list(last.values())].detach().float().cpu().numpy(), seeded)
         else:
+            if self._build is not None:  # the last row of a repeated id, as the index takes it
+                rows = keys.detach().float().cpu().numpy().reshape(len(edit_ids), self.dim)
+                last_rows = {e: r for r, e in enumerate(edit_ids) if e not in self.inner}
+                self._since.extend((e, rows[r]) for e, r in last_rows.items())
             self.inner.add_many(edit_ids, keys)
         self._train_if_grown()
 
@@ -308,14 +374,75 @@ class ScalingKeyIndex:
             return
         if len(self.inner):
             return
+        self.wait()
         self.inner = KeyIndex(self.dim)
         self._seeded = (centroids.float().numpy(), int(trained_on.item()))
 
-    def _train_if_grown(self) -> None:
+    def _due(self) -> bool:
+        """Has the count crossed the next training point (the threshold, then `regrow` x the last training)?"""
         n = len(self.inner)
-        flat = isinstance(self.inner, KeyIndex)
-        if (flat and n >= self.threshold) or (not flat and n >= self.regrow * self.inner.trained_on):
-            self._train()
+        if n < self._retry_at:
+            return False
+        if isinstance(self.inner, KeyIndex):
+            return n >= self.threshold
+        return n >= self.regrow * self.inner.trained_on
+
+    def _train_if_grown(self) -> None:
+        if self._build is None and self._due():
+            if self.background:
+                self._start_build()
+            else:
+                self._train()
+
+    def _start_build(self) -> None:
+        """Train and fill the next IVF index on a thread, over a copy of the live keys taken now."""
+        edit_ids, keys = self.inner.live_keys()
+        self._since = []
+        self._build = _Build(self.dim, edit_ids, keys, self.nprobe)
+        log.info("key index: training IVF over %d keys in the background", len(edit_ids))
+
+    def _take_up(self) -> None:
+        """Swap in a finished background build, replaying the adds and removes made since it began."""
+        build = self._build
+        if build is None or not build.done():
+            return
+        self._build, since = None, self._since
+        self._since = []
+        fresh = build.result
+        if fresh is not None:
+            for edit_id, key in since:
+                if key is None:
+                    fresh.remove(edit_id)
+                else:
+                    fresh.add(edit_id, torch.from_numpy(key))
+        if fresh is None or len(fresh) != len(self.inner):
+            log.error(
+                "key index: the background IVF build over %d keys failed (%s); the current index serves on, "
+                "the next try after another %gx growth",
+                build.count,
+                repr(build.error) if fresh is None else f"{len(fresh)} keys, not {len(self.inner)}",
+                self.regrow,
+            )
+            self._retry_at = int(build.count * self.regrow)
+            return
+        fresh.set_nprobe(self.nprobe)
+        self.inner = fresh
+        log.info(
+            "key index: IVF over %d keys (%d lists, %d probed) trained in the background in %.1f s; "
+            "%d changes made meanwhile replayed",
+            build.count,
+            fresh.nlist,
+            fresh.nprobe,
+            time.perf_counter() - build.started,
+            len(since),
+        )
+        self._train_if_grown()
+
+    def wait(self) -> None:
+        """Finish a background build now (if one is running) and take it up."""
+        if self._build is not None:
+            self._build.join()
+            self._take_up()
 
     def _train(
         self, edit_ids: list[str] | None = None, keys: np.ndarray | None = None, seeded: tuple | None = None
@@ -337,9 +464,13 @@ class ScalingKeyIndex:
         )
 
     def remove(self, edit_id: str) -> None:
+        self._take_up()
+        if self._build is not None and edit_id in self.inner:
+            self._since.append((edit_id, None))
         self.inner.remove(edit_id)
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+        self._take_up()
         return self.inner.search(queries)
 
     def set_nprobe(self, nprobe: int) -> None:

@@ -87,7 +87,10 @@ def clustered_keys(n: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
 def test_past_the_threshold_the_index_turns_ivf_and_finds_what_flat_finds():
     dim, n = 32, 3000
     keys = clustered_keys(n, dim).half().float()  # artifacts carry float16 keys
-    flat, scaling = KeyIndex(dim), ScalingKeyIndex(dim, threshold=1000, nprobe=4, regrow=2.0)  # 4 of 25, then 44 lists
+    flat, scaling = (
+        KeyIndex(dim),
+        ScalingKeyIndex(dim, threshold=1000, nprobe=4, regrow=2.0, background=False),
+    )  # 4 of 25, then 44 lists
     kinds = []
     for i, k in enumerate(keys):
         flat.add(f"e{i}", k)
@@ -114,12 +117,87 @@ def test_past_the_threshold_the_index_turns_ivf_and_finds_what_flat_finds():
     assert got == want and torch.allclose(scores, flat_scores, atol=1e-6)
 
 
+def test_a_background_build_serves_on_meanwhile_and_takes_up_the_changes_made_since(monkeypatch, caplog):
+    """By default the IVF index is trained on a thread: the call that crosses the count returns at
+    once, the flat index answers meanwhile, and the adds, removes and re-adds made during the build
+    are replayed onto the new index before it answers. The build is held until those are made."""
+    import threading
+
+    import editstream.retrieval as retrieval
+
+    release, entered = threading.Event(), threading.Event()
+
+    class HeldIvf(retrieval.IvfKeyIndex):
+        def __init__(self, *args, **kwargs):
+            entered.set()
+            assert release.wait(30)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "IvfKeyIndex", HeldIvf)
+    caplog.set_level("INFO", logger="editstream.retrieval")
+    dim, n = 32, 1500
+    keys = clustered_keys(n, dim).half().float()
+    flat, scaling = KeyIndex(dim), ScalingKeyIndex(dim, threshold=1000, nprobe=4)
+    for i in range(1000):
+        flat.add(f"e{i}", keys[i])
+        scaling.add(f"e{i}", keys[i])
+    assert entered.wait(30) and isinstance(scaling.inner, KeyIndex)  # crossed; still flat, not waiting
+    for i in range(1000, n):  # changes made while the build runs
+        flat.add(f"e{i}", keys[i])
+        scaling.add(f"e{i}", keys[i])
+    for i in range(0, n, 5):
+        flat.remove(f"e{i}")
+        scaling.remove(f"e{i}")
+    moved = torch.nn.functional.normalize(torch.randn(2, dim, generator=torch.Generator().manual_seed(3)), dim=1)
+    for edit_id, key in zip(("e0", "e7"), moved, strict=True):  # re-added after a remove, superseded in place
+        flat.remove(edit_id), scaling.remove(edit_id)
+        flat.add(edit_id, key.half().float()), scaling.add(edit_id, key.half().float())
+    assert scaling.search(moved)[1] == flat.search(moved)[1] == ["e0", "e7"]  # the flat index answers meanwhile
+    release.set()
+    scaling.wait()
+    assert isinstance(scaling.inner, retrieval.IvfKeyIndex) and scaling.inner.trained_on == 1000
+    assert len(scaling) == len(flat) and "changes made meanwhile replayed" in caplog.text
+    ids, _ = scaling.inner.live_keys()
+    assert sorted(ids) == sorted(flat.live_keys()[0])
+    scaling.set_nprobe(10**6)  # every list: exactly what flat finds, the replayed changes included
+    queries = torch.cat([keys, moved]).half().float()
+    want_scores, want = flat.search(queries)
+    got_scores, got = scaling.search(queries)
+    assert got == want and torch.allclose(got_scores, want_scores, atol=1e-6)
+
+
+def test_a_failed_background_build_keeps_the_current_index_and_waits_for_more_growth(monkeypatch, caplog):
+    import editstream.retrieval as retrieval
+
+    calls = []
+
+    class FailingIvf(retrieval.IvfKeyIndex):
+        def __init__(self, *args, **kwargs):
+            calls.append(len(args[1]))
+            raise MemoryError("no room for the lists")
+
+    monkeypatch.setattr(retrieval, "IvfKeyIndex", FailingIvf)
+    dim = 16
+    keys = clustered_keys(700, dim)
+    scaling = ScalingKeyIndex(dim, threshold=100, nprobe=4, regrow=2.0)
+    for i, k in enumerate(keys[:150]):
+        scaling.add(f"e{i}", k)
+    scaling.wait()
+    assert "failed (MemoryError('no room for the lists'))" in caplog.text
+    assert isinstance(scaling.inner, KeyIndex) and len(scaling) == 150 and calls == [100]
+    for i, k in enumerate(keys[150:], start=150):  # no new try until the count has doubled
+        scaling.add(f"e{i}", k)
+        scaling.wait()
+    assert calls == [100, 200, 400]
+    assert scaling.search(keys[:1])[1] == ["e0"]
+
+
 def test_a_seeded_index_takes_the_ivf_lists_it_is_given_and_finds_the_same(caplog):
     """A snapshot carries the IVF centroids (`training`): an index seeded with them builds its lists in
     one bulk add, untrained and without a flat stage, and searches exactly as the one it came from."""
     dim, n = 32, 3000
     keys = clustered_keys(n, dim).half().float()
-    writer = ScalingKeyIndex(dim, threshold=1000, nprobe=4, regrow=2.0)
+    writer = ScalingKeyIndex(dim, threshold=1000, nprobe=4, regrow=2.0, background=False)
     for i, k in enumerate(keys):
         writer.add(f"e{i}", k)
     for i in range(0, n, 7):
@@ -143,7 +221,8 @@ def test_a_seeded_index_takes_the_ivf_lists_it_is_given_and_finds_the_same(caplo
     other = ScalingKeyIndex(dim, threshold=1000, nprobe=4)
     other.seed({**training, "ivf_centroids": training["ivf_centroids"][:, :16]})
     assert "do not fit" in caplog.text
-    other.add_many(ids, torch.from_numpy(live))
+    other.add_many(ids, torch.from_numpy(live))  # flat now, IVF trained in the background
+    other.wait()
     assert isinstance(other.inner, IvfKeyIndex) and other.inner.trained_on == len(ids)
     # fewer keys than the threshold: flat as ever, the seed unused
     small = ScalingKeyIndex(dim, threshold=1000)

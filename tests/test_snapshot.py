@@ -73,6 +73,7 @@ def test_a_snapshot_carries_the_ivf_lists_and_a_restart_searches_on_them(real_lm
     replica = Replica(method)
     for seq, artifact in enumerate(method.compute(facts), start=1):
         replica.apply(seq, artifact)
+    method.retrieval.index.wait()  # the lists are trained on a thread; the writer's index is IVF once that is done
     assert type(method.retrieval.index.inner).__name__ == "IvfKeyIndex"
     path = write_snapshot(capture(replica, (facts[-1].edit_id, 1.0)), tmp_path)
     assert (path / "derived.safetensors").is_file()
@@ -86,6 +87,7 @@ def test_a_snapshot_carries_the_ivf_lists_and_a_restart_searches_on_them(real_lm
     (path / "derived.safetensors").write_bytes(b"not safetensors")
     again = Replica(create_method("recipe", real_lm, ann_threshold=4))
     load_snapshot(again, snapshots(tmp_path)[0])
+    again.method.retrieval.index.wait()  # trained anew, in the background
     assert again.digest() == replica.digest() and type(again.method.retrieval.index.inner).__name__ == "IvfKeyIndex"
 
 

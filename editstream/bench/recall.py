@@ -155,7 +155,7 @@ def run_recall(
     random.Random(seed).shuffle(order)
     keys = encode(retrieval, [stored[i].prompt for i in order], queries=False)
     dim = keys.shape[1]
-    flat, ann = KeyIndex(dim), ScalingKeyIndex(dim, threshold, nprobe)
+    flat, ann = KeyIndex(dim), ScalingKeyIndex(dim, threshold, nprobe, background=False)  # trained in the fill
     fill_s = {"flat": 0.0, "ann": 0.0}
     for name, index in (("flat", flat), ("ann", ann)):
         started = time.perf_counter()
