@@ -23,7 +23,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -66,6 +66,13 @@ class _EditSlots:
 
     def seed(self, training: dict[str, torch.Tensor]) -> None:
         """Take `training` (another index's `training()`) instead of learning it again (ignored here)."""
+
+    def frozen_keys(self) -> Callable[[], tuple[list[str], np.ndarray]]:
+        raise NotImplementedError
+
+    def live_keys(self) -> tuple[list[str], np.ndarray]:
+        """The live edit ids and their keys (float32, one row each)."""
+        return self.frozen_keys()()
 
 
 class KeyIndex(_EditSlots):
@@ -146,12 +153,18 @@ class KeyIndex(_EditSlots):
         scores, slots = self._index.search(q, 1)
         return torch.from_numpy(scores[:, 0].copy()), [self._slots[int(i)] for i in slots[:, 0]]
 
-    def live_keys(self) -> tuple[list[str], np.ndarray]:
-        """The live edit ids and their keys (float32, one row each)."""
+    def frozen_keys(self) -> Callable[[], tuple[list[str], np.ndarray]]:
+        """`live_keys` as of now, read later: the call copies the rows and slots (C-level copies), the
+        callable it returns picks out the live ones (on another thread, while this index changes)."""
         width = self.dim + 1
-        rows = self._faiss.rev_swig_ptr(self._index.get_xb(), self._index.ntotal * width).reshape(-1, width)
-        slots = [slot for slot, edit_id in enumerate(self._slots) if edit_id is not None]
-        return [self._slots[slot] for slot in slots], np.ascontiguousarray(rows[slots, : self.dim])
+        rows = self._faiss.rev_swig_ptr(self._index.get_xb(), self._index.ntotal * width).reshape(-1, width).copy()
+        slots = list(self._slots)
+
+        def read() -> tuple[list[str], np.ndarray]:
+            live = [slot for slot, edit_id in enumerate(slots) if edit_id is not None]
+            return [slots[slot] for slot in live], np.ascontiguousarray(rows[live, : self.dim])
+
+        return read
 
 
 class IvfKeyIndex(_EditSlots):
@@ -240,24 +253,33 @@ class IvfKeyIndex(_EditSlots):
         centroids = self._quantizer.reconstruct_n(0, self.nlist)
         return {"ivf_centroids": torch.from_numpy(centroids), "ivf_trained_on": torch.tensor([self.trained_on])}
 
-    def live_keys(self) -> tuple[list[str], np.ndarray]:
-        """The live edit ids and their keys (float32), read list by list from the float16 codes: a
-        removed key has left its list, so the lists hold exactly the live keys."""
+    def frozen_keys(self) -> Callable[[], tuple[list[str], np.ndarray]]:
+        """`live_keys` as of now, read later: the call copies each list's labels and float16 codes (a
+        removed key has left its list, so the lists hold exactly the live keys) and the label table;
+        the callable it returns maps and widens them (on another thread, while this index changes)."""
         invlists, faiss = self._index.invlists, self._faiss
-        labels, keys = [], []
+        labels, codes = [], []
         for lst in range(self.nlist):
             size = invlists.list_size(lst)
-            if not size:
-                continue
-            ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
-            codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * self._index.code_size)
-            labels.append(np.array(ids, dtype=np.int64))
-            keys.append(np.frombuffer(codes.tobytes(), dtype=np.float16).reshape(size, self.dim))
-        if not labels:
-            return [], np.zeros((0, self.dim), dtype=np.float32)
-        return [self._labels[label] for label in np.concatenate(labels).tolist()], np.concatenate(keys).astype(
-            np.float32
-        )
+            if size:
+                labels.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+                codes.append(faiss.rev_swig_ptr(invlists.get_codes(lst), size * self._index.code_size).copy())
+        table = dict(self._labels)
+
+        def read() -> tuple[list[str], np.ndarray]:
+            if not labels:
+                return [], np.zeros((0, self.dim), dtype=np.float32)
+            keys = np.concatenate(codes).view(np.float16).reshape(-1, self.dim).astype(np.float32)
+            return [table[label] for label in np.concatenate(labels).tolist()], keys
+
+        return read
+
+    def add_many(self, edit_ids: list[str], keys: torch.Tensor) -> None:
+        """The keys not held yet, in one faiss call (the last row of a repeated id)."""
+        fresh = {e: r for r, e in enumerate(edit_ids) if e not in self._by_edit}
+        if fresh:
+            rows = keys.detach().float().cpu().numpy().reshape(len(edit_ids), self.dim)[list(fresh.values())]
+            self._add(list(fresh), np.ascontiguousarray(rows))
 
 
 @contextmanager
@@ -278,22 +300,21 @@ class _Build:
     """An IVF index being trained and filled on a thread of its own (one OpenMP thread: the replica's
     apply loop and queries keep the other core), over a copy of the keys taken when it started."""
 
-    def __init__(self, dim: int, edit_ids: list[str], keys: np.ndarray, nprobe: int) -> None:
+    def __init__(self, dim: int, keys: Callable[[], tuple[list[str], np.ndarray]], count: int, nprobe: int) -> None:
+        """`keys`: an index's `frozen_keys()` (read on the thread), `count` of them."""
         self.result: IvfKeyIndex | None = None
         self.error: BaseException | None = None
         self.started = time.perf_counter()
-        self.count = len(edit_ids)
-        self._thread = threading.Thread(
-            target=self._run, args=(dim, edit_ids, keys, nprobe), name="ivf-build", daemon=True
-        )
+        self.count = count
+        self._thread = threading.Thread(target=self._run, args=(dim, keys, nprobe), name="ivf-build", daemon=True)
         self._thread.start()
 
-    def _run(self, dim: int, edit_ids: list[str], keys: np.ndarray, nprobe: int) -> None:
+    def _run(self, dim: int, keys: Callable[[], tuple[list[str], np.ndarray]], nprobe: int) -> None:
         import faiss
 
         faiss.omp_set_num_threads(1)  # this thread's OpenMP setting only
         try:
-            self.result = IvfKeyIndex(dim, edit_ids, keys, nprobe)
+            self.result = IvfKeyIndex(dim, *keys(), nprobe)
         except BaseException as exc:  # a thread's top level: reported where the build is taken up
             self.error = exc
 
@@ -396,10 +417,9 @@ class ScalingKeyIndex:
 
     def _start_build(self) -> None:
         """Train and fill the next IVF index on a thread, over a copy of the live keys taken now."""
-        edit_ids, keys = self.inner.live_keys()
         self._since = []
-        self._build = _Build(self.dim, edit_ids, keys, self.nprobe)
-        log.info("key index: training IVF over %d keys in the background", len(edit_ids))
+        self._build = _Build(self.dim, self.inner.frozen_keys(), len(self.inner), self.nprobe)
+        log.info("key index: training IVF over %d keys in the background", len(self.inner))
 
     def _take_up(self) -> None:
         """Swap in a finished background build, replaying the adds and removes made since it began."""
@@ -409,12 +429,13 @@ class ScalingKeyIndex:
         self._build, since = None, self._since
         self._since = []
         fresh = build.result
-        if fresh is not None:
-            for edit_id, key in since:
-                if key is None:
-                    fresh.remove(edit_id)
-                else:
-                    fresh.add(edit_id, torch.from_numpy(key))
+        if fresh is not None:  # each id's last change counts; the adds in one faiss call
+            last = dict(since)
+            for edit_id in last:
+                fresh.remove(edit_id)
+            added = {e: k for e, k in last.items() if k is not None}
+            if added:
+                fresh.add_many(list(added), torch.from_numpy(np.stack(list(added.values()))))
         if fresh is None or len(fresh) != len(self.inner):
             log.error(
                 "key index: the background IVF build over %d keys failed (%s); the current index serves on, "
