@@ -42,6 +42,9 @@ DEFAULT_NPROBE = 64
 DEFAULT_ANN_THRESHOLD = 100_000
 
 
+_CHUNK = 8192  # rows per bulk step that holds the interpreter lock
+
+
 class _EditSlots:
     """edit_id -> slot (a faiss id or a tensor row): what both indexes count and look up."""
 
@@ -154,17 +157,12 @@ class KeyIndex(_EditSlots):
         return torch.from_numpy(scores[:, 0].copy()), [self._slots[int(i)] for i in slots[:, 0]]
 
     def frozen_keys(self) -> Callable[[], tuple[list[str], np.ndarray]]:
-        """`live_keys` as of now, read later: the call copies the rows and slots (C-level copies), the
-        callable it returns picks out the live ones (on another thread, while this index changes)."""
+        """`live_keys` as of now, read later (taken now: a flat index holds at most an ANN threshold's keys)."""
         width = self.dim + 1
-        rows = self._faiss.rev_swig_ptr(self._index.get_xb(), self._index.ntotal * width).reshape(-1, width).copy()
-        slots = list(self._slots)
-
-        def read() -> tuple[list[str], np.ndarray]:
-            live = [slot for slot, edit_id in enumerate(slots) if edit_id is not None]
-            return [slots[slot] for slot in live], np.ascontiguousarray(rows[live, : self.dim])
-
-        return read
+        rows = self._faiss.rev_swig_ptr(self._index.get_xb(), self._index.ntotal * width).reshape(-1, width)
+        live = [slot for slot, edit_id in enumerate(self._slots) if edit_id is not None]
+        found = [self._slots[slot] for slot in live], np.ascontiguousarray(rows[live, : self.dim])
+        return lambda: found
 
 
 class IvfKeyIndex(_EditSlots):
@@ -218,11 +216,15 @@ class IvfKeyIndex(_EditSlots):
         self._index.nprobe = self.nprobe
 
     def _add(self, edit_ids: list[str], keys: np.ndarray) -> None:
+        """Add under fresh labels; the tables in chunks (a bulk dict update holds the interpreter lock
+        throughout: ~50 ms per 400k keys, which a build on another thread must not take from the apply
+        loop in one piece)."""
         labels = np.arange(self._next, self._next + len(edit_ids), dtype=np.int64)
         self._index.add_with_ids(keys, labels)
-        numbers = labels.tolist()
-        self._labels.update(zip(numbers, edit_ids, strict=True))
-        self._by_edit.update(zip(edit_ids, numbers, strict=True))
+        for start in range(0, len(edit_ids), _CHUNK):
+            numbers, ids = labels[start : start + _CHUNK].tolist(), edit_ids[start : start + _CHUNK]
+            self._labels.update(zip(numbers, ids, strict=True))
+            self._by_edit.update(zip(ids, numbers, strict=True))
         self._next += len(edit_ids)
 
     def add(self, edit_id: str, key: torch.Tensor) -> None:
@@ -270,7 +272,11 @@ class IvfKeyIndex(_EditSlots):
             if not labels:
                 return [], np.zeros((0, self.dim), dtype=np.float32)
             keys = np.concatenate(codes).view(np.float16).reshape(-1, self.dim).astype(np.float32)
-            return [table[label] for label in np.concatenate(labels).tolist()], keys
+            numbers = np.concatenate(labels)
+            ids = [
+                table[n] for start in range(0, len(numbers), _CHUNK) for n in numbers[start : start + _CHUNK].tolist()
+            ]
+            return ids, keys
 
         return read
 
@@ -296,16 +302,49 @@ def _every_core() -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+Change = tuple[str, "np.ndarray | None"]  # (edit id, its key; None: removed)
+
+
+def _replay(index: IvfKeyIndex, changes: list[Change]) -> None:
+    """Make `changes` to `index` in order: each id's last change counts, the adds in one faiss call."""
+    last = dict(changes)
+    for edit_id in last:
+        index.remove(edit_id)
+    added = {e: k for e, k in last.items() if k is not None}
+    if added:
+        index.add_many(list(added), torch.from_numpy(np.stack(list(added.values()))))
+
+
+def _discard(index: _EditSlots) -> None:
+    """Free a replaced index on a thread, its tables a chunk at a time (dropping a table of a million
+    entries in one piece holds the interpreter lock for tens of ms)."""
+
+    def drop() -> None:
+        for table in (getattr(index, "_labels", {}), index._by_edit):
+            while table:
+                for _ in range(min(_CHUNK, len(table))):
+                    table.popitem()
+
+    threading.Thread(target=drop, name="index-discard", daemon=True).start()
+
+
 class _Build:
     """An IVF index being trained and filled on a thread of its own (one OpenMP thread: the replica's
-    apply loop and queries keep the other core), over a copy of the keys taken when it started."""
+    apply loop and queries keep the other core), over a copy of the keys taken when it started; it
+    then replays the `changes` made to the serving index meanwhile (a list the caller appends to),
+    until only a few are left for the caller to replay when it takes the new index up."""
 
-    def __init__(self, dim: int, keys: Callable[[], tuple[list[str], np.ndarray]], count: int, nprobe: int) -> None:
+    LEFT = 256  # changes the thread leaves to the caller
+
+    def __init__(
+        self, dim: int, keys: Callable[[], tuple[list[str], np.ndarray]], count: int, nprobe: int, changes: list[Change]
+    ) -> None:
         """`keys`: an index's `frozen_keys()` (read on the thread), `count` of them."""
         self.result: IvfKeyIndex | None = None
         self.error: BaseException | None = None
         self.started = time.perf_counter()
         self.count = count
+        self.changes, self.replayed = changes, 0  # the changes, and how many of them are in `result`
         self._thread = threading.Thread(target=self._run, args=(dim, keys, nprobe), name="ivf-build", daemon=True)
         self._thread.start()
 
@@ -314,7 +353,12 @@ class _Build:
 
         faiss.omp_set_num_threads(1)  # this thread's OpenMP setting only
         try:
-            self.result = IvfKeyIndex(dim, *keys(), nprobe)
+            fresh = IvfKeyIndex(dim, *keys(), nprobe)
+            while len(self.changes) - self.replayed > self.LEFT:
+                upto = len(self.changes)  # appends go on meanwhile; those below `upto` are settled
+                _replay(fresh, self.changes[self.replayed : upto])
+                self.replayed = upto
+            self.result = fresh
         except BaseException as exc:  # a thread's top level: reported where the build is taken up
             self.error = exc
 
@@ -345,7 +389,7 @@ class ScalingKeyIndex:
         self.inner: KeyIndex | IvfKeyIndex = KeyIndex(dim)
         self._seeded: tuple[np.ndarray, int] | None = None  # centroids and their count, for the next bulk add
         self._build: _Build | None = None
-        self._since: list[tuple[str, np.ndarray | None]] = []  # (edit id, key or None: removed) since the build began
+        self._since: list[Change] = []  # the changes made since the running build began
         self._retry_at = 0  # after a failed build: no other before this count
 
     def __len__(self) -> int:
@@ -418,7 +462,7 @@ class ScalingKeyIndex:
     def _start_build(self) -> None:
         """Train and fill the next IVF index on a thread, over a copy of the live keys taken now."""
         self._since = []
-        self._build = _Build(self.dim, self.inner.frozen_keys(), len(self.inner), self.nprobe)
+        self._build = _Build(self.dim, self.inner.frozen_keys(), len(self.inner), self.nprobe, self._since)
         log.info("key index: training IVF over %d keys in the background", len(self.inner))
 
     def _take_up(self) -> None:
@@ -429,13 +473,8 @@ class ScalingKeyIndex:
         self._build, since = None, self._since
         self._since = []
         fresh = build.result
-        if fresh is not None:  # each id's last change counts; the adds in one faiss call
-            last = dict(since)
-            for edit_id in last:
-                fresh.remove(edit_id)
-            added = {e: k for e, k in last.items() if k is not None}
-            if added:
-                fresh.add_many(list(added), torch.from_numpy(np.stack(list(added.values()))))
+        if fresh is not None:
+            _replay(fresh, since[build.replayed :])
         if fresh is None or len(fresh) != len(self.inner):
             log.error(
                 "key index: the background IVF build over %d keys failed (%s); the current index serves on, "
@@ -447,6 +486,7 @@ class ScalingKeyIndex:
             self._retry_at = int(build.count * self.regrow)
             return
         fresh.set_nprobe(self.nprobe)
+        _discard(self.inner)
         self.inner = fresh
         log.info(
             "key index: IVF over %d keys (%d lists, %d probed) trained in the background in %.1f s; "
