@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from editstream import packs
 from editstream.artifacts import Artifact, PackedArtifact
 from editstream.errors import ArtifactError
 from editstream.packs import read_artifacts, read_index, write_state
@@ -115,7 +116,10 @@ def test_a_format_1_snapshot_is_still_read_and_the_next_one_is_written_whole(tmp
     assert sorted(p.name for p in path.iterdir()) == ["pack-000000000004.bin", "snapshot.json", "state.json"]
 
 
-def test_a_state_written_after_one_it_placed_reads_no_index_back_and_writes_only_the_new(tmp_path):
+@pytest.mark.parametrize("step", [None, 3])  # 3: every pass in several steps, as at a million edits
+def test_a_state_written_after_one_it_placed_reads_no_index_back_and_writes_only_the_new(tmp_path, monkeypatch, step):
+    if step:
+        monkeypatch.setattr(packs, "STEP", step)
     first = [PackedArtifact(artifact(i)) for i in range(10)]
     placed = write_state(tmp_path / "a", "recipe", "fp", first, "pack-a.bin").placed
     (tmp_path / "a" / "state.json").unlink()  # matched by identity: the older index is not needed
