@@ -290,20 +290,46 @@ def test_the_snapshot_bench_measures_compaction_and_a_restart(tmp_path):
 
 
 @pytest.mark.redis
+def one_replica(redis_server, namespace: str):
+    """An editor and one replica on `namespace`, and `feed(facts)`: journal them, compute, apply."""
+    store = RedisStore(connect(redis_server.url), namespace)
+    editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, namespace)
+    replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", namespace)
+
+    def feed(facts) -> None:
+        journal(store, facts)
+        drain(editor)
+        drain(replica)
+
+    return feed, replica
+
+
+def test_applied_edits_are_frozen_out_of_the_collector_every_so_many_entries(redis_server, monkeypatch):
+    """Every FREEZE_EVERY applied entries the replica moves what is alive (its applied edits) into
+    the collector's permanent generation, so full collections stop walking a million edits."""
+    import gc
+
+    monkeypatch.setattr(replica_host, "FREEZE_EVERY", 3)
+    feed, replica = one_replica(redis_server, "freeze")
+    facts = demo_facts(4)
+    feed(facts[:2])
+    before = gc.get_freeze_count()
+    applied = replica.replica.method.applied()
+    assert any(a is applied[0] for a in gc.get_objects())  # 2 applied: not frozen yet
+    feed(facts[2:])
+    assert replica.version == 4 and gc.get_freeze_count() > before
+    assert not any(a is applied[0] for a in gc.get_objects())  # in the permanent generation now
+    gc.unfreeze()
+
+
 def test_a_heartbeat_does_not_hash_every_edit_each_time_but_asked_state_is_fresh(redis_server, monkeypatch):
     monkeypatch.setattr(replica_host, "DIGEST_MIN_S", 600.0)  # no second hash due within the test, however slow
-    store = RedisStore(connect(redis_server.url), "beat")
+    feed, replica = one_replica(redis_server, "beat")
     facts = demo_facts(3)
-    editor = Editor(redis_server.url, "recipe", EMBEDDED_LLM, "beat")
-    replica = ReplicaService(redis_server.url, "recipe", EMBEDDED_LLM, "replica-0", "beat")
-    journal(store, facts[:2])
-    drain(editor)
-    drain(replica)
+    feed(facts[:2])
     first = replica.state()
     assert (first["version"], first["digest_version"], first["edits"]) == (2, 2, 2)
-    journal(store, facts[2:])
-    drain(editor)
-    drain(replica)
+    feed(facts[2:])
     # a heartbeat before the next hash is due keeps the last one, saying which version it is of
     beat = replica.state(fresh=False)
     assert (beat["version"], beat["digest_version"], beat["digest"]) == (3, 2, first["digest"])

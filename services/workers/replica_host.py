@@ -47,6 +47,7 @@ DIGEST_DUTY = 20
 DIGEST_MIN_S = 1.0
 SWITCH_INTERVAL_S = 0.0005  # the snapshot writer's interpreter-lock switch interval (below)
 SNAPSHOT_WRITER = "replica-0"  # the one replica that writes snapshots (they are the same on every replica)
+FREEZE_EVERY = 10_000  # entries applied between `freeze_heap` calls
 
 
 def trim_heap() -> None:
@@ -55,6 +56,15 @@ def trim_heap() -> None:
     resident in this process (measured: ~0.2 KB per live edit after a load)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def freeze_heap() -> None:
+    """Collect the young generations, then move every object alive into the permanent one, which
+    collections never scan. A replica's applied edits live on (a superseded or retracted edit is
+    freed by its reference count, frozen or not), and without this each full collection walks all
+    of them: measured 0.51 s at 368k RECIPE edits, growing with them, on both replicas at once."""
+    gc.collect(1)
+    gc.freeze()
 
 
 class ReplicaService:
@@ -99,6 +109,7 @@ class ReplicaService:
         # seq -> wall time (ms) when it took effect here; the newest APPLIED_TIMES_KEPT only (diagnostic)
         self.applied_at: dict[int, float] = {}
         self.busy_s = 0.0  # seconds spent fetching and applying journal entries
+        self._unfrozen = 0  # entries applied since the last `freeze_heap`
         self._writer: threading.Thread | None = None  # the snapshot being written, if any
         self._beat = 0.0
         self.metrics = Metrics(name)
@@ -204,6 +215,10 @@ class ReplicaService:
             )
         if done:
             self.busy_s += time.perf_counter() - started
+            self._unfrozen += done
+            if self._unfrozen >= FREEZE_EVERY:
+                self._unfrozen = 0
+                freeze_heap()
         if self.snapshot_every and self.ready and self.version - self.snapshot_seq >= self.snapshot_every:
             self._snapshot()  # also when idle: one due while the last was being written is taken now
         if not done:
