@@ -290,8 +290,8 @@ class IvfKeyIndex(_EditSlots):
 
 @contextmanager
 def _every_core() -> Iterator[None]:
-    """faiss on every core this process may use, for a bulk build or training (a replica serves on one
-    thread, but a build holds its lock, so new queries wait for it anyway)."""
+    """faiss on every core this process may use, for a bulk build or training in the caller's thread
+    (a snapshot's lists, a training without `background`: new queries wait for it anyway)."""
     import faiss
 
     before = faiss.omp_get_max_threads()
@@ -376,8 +376,9 @@ class ScalingKeyIndex:
     With `background` (the default), training never stalls the caller (a replica's apply loop): the
     new IVF index is trained and filled on a thread over a copy of the live keys, while the current
     index keeps serving and taking adds and removes; those are logged and replayed onto the new index
-    when it is taken up (at the first call after it is done), so it holds exactly the same edits.
-    Without, training runs in the call that crosses the count (a few seconds at a million keys)."""
+    (most by the build's thread, the last few when it is taken up at the first call after it is done),
+    so it holds exactly the same edits. Without, training runs in the call that crosses the count (a
+    few seconds at a million keys). `bench/index_stall.py` measures the slowest add either way."""
 
     def __init__(
         self, dim: int, threshold: int, nprobe: int = DEFAULT_NPROBE, regrow: float = 4.0, background: bool = True

@@ -289,7 +289,6 @@ def test_the_snapshot_bench_measures_compaction_and_a_restart(tmp_path):
     assert 0 < incremental < whole / 3
 
 
-@pytest.mark.redis
 def one_replica(redis_server, namespace: str):
     """An editor and one replica on `namespace`, and `feed(facts)`: journal them, compute, apply."""
     store = RedisStore(connect(redis_server.url), namespace)
@@ -304,6 +303,7 @@ def one_replica(redis_server, namespace: str):
     return feed, replica
 
 
+@pytest.mark.redis
 def test_applied_edits_are_frozen_out_of_the_collector_every_so_many_entries(redis_server, monkeypatch):
     """Every FREEZE_EVERY applied entries the replica moves what is alive (its applied edits) into
     the collector's permanent generation, so full collections stop walking a million edits."""
@@ -322,6 +322,7 @@ def test_applied_edits_are_frozen_out_of_the_collector_every_so_many_entries(red
     gc.unfreeze()
 
 
+@pytest.mark.redis
 def test_a_heartbeat_does_not_hash_every_edit_each_time_but_asked_state_is_fresh(redis_server, monkeypatch):
     monkeypatch.setattr(replica_host, "DIGEST_MIN_S", 600.0)  # no second hash due within the test, however slow
     feed, replica = one_replica(redis_server, "beat")
@@ -335,6 +336,30 @@ def test_a_heartbeat_does_not_hash_every_edit_each_time_but_asked_state_is_fresh
     assert (beat["version"], beat["digest_version"], beat["digest"]) == (3, 2, first["digest"])
     asked = replica.state()
     assert (asked["digest_version"], asked["digest"]) == (3, replica.replica.digest()) and asked["edits"] == 3
+
+
+@pytest.mark.redis
+def test_a_due_heartbeat_hashes_beside_the_apply_loop_and_the_next_carries_it(redis_server, monkeypatch):
+    monkeypatch.setattr(replica_host, "DIGEST_MIN_S", 0.0)
+    feed, replica = one_replica(redis_server, "beside")
+    facts = demo_facts(3)
+    feed(facts[:2])
+    first = replica.state()
+    release, real = threading.Event(), replica_host.state_digest
+
+    def held(version, method, applied):
+        assert release.wait(30)
+        return real(version, method, applied)
+
+    monkeypatch.setattr(replica_host, "state_digest", held)
+    feed(facts[2:])  # a heartbeat in this drain starts the hash of version 3, held on its thread
+    beat = replica.state(fresh=False)  # returns at once with the last digest taken
+    assert (beat["version"], beat["digest_version"], beat["digest"]) == (3, 2, first["digest"])
+    assert replica._hasher is not None and replica._hasher.is_alive()
+    release.set()
+    replica._hasher.join(30)
+    beat = replica.state(fresh=False)
+    assert (beat["digest_version"], beat["digest"]) == (3, replica.replica.digest())
 
 
 @pytest.mark.redis

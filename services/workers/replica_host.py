@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 APPLIED_TIMES_KEPT = 100_000  # apply times kept per replica for latency measurements (memory stays flat)
 # A heartbeat's digest is recomputed (it hashes every applied edit: ~0.2 s at a million) at most once
-# per max(DIGEST_MIN_S, DIGEST_DUTY x its last cost), so heartbeats take at most ~1/DIGEST_DUTY of the loop;
-# `state()` asked from outside (status checks, tests, benchmarks) always computes it fresh.
+# per max(DIGEST_MIN_S, DIGEST_DUTY x its last cost), on a thread beside the apply loop (the heartbeat
+# after it carries it); `state()` asked from outside (status checks, tests, benchmarks) hashes fresh.
 DIGEST_DUTY = 20
 DIGEST_MIN_S = 1.0
 SWITCH_INTERVAL_S = 0.0005  # the snapshot writer's interpreter-lock switch interval (below)
@@ -111,6 +111,7 @@ class ReplicaService:
         self.busy_s = 0.0  # seconds spent fetching and applying journal entries
         self._unfrozen = 0  # entries applied since the last `freeze_heap`
         self._writer: threading.Thread | None = None  # the snapshot being written, if any
+        self._hasher: threading.Thread | None = None  # a heartbeat's digest being hashed, if any
         self._beat = 0.0
         self.metrics = Metrics(name)
         self.replica.generate(["warm-up"], max_new_tokens=1)  # the first forward is slow
@@ -546,10 +547,20 @@ class ReplicaService:
             }
         finally:
             self._lock.release()
-        if todo is not None:
+        if todo is not None and (fresh or version < 0):
             version, digest = self._hash(*todo)
+        elif todo is not None:
+            self._hash_beside(todo)  # a heartbeat: the next one carries it
         self._state = {**state, "digest": digest, "digest_version": version}
         return dict(self._state)
+
+    def _hash_beside(self, todo: tuple[int, tuple, int]) -> None:
+        """`_hash(*todo)` on a thread of its own (one at a time): a heartbeat's hash of a million edits
+        (~0.4 s) would otherwise stall the apply loop that sends it, on every replica, every few seconds."""
+        if self._hasher is not None and self._hasher.is_alive():
+            return
+        self._hasher = threading.Thread(target=self._hash, args=todo, name=f"{self.name}-digest", daemon=True)
+        self._hasher.start()
 
     def _hash(self, version: int, applied: tuple, resets: int) -> tuple[int, str]:
         """(version, digest) of the applied artifacts taken at `version`; kept for heartbeats unless
