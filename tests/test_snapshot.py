@@ -306,10 +306,13 @@ def one_replica(redis_server, namespace: str):
 @pytest.mark.redis
 def test_applied_edits_are_frozen_out_of_the_collector_every_so_many_entries(redis_server, monkeypatch):
     """Every FREEZE_EVERY applied entries the replica moves what is alive (its applied edits) into
-    the collector's permanent generation, so full collections stop walking a million edits."""
+    the collector's permanent generation, so full collections stop walking a million edits, and
+    gives the heap's free pages back (every replica, not only the snapshot writer)."""
     import gc
 
     monkeypatch.setattr(replica_host, "FREEZE_EVERY", 3)
+    trims = []
+    monkeypatch.setattr(replica_host, "trim_heap", lambda: trims.append(1))  # and the free pages handed back
     feed, replica = one_replica(redis_server, "freeze")
     facts = demo_facts(4)
     feed(facts[:2])
@@ -317,7 +320,7 @@ def test_applied_edits_are_frozen_out_of_the_collector_every_so_many_entries(red
     applied = replica.replica.method.applied()
     assert any(a is applied[0] for a in gc.get_objects())  # 2 applied: not frozen yet
     feed(facts[2:])
-    assert replica.version == 4 and gc.get_freeze_count() > before
+    assert replica.version == 4 and gc.get_freeze_count() > before and trims == [1]
     assert not any(a is applied[0] for a in gc.get_objects())  # in the permanent generation now
     gc.unfreeze()
 

@@ -47,7 +47,7 @@ DIGEST_DUTY = 20
 DIGEST_MIN_S = 1.0
 SWITCH_INTERVAL_S = 0.0005  # the snapshot writer's interpreter-lock switch interval (below)
 SNAPSHOT_WRITER = "replica-0"  # the one replica that writes snapshots (they are the same on every replica)
-FREEZE_EVERY = 10_000  # entries applied between `freeze_heap` calls
+FREEZE_EVERY = 10_000  # entries applied between `freeze_heap` (and `trim_heap`) calls
 
 
 def trim_heap() -> None:
@@ -220,6 +220,7 @@ class ReplicaService:
             if self._unfrozen >= FREEZE_EVERY:
                 self._unfrozen = 0
                 freeze_heap()
+                trim_heap()  # every replica, not only the snapshot writer: 2,572 -> 2,165 B per edit at 120k, 13 ms
         if self.snapshot_every and self.ready and self.version - self.snapshot_seq >= self.snapshot_every:
             self._snapshot()  # also when idle: one due while the last was being written is taken now
         if not done:
